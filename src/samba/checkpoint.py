@@ -1,0 +1,258 @@
+"""Reading and writing Samba models, and remapping pretrained Mamba checkpoints.
+
+Three directory formats are read:
+
+- ``samba``: written by ``Samba.save_pretrained``: ``config.json`` (``{"format": "samba",
+  "model": {...}}``) and ``model.safetensors``.
+- ``transformers``: ``MambaForCausalLM.save_pretrained`` (``config.json`` with
+  ``model_type: mamba``, ``model.safetensors`` or ``pytorch_model.bin``); keys
+  ``backbone.embeddings.weight``, ``backbone.layers.{i}.*``, ``backbone.norm_f.weight``.
+- ``mamba_ssm``: ``MambaLMHeadModel.save_pretrained`` (``config.json`` with ``d_model``,
+  ``n_layer``, ...; ``pytorch_model.bin``); keys ``backbone.embedding.weight``, ...
+
+A Mamba checkpoint's layer ``i`` becomes chunk ``i // stride``, layer ``i % stride``; the
+readout has no pretrained weights and starts freshly initialised. Every weight the model
+expects must be present with its exact shape, and nothing may be left over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ModelConfig
+from .io import atomic_dir
+from .model import Samba
+
+SAMBA_FORMAT = "samba"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MIXER_PARAMS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight",
+                "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read as, or does not fit, the model asked for."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
+    """A local directory as is; anything else is taken for a Hub repo id and downloaded."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: a checkpoint must be a directory, not a file")
+    from .hub import download_snapshot
+
+    return download_snapshot(str(name_or_path), allow_patterns=[
+        CONFIG_FILE, "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin"],
+        what="model checkpoint")
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE}; not a Samba or Mamba checkpoint directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+
+
+def detect_format(config: Mapping[str, Any], directory: Path) -> str:
+    if config.get("format") == SAMBA_FORMAT:
+        return SAMBA_FORMAT
+    if "model_type" in config:
+        if config["model_type"] != "mamba":
+            raise CheckpointError(
+                f"{directory}: model_type is {config['model_type']!r}; only Mamba-1 ('mamba') "
+                "checkpoints can be remapped into Samba")
+        return "transformers"
+    if "d_model" in config and "n_layer" in config:
+        return "mamba_ssm"
+    raise CheckpointError(f"{directory}/{CONFIG_FILE}: neither a Samba config (format: samba), a "
+                          "transformers Mamba config (model_type: mamba) nor a mamba-ssm config "
+                          "(d_model, n_layer)")
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, on the CPU. ``.bin`` only as plain tensors."""
+    single = directory / WEIGHTS_FILE
+    index = directory / "model.safetensors.index.json"
+    pickle_file = directory / "pytorch_model.bin"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            weights.update(load_file(directory / shard))
+        return weights
+    if pickle_file.is_file():
+        try:
+            state = torch.load(pickle_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # an unpickling error: code, not tensors
+            raise CheckpointError(f"{pickle_file}: refused by torch.load(weights_only=True): {err}") from None
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{pickle_file}: expected a flat mapping of names to tensors")
+        return dict(state)
+    raise CheckpointError(f"{directory}: no {WEIGHTS_FILE}, sharded safetensors or pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------- configs
+
+def _architecture_from_transformers(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    unsupported = {"use_bias": False, "use_conv_bias": True, "hidden_act": "silu",
+                   "residual_in_fp32": True, "tie_word_embeddings": True}
+    for key, wanted in unsupported.items():
+        if key in cfg and cfg[key] != wanted:
+            raise CheckpointError(f"{where}: {key}={cfg[key]!r} is not supported (Samba needs {wanted!r})")
+    d_model = cfg["hidden_size"]
+    rank = cfg.get("time_step_rank", "auto")
+    if rank != "auto" and rank != math.ceil(d_model / 16):
+        raise CheckpointError(f"{where}: time_step_rank={rank} but Samba uses ceil(d_model/16)="
+                              f"{math.ceil(d_model / 16)}")
+    if cfg.get("intermediate_size", cfg.get("expand", 2) * d_model) != cfg.get("expand", 2) * d_model:
+        raise CheckpointError(f"{where}: intermediate_size={cfg['intermediate_size']} is not expand*hidden_size")
+    return {"vocab_size": cfg["vocab_size"], "d_model": d_model, "n_layers": cfg["num_hidden_layers"],
+            "d_state": cfg.get("state_size", 16), "d_conv": cfg.get("conv_kernel", 4),
+            "expand_factor": cfg.get("expand", 2), "norm_eps": cfg.get("layer_norm_epsilon", 1e-5)}
+
+
+def _architecture_from_mamba_ssm(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    ssm = dict(cfg.get("ssm_cfg") or {})
+    if ssm.get("layer", "Mamba1") != "Mamba1":
+        raise CheckpointError(f"{where}: ssm_cfg.layer={ssm['layer']!r}; only Mamba1 is supported")
+    checks = {"attn_layer_idx": [], "d_intermediate": 0, "rms_norm": True, "tie_embeddings": True,
+              "residual_in_fp32": True}
+    for key, wanted in checks.items():
+        if key in cfg and cfg[key] not in (wanted, None):
+            raise CheckpointError(f"{where}: {key}={cfg[key]!r} is not supported (Samba needs {wanted!r})")
+    for key, wanted in {"bias": False, "conv_bias": True, "dt_rank": "auto"}.items():
+        if key in ssm and ssm[key] != wanted:
+            raise CheckpointError(f"{where}: ssm_cfg.{key}={ssm[key]!r} is not supported")
+    pad = cfg.get("pad_vocab_size_multiple", 8)
+    vocab = cfg["vocab_size"]
+    vocab += (pad - vocab % pad) % pad  # mamba-ssm pads the embedding
+    return {"vocab_size": vocab, "d_model": cfg["d_model"], "n_layers": cfg["n_layer"],
+            "d_state": ssm.get("d_state", 16), "d_conv": ssm.get("d_conv", 4),
+            "expand_factor": ssm.get("expand", 2), "norm_eps": cfg.get("norm_epsilon", 1e-5)}
+
+
+def checkpoint_model_config(directory: Path, **overrides) -> tuple[str, ModelConfig]:
+    """The checkpoint's format and the ModelConfig it implies, with ``overrides`` applied."""
+    raw = read_config(directory)
+    fmt = detect_format(raw, directory)
+    where = str(directory / CONFIG_FILE)
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown model setting(s) {unknown}; known: {sorted(known)}")
+    try:
+        if fmt == SAMBA_FORMAT:
+            arch = dict(raw["model"])
+        elif fmt == "transformers":
+            arch = _architecture_from_transformers(raw, where)
+        else:
+            arch = _architecture_from_mamba_ssm(raw, where)
+    except KeyError as err:
+        raise CheckpointError(f"{where}: missing key {err}") from None
+    # Everything the checkpoint states is fixed by its weights; a Mamba checkpoint says
+    # nothing of the readout, so readout_stride and readout_hidden_dim stay free there.
+    for key, value in overrides.items():
+        if key in arch and arch[key] != value:
+            raise CheckpointError(f"{key}: the checkpoint at {directory} has {key}={arch[key]!r}, "
+                                  f"but {value!r} was asked for")
+        arch[key] = value
+    return fmt, ModelConfig.from_dict(arch, prefix="model")
+
+
+# ----------------------------------------------------------------------------- remapping
+
+def remap_mamba_weights(weights: Mapping[str, torch.Tensor], fmt: str,
+                        config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Mamba checkpoint keys -> Samba backbone keys; refuses unexpected keys by name."""
+    embedding_key = "backbone.embeddings.weight" if fmt == "transformers" else "backbone.embedding.weight"
+    layer = re.compile(r"backbone\.layers\.(\d+)\.(norm\.weight|mixer\.(.+))$")
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, tensor in weights.items():
+        match = layer.match(key)
+        if key == embedding_key:
+            out["embedding.weight"] = tensor
+        elif key == "backbone.norm_f.weight":
+            out["norm_f.weight"] = tensor
+        elif key == "lm_head.weight":
+            continue  # tied to the embedding; checked below
+        elif match and int(match.group(1)) < config.n_layers and (
+                match.group(3) is None or match.group(3) in MIXER_PARAMS):
+            i = int(match.group(1))
+            chunk, j = divmod(i, config.readout_stride)
+            out[f"chunks.{chunk}.layers.{j}.{match.group(2)}"] = tensor
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise CheckpointError(f"unexpected weight(s) in checkpoint: {_names(unexpected)}")
+    if "lm_head.weight" in weights and embedding_key in weights:
+        if not torch.equal(weights["lm_head.weight"], weights[embedding_key]):
+            raise CheckpointError("lm_head.weight differs from the embedding: untied heads are not supported")
+    return out
+
+
+def _names(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_state_strict(model: Samba, state: Mapping[str, torch.Tensor], skip_prefix: str | None = None) -> None:
+    """Copy ``state`` into ``model``; every key must exist with the same shape, none missing.
+
+    Keys under ``skip_prefix`` (the readout, for Mamba checkpoints) may be absent.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not (skip_prefix and k.startswith(skip_prefix))]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        raise CheckpointError(f"missing weight(s): {_names(missing)}")
+    if unexpected:
+        raise CheckpointError(f"unexpected weight(s): {_names(unexpected)}")
+    wrong = [f"{k} {tuple(v.shape)} (model has {tuple(expected[k].shape)})"
+             for k, v in state.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(f"wrong shape for weight(s): {'; '.join(wrong[:8])}")
+    model.load_state_dict(state, strict=False)
+
+
+# ----------------------------------------------------------------------------- public
+
+def load_model(name_or_path: str | Path, backend: str = "auto", **overrides) -> Samba:
+    """See ``Samba.from_pretrained``."""
+    directory = resolve_checkpoint_dir(name_or_path)
+    fmt, config = checkpoint_model_config(directory, **overrides)
+    weights = read_weights(directory)
+    model = Samba(config, backend=backend)
+    if fmt == SAMBA_FORMAT:
+        load_state_strict(model, {k: v.float() for k, v in weights.items()})
+    else:
+        state = remap_mamba_weights(weights, fmt, config)
+        load_state_strict(model, {k: v.float() for k, v in state.items()}, skip_prefix="readout.")
+    return model
+
+
+def save_model(model: Samba, path: str | Path) -> None:
+    """Write ``config.json`` + ``model.safetensors``; an existing directory is replaced only
+    once the new one is complete, so a failure never leaves a half-written model."""
+    with atomic_dir(path) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(
+            {"format": SAMBA_FORMAT, "model": model.config.to_dict()}, indent=2) + "\n")

@@ -1,0 +1,254 @@
+"""Typed configuration: one dataclass per section of ``params.yaml``.
+
+Every value of an experiment lives in ``params.yaml``; these classes mirror it. Building one
+from a mapping (``from_dict``) refuses unknown keys, missing keys, wrong types and impossible
+values, always naming the offending key (``training.lr``), so a typo never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` if it matches ``annotation`` (int, float, str, bool, Literal, Optional)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is typing.Union:
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(key, value, options[0])
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if annotation is float:
+        # YAML reads '5e-5' (no dot) as a string: say how to write it.
+        if isinstance(value, str):
+            raise ConfigError(f"{key}: must be a number, got the string {value!r} (write floats as 5.0e-5)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: must be a non-empty string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+class Section:
+    """Mixin: build a dataclass from a mapping, strictly."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, prefix: str = "", require_all: bool = False):
+        """Build from ``data``; with ``require_all`` a key left out is an error, not a default."""
+        where = prefix or cls.__name__
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: must be a mapping of keys to values, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            names = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
+            raise ConfigError(f"unknown key(s) {names}; known keys of {where}: {sorted(fields)}")
+        kwargs = {}
+        for name, f in fields.items():
+            key = f"{prefix}.{name}" if prefix else name
+            if name not in data:
+                if require_all or (f.default is dataclasses.MISSING
+                                   and f.default_factory is dataclasses.MISSING):
+                    raise ConfigError(f"{key}: missing")
+                continue
+            annotation = hints[name]
+            if isinstance(annotation, type) and issubclass(annotation, Section):
+                kwargs[name] = annotation.from_dict(data[name], key, require_all)
+            else:
+                kwargs[name] = _check_type(key, data[name], annotation)
+        try:
+            return cls(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """Architecture of a Samba model (the ``model:`` section)."""
+
+    vocab_size: int = 50280
+    d_model: int = 768
+    n_layers: int = 24
+    d_state: int = 16
+    d_conv: int = 4
+    expand_factor: int = 2
+    readout_hidden_dim: int = 512
+    readout_stride: int = 4
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand_factor",
+                     "readout_hidden_dim", "readout_stride"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                     name, f"must be a positive integer, got {value!r}")
+        _require(self.n_layers % self.readout_stride == 0, "n_layers",
+                 f"{self.n_layers} is not divisible by readout_stride={self.readout_stride}")
+        _require(0 < self.norm_eps < 1, "norm_eps", f"must be in (0, 1), got {self.norm_eps}")
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand_factor * self.d_model
+
+    @property
+    def dt_rank(self) -> int:
+        return math.ceil(self.d_model / 16)
+
+    @property
+    def n_chunks(self) -> int:
+        return self.n_layers // self.readout_stride
+
+
+@dataclass(frozen=True)
+class DatasetConfig(Section):
+    """Where the text and the tokenizer come from: Hub ids or local paths."""
+
+    name: str = "wikitext"
+    config_name: str = "wikitext-2-raw-v1"
+    tokenizer: str = "EleutherAI/gpt-neox-20b"
+
+
+@dataclass(frozen=True)
+class PretrainedConfig(Section):
+    use_pretrained: bool = True
+    model_name: str = "state-spaces/mamba-130m-hf"
+    freeze_backbone: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingConfig(Section):
+    seed: int = 0
+    batch_size: int = 16
+    seq_len: int = 512
+    epochs: int = 10
+    max_steps: int = 0  # 0: no cap, ``epochs`` decides
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 disables clipping
+    readout_weight: float = 0.5
+    pruning_weight: float = 0.05
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    checkpoint_every: int = 500
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "epochs", "log_every", "eval_every", "eval_batches",
+                     "checkpoint_every"):
+            _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "seed"):
+            _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "readout_weight", "pruning_weight"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value}")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class ComputeConfig(Section):
+    """Where and how models run; shared by convert, train and evaluate."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: typing.Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    backend: typing.Literal["auto", "kernels", "reference"] = "auto"
+    compile: bool = False
+
+    def __post_init__(self):
+        ok = self.device in ("auto", "cpu", "cuda") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit())
+        _require(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class EvalConfig(Section):
+    batch_size: int = 8
+    max_windows: int = 0  # 0: every window of the test split
+    near_zero_eps: float = 1e-2
+    near_zero_rel: float = 1e-2
+    histogram_bins: int = 80
+    max_ppl_increase: float = 0.0  # >0: fail evaluate when ppl > baseline * (1 + this)
+
+    def __post_init__(self):
+        _require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        _require(self.max_windows >= 0, "max_windows", f"must be >= 0, got {self.max_windows}")
+        _require(self.near_zero_eps > 0, "near_zero_eps", f"must be > 0, got {self.near_zero_eps}")
+        _require(self.near_zero_rel > 0, "near_zero_rel", f"must be > 0, got {self.near_zero_rel}")
+        _require(self.histogram_bins >= 2, "histogram_bins", f"must be >= 2, got {self.histogram_bins}")
+        _require(self.max_ppl_increase >= 0, "max_ppl_increase",
+                 f"must be >= 0, got {self.max_ppl_increase}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig(Section):
+    use_wandb: bool = False
+    project_name: str = "samba"
+
+
+@dataclass(frozen=True)
+class Params(Section):
+    """The whole of ``params.yaml``."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and check ``params.yaml``; every section must be present and every key known."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: must hold a mapping of sections")
+    missing = [f.name for f in dataclasses.fields(Params) if f.name not in data]
+    if missing:
+        raise ConfigError(f"{path}: missing section(s) {missing}")
+    return Params.from_dict(data, require_all=True)

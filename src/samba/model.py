@@ -1,0 +1,247 @@
+"""Samba: Mamba-1 (Gu & Dao 2023) in chunks, with an attention readout over the chunk outputs.
+
+    tokens -> embedding -> [chunk 0: stride blocks] -> ... -> [chunk C-1] -> norm_f -> tied head
+                                  |                              |
+                                  +------ chunk outputs ---------+--> readout -> readout head
+
+A block is pre-norm with the residual stream kept in fp32, as in mamba-ssm:
+``residual = residual + mixer(rmsnorm(residual))``. A chunk's output is the residual stream
+after its last block, the tensor transformers returns as ``hidden_states[c*stride + stride-1]``.
+Only these C tensors of width d_model are kept for the readout, never the SSM states.
+
+The mixer keeps mamba-ssm's parameter names, shapes and initialisation, so pretrained
+weights load with a renaming of layer indices only (see ``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .ops import kernels
+from .ops.selective_scan import selective_scan_reference
+
+
+class MambaMixer(nn.Module):
+    """Selective SSM mixer, mamba-ssm's ``Mamba`` (``modules/mamba_simple.py``) without caching."""
+
+    def __init__(self, config: ModelConfig, backend: str = "auto",
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        self.backend = backend
+        d_model, d_inner, d_state, dt_rank = config.d_model, config.d_inner, config.d_state, config.dt_rank
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, kernel_size=config.d_conv, groups=d_inner,
+                                padding=config.d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+        with torch.no_grad():
+            # dt projection: preserve variance; bias so that softplus(bias) ~ LogU[dt_min, dt_max]
+            std = dt_rank ** -0.5
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+            dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min))
+                           + math.log(dt_min)).clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            # S4D-real initialisation: A = -(1, 2, ..., N) for every channel
+            self.A_log.copy_(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+            self.D.fill_(1.0)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model)."""
+        Bsz, L, _ = hidden_states.shape
+        fast = kernels.use_kernels(self.backend, hidden_states.is_cuda)
+
+        # 1. Input projection straight into the (B, 2*d_inner, L) layout the kernels want
+        #    (L contiguous), as mamba-ssm does: W @ h^T, then a view.
+        xz = self.in_proj.weight @ hidden_states.reshape(Bsz * L, -1).t()  # (2*d_inner, B*L)
+        xz = xz.view(-1, Bsz, L).permute(1, 0, 2)  # (B, 2*d_inner, L)
+        A = -torch.exp(self.A_log.float())  # (d_inner, N)
+
+        if fast and torch.is_grad_enabled():
+            # 2-5 fused, with conv and delta recomputed in backward to save memory.
+            return kernels.mamba_inner_fn(
+                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.out_proj.weight, None, A, None, None, self.D.float(),
+                delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+
+        x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
+        # 2. Causal depthwise convolution + SiLU
+        if fast:
+            x = kernels.causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                         activation="silu")
+        else:
+            x = F.silu(self.conv1d(x)[..., :L])
+        # 3. Input-dependent dt, B, C
+        x_dbl = self.x_proj(x.transpose(1, 2).reshape(Bsz * L, self.d_inner))  # (B*L, R + 2N)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (self.dt_proj.weight @ dt.t()).view(self.d_inner, Bsz, L).permute(1, 0, 2)  # (B, d_inner, L)
+        B = B.reshape(Bsz, L, self.d_state).transpose(1, 2).contiguous()  # (B, N, L)
+        C = C.reshape(Bsz, L, self.d_state).transpose(1, 2).contiguous()  # (B, N, L)
+        # 4. Selective scan, gated by silu(z)
+        scan = kernels.selective_scan_fn if fast else selective_scan_reference
+        y = scan(x, delta, A, B, C, self.D.float(), z=z,
+                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (B, d_inner, L)
+        # 5. Output projection
+        return self.out_proj(y.transpose(1, 2))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: residual + mixer(rmsnorm(residual)), residual in fp32."""
+
+    def __init__(self, config: ModelConfig, backend: str = "auto"):
+        super().__init__()
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer = MambaMixer(config, backend)
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        residual = residual.float()
+        return residual + self.mixer(self.norm(residual))
+
+
+class Chunk(nn.Module):
+    """``readout_stride`` consecutive blocks; its output feeds the readout."""
+
+    def __init__(self, config: ModelConfig, backend: str = "auto"):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.readout_stride))
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            residual = layer(residual)
+        return residual
+
+
+class Readout(nn.Module):
+    """Attention over one position's chunk outputs, then a projection to the vocabulary.
+
+    At position t the query comes from the last chunk's output, keys and values from every
+    chunk's output at that same t; the softmax runs over the C chunks. Nothing mixes
+    positions, so readout logits at t depend only on tokens <= t (the backbone is causal).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, h = config.d_model, config.readout_hidden_dim
+        self.norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.query = nn.Linear(d, h)
+        self.key = nn.Linear(d, h)
+        self.value = nn.Linear(d, h)
+        self.head = nn.Linear(h, config.vocab_size, bias=False)
+
+    def features(self, chunk_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """C tensors (B, L, d_model) -> attended features (B, L, readout_hidden_dim)."""
+        x = self.norm(torch.stack(list(chunk_outputs), dim=2))  # (B, L, C, D)
+        q = self.query(x[:, :, -1:])  # (B, L, 1, H)
+        k, v = self.key(x), self.value(x)  # (B, L, C, H)
+        return F.scaled_dot_product_attention(q, k, v).squeeze(2)  # (B, L, H)
+
+    def forward(self, chunk_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.head(self.features(chunk_outputs))  # (B, L, V)
+
+
+@dataclass
+class SambaOutput:
+    logits: torch.Tensor  # (B, L, V) fp32, main head
+    readout_logits: torch.Tensor  # (B, L, V) fp32, readout head
+    chunk_outputs: tuple[torch.Tensor, ...]  # C x (B, L, d_model) fp32
+
+
+class Samba(nn.Module):
+    """The Samba language model. ``Samba.from_pretrained(path)`` loads weights."""
+
+    def __init__(self, config: ModelConfig, backend: str = "auto"):
+        super().__init__()
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
+        self.config = config
+        self.backbone_frozen = False
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.chunks = nn.ModuleList(Chunk(config, backend) for _ in range(config.n_chunks))
+        self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.readout = Readout(config)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        # mamba-ssm's _init_weights: embedding N(0, 0.02); out_proj rescaled by 1/sqrt(n_layers)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        for block in self.blocks():
+            nn.init.kaiming_uniform_(block.mixer.out_proj.weight, a=math.sqrt(5))
+            block.mixer.out_proj.weight /= math.sqrt(self.config.n_layers)
+        nn.init.normal_(self.readout.head.weight, std=0.02)
+
+    def blocks(self) -> list[Block]:
+        """The n_layers blocks in order: layer i is chunk i // stride, position i % stride."""
+        return [layer for chunk in self.chunks for layer in chunk.layers]
+
+    def set_backend(self, backend: str) -> None:
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
+        for block in self.blocks():
+            block.mixer.backend = backend
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Train only the readout: embedding (= tied head), blocks and final norm stop learning."""
+        self.backbone_frozen = frozen
+        for module in (self.embedding, self.chunks, self.norm_f):
+            module.requires_grad_(not frozen)
+
+    def backbone_parameters(self):
+        for module in (self.embedding, self.chunks, self.norm_f):
+            yield from module.parameters()
+
+    def chunk_outputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, L) token ids -> C residual-stream tensors (B, L, d_model), fp32."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            residual = self.embedding(input_ids).float()  # (B, L, D)
+            outputs = []
+            for chunk in self.chunks:
+                residual = chunk(residual)
+                outputs.append(residual)
+        return tuple(outputs)
+
+    def final_hidden(self, chunk_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The main head's input: norm_f of the last residual stream, (B, L, d_model)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            return self.norm_f(chunk_outputs[-1])
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embedding.weight  # tied
+
+    def forward(self, input_ids: torch.Tensor) -> SambaOutput:
+        chunk_outputs = self.chunk_outputs(input_ids)
+        logits = F.linear(self.final_hidden(chunk_outputs), self.lm_head_weight).float()
+        readout_logits = self.readout(chunk_outputs).float()
+        return SambaOutput(logits=logits, readout_logits=readout_logits, chunk_outputs=chunk_outputs)
+
+    # Loading and saving live in checkpoint.py; these are the public entry points.
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backend: str = "auto", **overrides) -> "Samba":
+        """Load a Samba directory, or a transformers / mamba-ssm Mamba checkpoint (dir or Hub id).
+
+        ``overrides`` set ModelConfig keys a Mamba checkpoint lacks (readout_stride,
+        readout_hidden_dim); architecture keys must agree with the checkpoint.
+        """
+        from .checkpoint import load_model
+
+        return load_model(path, backend=backend, **overrides)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from .checkpoint import save_model
+
+        save_model(self, path)

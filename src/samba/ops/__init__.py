@@ -1,0 +1,7 @@
+"""Numerical building blocks: the selective scan (kernels or reference) and the chunked
+linear cross-entropy."""
+
+from .linear_cross_entropy import linear_cross_entropy
+from .selective_scan import selective_scan_reference
+
+__all__ = ["linear_cross_entropy", "selective_scan_reference"]

@@ -1,0 +1,59 @@
+"""The fast path: mamba-ssm's and causal-conv1d's CUDA kernels, when they import.
+
+Nothing here is a kernel of ours. Both packages need CUDA to build, so a CPU install has
+neither; ``kernels_available()`` says whether the fast path can run, and the model falls
+back to the plain-PyTorch reference (``selective_scan.py``) otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+try:  # pragma: no cover - exercised on the GPU machine
+    from causal_conv1d import causal_conv1d_fn
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+
+    _IMPORT_ERROR: Exception | None = None
+except Exception as err:  # ImportError, or a CUDA extension that fails to load
+    causal_conv1d_fn = mamba_inner_fn = selective_scan_fn = None
+    _IMPORT_ERROR = err
+
+BACKENDS = ("auto", "kernels", "reference")
+_announced: set[str] = set()
+
+
+def kernels_available() -> bool:
+    return _IMPORT_ERROR is None
+
+
+def kernels_import_error() -> Exception | None:
+    return _IMPORT_ERROR
+
+
+def use_kernels(backend: str, is_cuda: bool) -> bool:
+    """Decide the mixer's path for one call; say the choice once per process."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        choice, why = False, "forced by backend='reference'"
+    elif not is_cuda:
+        if backend == "kernels":
+            raise RuntimeError("backend='kernels' needs CUDA tensors; the model is on the CPU")
+        choice, why = False, "tensors are on the CPU"
+    elif not kernels_available():
+        if backend == "kernels":
+            raise RuntimeError(
+                "backend='kernels' but mamba-ssm / causal-conv1d do not import "
+                f"({_IMPORT_ERROR!r}); install them with: pip install --no-build-isolation "
+                "-r requirements-cuda.txt")
+        choice, why = False, f"mamba-ssm / causal-conv1d do not import: {_IMPORT_ERROR!r}"
+    else:
+        choice, why = True, "CUDA tensors and kernels available"
+    message = ("Mamba mixer: mamba-ssm CUDA kernels" if choice
+               else "Mamba mixer: plain-PyTorch reference scan") + f" ({why})"
+    if message not in _announced:
+        _announced.add(message)
+        logger.info(message)
+    return choice

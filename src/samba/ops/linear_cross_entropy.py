@@ -1,0 +1,78 @@
+"""Cross-entropy of a linear head without materialising the (tokens x vocab) logits.
+
+A 16 x 512 batch over a 50,280-token vocabulary has 412M logits: 1.6 GB in fp32, and the
+same again for their gradient. Here the tokens are processed in slices; each slice's logits
+live only long enough to give its loss and, when gradients are needed, its share of
+d(hidden) and d(weight), which are computed right away (so backward costs no recompute).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Logits of one slice: at most this many elements (128M: 512 MB in fp32).
+MAX_SLICE_ELEMENTS = 1 << 27
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, compute_dtype, slice_tokens):
+        # hidden: (T, H); weight: (V, H); targets: (T,) int64
+        T = hidden.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for start in range(0, T, slice_tokens):
+            h_s, t_s = h[start:start + slice_tokens], targets[start:start + slice_tokens]
+            logits = (h_s @ w.t()).to(acc)  # (S, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (S,)
+            total += (lse - logits.gather(1, t_s[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                # d(CE)/d(logits) = softmax - onehot, written over the logits to save memory
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(t_s), device=probs.device), t_s] -= 1.0
+                g = probs.to(compute_dtype)
+                del logits, probs
+                if need_h:
+                    grad_h[start:start + slice_tokens] = g @ w
+                if need_w:
+                    grad_w += (g.t() @ h_s).to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.T = T
+        ctx.weight_dtype = weight.dtype
+        return total / T
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.T
+        dh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+        dw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         slice_tokens: int | None = None) -> torch.Tensor:
+    """Mean over tokens of CE(hidden @ weight.T, targets), logits never stored in full.
+
+    hidden: (..., H); weight: (V, H); targets: (...) with ids in [0, V). Under autocast the
+    matrix products run in the autocast dtype and the softmax in fp32, as autocast would do.
+    """
+    H = hidden.shape[-1]
+    hidden = hidden.reshape(-1, H)
+    targets = targets.reshape(-1)
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{hidden.shape[0]} hidden vectors but {targets.shape[0]} targets")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if slice_tokens is None:
+        slice_tokens = max(1, MAX_SLICE_ELEMENTS // weight.shape[0])
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, slice_tokens)

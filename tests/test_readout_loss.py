@@ -1,0 +1,136 @@
+"""Readout causality, the combined loss against a hand calculation, and where gradients go."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samba import ModelConfig, Samba
+from samba.loss import samba_loss
+
+from conftest import perturb_
+
+CFG = ModelConfig(vocab_size=50, d_model=16, n_layers=6, d_state=4, d_conv=4, expand_factor=2,
+                  readout_hidden_dim=12, readout_stride=2)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = Samba(CFG)
+    perturb_(m)
+    return m
+
+
+def _batch(seed=0, B=2, L=19):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, CFG.vocab_size, (B, L + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def test_output_shapes(model):
+    ids, _ = _batch()
+    out = model(ids)
+    assert out.logits.shape == out.readout_logits.shape == (2, 19, 50)
+    assert len(out.chunk_outputs) == 3 and all(c.shape == (2, 19, 16) for c in out.chunk_outputs)
+    assert out.logits.dtype == out.readout_logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("t", [0, 7, 18])
+def test_readout_and_main_head_are_causal(model, t):
+    ids, _ = _batch()
+    changed = ids.clone()
+    changed[:, t] = (changed[:, t] + 1) % CFG.vocab_size
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    for name in ("logits", "readout_logits"):
+        x, y = getattr(a, name), getattr(b, name)
+        torch.testing.assert_close(x[:, :t], y[:, :t], rtol=0, atol=0, msg=f"{name} before {t}")
+        assert (x[:, t] - y[:, t]).abs().max() > 1e-4, f"{name} at {t} ignores token {t}"
+
+
+def test_readout_attends_over_chunks(model):
+    # the readout must see every chunk: changing an early chunk's output changes its logits
+    ids, _ = _batch()
+    with torch.no_grad():
+        chunks = list(model.chunk_outputs(ids))
+        base = model.readout(chunks)
+        chunks[0] = chunks[0] + 1.0
+        assert (model.readout(chunks) - base).abs().max() > 1e-4
+
+
+def test_loss_parts_against_hand_calculation(model):
+    ids, targets = _batch()
+    parts = samba_loss(model, ids, targets, readout_weight=0.3, pruning_weight=0.07)
+    with torch.no_grad():
+        out = model(ids)
+    main = F.cross_entropy(out.logits.reshape(-1, 50), targets.reshape(-1))
+    readout = F.cross_entropy(out.readout_logits.reshape(-1, 50), targets.reshape(-1))
+    l1 = torch.cat([c.abs().reshape(-1) for c in out.chunk_outputs]).mean()
+    torch.testing.assert_close(parts.main_ce.detach(), main, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.readout_ce.detach(), readout, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.l1.detach(), l1, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts.total.detach(), main + 0.3 * readout + 0.07 * l1, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_weights_give_plain_next_token_cross_entropy(model):
+    ids, targets = _batch(seed=3)
+    parts = samba_loss(model, ids, targets, readout_weight=0.0, pruning_weight=0.0)
+    with torch.no_grad():
+        logits = model(ids).logits
+    plain = F.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1))
+    torch.testing.assert_close(parts.total.detach(), plain, rtol=1e-5, atol=1e-6)
+    # and its gradient is the plain CE gradient (no readout or L1 term leaks in)
+    parts.total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    F.cross_entropy(model(ids).logits.reshape(-1, 50), targets.reshape(-1)).backward()
+    for n, p in model.named_parameters():
+        if n.startswith("readout."):
+            assert n not in grads or grads[n].abs().max() == 0
+        else:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_gradients_reach_every_trainable_parameter(model):
+    ids, targets = _batch()
+    samba_loss(model, ids, targets, readout_weight=0.5, pruning_weight=0.05).total.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_frozen_backbone_trains_only_the_readout(model):
+    model.freeze_backbone()
+    ids, targets = _batch()
+    parts = samba_loss(model, ids, targets, readout_weight=0.5, pruning_weight=0.05)
+    parts.total.backward()
+    for name, p in model.named_parameters():
+        if name.startswith("readout."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+def test_pruning_term_pushes_chunk_outputs_down(model):
+    # one SGD step on the L1 term alone must lower it
+    ids, targets = _batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = samba_loss(model, ids, targets, 0.0, 1.0)
+    (before.l1).backward()
+    opt.step()
+    after = samba_loss(model, ids, targets, 0.0, 1.0)
+    assert after.l1 < before.l1
+
+
+def test_bad_input_shape_is_refused(model):
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\)"):
+        model(torch.zeros(5, dtype=torch.long))
+
+
+def test_backend_choice(model):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Samba(CFG, backend="fast")
+    model.set_backend("kernels")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        model(_batch()[0])
