@@ -1,0 +1,84 @@
+"""Build the model that training starts from: remapped pretrained weights, or a seeded
+random initialisation; checked before it is written.
+
+For a pretrained source, the written model is reloaded and its main-head logits are compared
+with those of transformers' own ``MambaForCausalLM`` holding the source weights (fp32, CPU);
+nothing is written unless they agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .checkpoint import checkpoint_model_config, read_weights, resolve_checkpoint_dir
+from .config import Params
+from .io import atomic_dir
+from .model import Samba
+from .runtime import seed_everything
+
+logger = logging.getLogger(__name__)
+CHECK_SHAPE = (2, 64)  # token ids compared between source and converted model
+CHECK_TOLERANCE = 1e-4  # relative error of logits, fp32
+
+
+class ConversionError(RuntimeError):
+    """The converted model does not compute what its source computes."""
+
+
+def transformers_reference(directory: Path, fmt: str, config) -> torch.nn.Module:
+    """The source checkpoint in transformers' MambaForCausalLM, independent of our remapping."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    if fmt == "transformers":
+        return MambaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    hf = MambaForCausalLM(MambaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
+        state_size=config.d_state, conv_kernel=config.d_conv, expand=config.expand_factor,
+        layer_norm_epsilon=config.norm_eps))
+    weights = {k.replace("backbone.embedding.", "backbone.embeddings."): v.float()
+               for k, v in read_weights(directory).items()}
+    weights.setdefault("lm_head.weight", weights["backbone.embeddings.weight"])
+    hf.load_state_dict(weights, strict=True)
+    return hf.eval()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def convert(params: Params, out_dir: str | Path) -> dict:
+    """Write ``out_dir`` (Samba format). Returns what was checked."""
+    seed_everything(params.training.seed)
+    pre = params.pretrained
+    model_overrides = params.model.to_dict()
+    with atomic_dir(out_dir) as tmp:
+        if pre.use_pretrained:
+            source = resolve_checkpoint_dir(pre.model_name)
+            fmt, _ = checkpoint_model_config(source)
+            model = Samba.from_pretrained(source, backend="reference", **model_overrides)
+            reference = transformers_reference(source, fmt, model.config)
+            logger.info("remapped %s (%s format) into %d chunks of %d layers", pre.model_name, fmt,
+                        model.config.n_chunks, model.config.readout_stride)
+        else:
+            model = Samba(params.model, backend="reference")
+            reference, fmt = model.eval(), "random"
+            logger.info("random initialisation, seed %d", params.training.seed)
+        model.save_pretrained(tmp)
+        written = Samba.from_pretrained(tmp, backend="reference").eval()
+        ids = torch.randint(0, params.model.vocab_size, CHECK_SHAPE,
+                            generator=torch.Generator().manual_seed(params.training.seed))
+        with torch.no_grad():
+            expected = reference(ids).logits
+            got = written(ids).logits
+        error = relative_error(got, expected)
+        logger.info("logits of the written model vs %s: relative error %.2e",
+                    "transformers' MambaForCausalLM" if pre.use_pretrained else "the model in memory", error)
+        if not error < CHECK_TOLERANCE:
+            raise ConversionError(f"converted logits differ from the source's: relative error {error:.3e} "
+                                  f">= {CHECK_TOLERANCE}; nothing written")
+    n_params = sum(p.numel() for p in written.parameters())
+    return {"source": pre.model_name if pre.use_pretrained else "random", "format": fmt,
+            "logits_relative_error": error, "parameters": n_params}

@@ -1,0 +1,184 @@
+"""Text in, token arrays out; token arrays in, (inputs, targets) windows out.
+
+On disk a split is a flat array of token ids (``{split}.bin``, uint16 when the vocabulary
+fits, else uint32) beside ``meta.json``. Each line of the text is encoded separately with
+the tokenizer's batch encoder and the ids concatenated in order; no extra tokens are added.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import DatasetConfig
+from .hub import download_file, require_hub
+from .io import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+# Names accepted for each split in a local dataset directory, in order of preference.
+LOCAL_FILES = {
+    "train": ("train.txt", "wiki.train.raw", "wiki.train.tokens"),
+    "validation": ("validation.txt", "valid.txt", "wiki.valid.raw", "wiki.valid.tokens"),
+    "test": ("test.txt", "wiki.test.raw", "wiki.test.tokens"),
+}
+META_FILE = "meta.json"
+
+
+class DataError(ValueError):
+    """The data cannot be read or does not fit what is asked of it."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+def local_split_files(directory: Path) -> dict[str, Path]:
+    files = {}
+    for split, names in LOCAL_FILES.items():
+        found = [directory / n for n in names if (directory / n).is_file()]
+        if not found:
+            raise DataError(f"dataset.name: {directory} has no {split} split; expected one of {list(names)}")
+        files[split] = found[0]
+    return files
+
+
+def read_split_lines(dataset: DatasetConfig) -> tuple[dict[str, list[str]], str]:
+    """Lines of text per split (each keeping its newline) and a description of the source."""
+    path = Path(dataset.name).expanduser()
+    if path.is_dir():
+        files = local_split_files(path)
+        lines = {s: f.read_text(encoding="utf-8").splitlines(keepends=True) for s, f in files.items()}
+        return lines, ", ".join(f"{s}={f}" for s, f in files.items())
+    if path.exists() or dataset.name.startswith((".", "/", "~")):
+        raise DataError(f"dataset.name: {dataset.name} is not a directory; a local dataset is a "
+                        f"directory holding {[n[0] for n in LOCAL_FILES.values()]}")
+    require_hub(dataset.name, "dataset")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset.name, dataset.config_name)
+    except Exception as err:
+        raise DataError(f"dataset.name: could not load {dataset.name!r} / {dataset.config_name!r} "
+                        f"from the Hub: {err}") from None
+    missing = [s for s in SPLITS if s not in ds]
+    if missing:
+        raise DataError(f"dataset.name: {dataset.name} has no split(s) {missing}; it has {list(ds)}")
+    return {s: list(ds[s]["text"]) for s in SPLITS}, f"hub:{dataset.name}/{dataset.config_name}"
+
+
+def load_tokenizer(spec: str):
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json file, a directory holding one, or a Hub id."""
+    from tokenizers import Tokenizer
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"dataset.tokenizer: {spec} has no tokenizer.json")
+    elif not path.is_file():
+        if spec.startswith((".", "/", "~")):
+            raise DataError(f"dataset.tokenizer: {spec} does not exist")
+        path = download_file(spec, "tokenizer.json", "tokenizer")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise DataError(f"dataset.tokenizer: {path} is not a tokenizers JSON file: {err}") from None
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def encode_lines(tokenizer, lines: list[str], desc: str, batch_lines: int = 4096) -> np.ndarray:
+    """Batch-encode lines (in parallel inside tokenizers) and concatenate the ids."""
+    pieces = []
+    for start in tqdm(range(0, len(lines), batch_lines), desc=desc, unit="batch", leave=False):
+        encodings = tokenizer.encode_batch(lines[start:start + batch_lines], add_special_tokens=False)
+        pieces.extend(np.asarray(e.ids, dtype=np.int64) for e in encodings)
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def prepare_tokens(dataset: DatasetConfig, out_dir: str | Path) -> dict:
+    """Tokenize the three splits into ``out_dir`` (replaced only when complete). Returns meta."""
+    tokenizer = load_tokenizer(dataset.tokenizer)
+    lines, source = read_split_lines(dataset)
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab_size)
+    meta = {"dtype": dtype.name, "vocab_size": vocab_size, "tokenizer": dataset.tokenizer,
+            "dataset": dataset.name, "config_name": dataset.config_name, "source": source,
+            "tokens": {}}
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            ids = encode_lines(tokenizer, lines[split], desc=f"tokenize {split}")
+            if len(ids) == 0:
+                raise DataError(f"the {split} split is empty after tokenization")
+            ids.astype(dtype).tofile(tmp / f"{split}.bin")
+            meta["tokens"][split] = int(len(ids))
+            logger.info("%s: %d lines -> %d tokens", split, len(lines[split]), len(ids))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    return json.loads(path.read_text())
+
+
+def load_split(data_dir: str | Path, split: str) -> np.ndarray:
+    meta = read_meta(data_dir)
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    tokens = np.fromfile(path, dtype=np.dtype(meta["dtype"]))
+    if len(tokens) != meta["tokens"][split]:
+        raise DataError(f"{path}: {len(tokens)} tokens but meta.json says {meta['tokens'][split]}")
+    return tokens
+
+
+def check_vocab(meta: dict, vocab_size: int) -> None:
+    if meta["vocab_size"] > vocab_size:
+        raise DataError(f"model.vocab_size is {vocab_size} but the tokenizer {meta['tokenizer']} has "
+                        f"{meta['vocab_size']} tokens; the embedding must cover every token id")
+
+
+@dataclass
+class TokenWindows:
+    """Consecutive non-overlapping windows over one token array, on a device.
+
+    Window k starting at ``offset`` feeds tokens[o + kL : o + kL + L] and scores the next
+    tokens tokens[o + kL + 1 : o + kL + L + 1]; a window that does not fit whole is dropped.
+    """
+
+    tokens: torch.Tensor  # (N,) int64
+    seq_len: int
+    offset: int = 0
+
+    @classmethod
+    def from_numpy(cls, tokens: np.ndarray, seq_len: int, device: torch.device) -> "TokenWindows":
+        return cls(torch.from_numpy(tokens.astype(np.int64)).to(device), seq_len)
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1 - self.offset) // self.seq_len)
+
+    def batch(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """windows: (B,) window indices -> inputs, targets: (B, L)."""
+        starts = self.offset + windows.to(self.tokens.device) * self.seq_len
+        idx = starts[:, None] + torch.arange(self.seq_len + 1, device=self.tokens.device)
+        chunk = self.tokens[idx]  # (B, L + 1)
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def batches(self, batch_size: int, max_windows: int = 0):
+        """In order, the last batch possibly smaller: for evaluation."""
+        n = len(self) if max_windows <= 0 else min(len(self), max_windows)
+        for start in range(0, n, batch_size):
+            yield self.batch(torch.arange(start, min(n, start + batch_size)))

@@ -1,0 +1,71 @@
+"""Plot data for ``dvc plots`` (JSON rows) and the same pictures as PNG files (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .io import write_json_atomic  # noqa: E402
+
+
+def write_magnitude_histogram(directory: Path, centres, trained, baseline) -> None:
+    rows = [{"log10_abs": round(c, 4), "trained": t, "baseline": b}
+            for c, t, b in zip(centres, trained, baseline)]
+    write_json_atomic(directory / "magnitude_histogram.json", rows)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = centres[1] - centres[0]
+    ax.bar(centres, baseline, width=width, alpha=0.5, label="baseline (init)")
+    ax.bar(centres, trained, width=width, alpha=0.5, label="trained")
+    ax.set_xlabel("log10 |chunk output|  (end bins hold everything beyond, zeros in the first)")
+    ax.set_ylabel("fraction of elements")
+    ax.set_title("Chunk-output magnitudes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "magnitude_histogram.png", dpi=120)
+    plt.close(fig)
+
+
+def write_per_chunk_sparsity(directory: Path, trained: dict, baseline: dict) -> None:
+    chunks = sorted(trained["per_chunk"], key=int)
+    keys = ("l0", "near_zero", "near_zero_rel")
+    rows = [{"chunk": int(c), **{f"trained_{k}": trained["per_chunk"][c][k] for k in keys},
+             **{f"baseline_{k}": baseline["per_chunk"][c][k] for k in keys}} for c in chunks]
+    write_json_atomic(directory / "per_chunk_sparsity.json", rows)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=False)
+    x = [int(c) for c in chunks]
+    for ax, k in zip(axes, keys):
+        ax.bar([i - 0.2 for i in x], [r[f"baseline_{k}"] for r in rows], width=0.4, label="baseline")
+        ax.bar([i + 0.2 for i in x], [r[f"trained_{k}"] for r in rows], width=0.4, label="trained")
+        ax.set_title(k)
+        ax.set_xlabel("chunk")
+        ax.set_xticks(x)
+    axes[0].set_ylabel("fraction of elements")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(directory / "per_chunk_sparsity.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_training_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    panels = [("loss", ["train/loss", "train/main_ce", "train/readout_ce", "val/loss"]),
+              ("perplexity", ["val/ppl", "val/readout_ppl"]),
+              ("sparsity (validation)", ["val/sparsity_near_zero_rel", "val/sparsity_near_zero", "val/sparsity_l0"]),
+              ("L1 of chunk outputs", ["train/l1"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            if history.get(name):
+                steps, values = zip(*history[name])
+                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

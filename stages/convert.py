@@ -1,0 +1,25 @@
+"""Stage convert: remap the pretrained Mamba checkpoint into Samba's chunked layout (or make a
+seeded random init when pretrained.use_pretrained is false), check its logits, write it.
+
+    python stages/convert.py --params params.yaml --out models/init
+"""
+
+import argparse
+
+from samba.cli import run_stage
+from samba.config import load_params
+from samba.convert import convert
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="models/init")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    report = convert(params, args.out)
+    print(f"wrote {args.out}: {report}")
+
+
+if __name__ == "__main__":
+    run_stage("convert", main)

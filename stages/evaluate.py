@@ -1,0 +1,34 @@
+"""Stage evaluate: test-split perplexity of both heads and chunk-output sparsity, for the
+trained model and its baseline (the convert output), plus plots.
+
+    python stages/evaluate.py --params params.yaml --data data/tokenized --baseline models/init \
+        --model models/samba --out metrics/eval.json --plots metrics/plots
+"""
+
+import argparse
+import json
+
+from samba.cli import run_stage
+from samba.config import load_params
+from samba.evaluate import evaluate_pipeline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/tokenized")
+    parser.add_argument("--baseline", default="models/init")
+    parser.add_argument("--model", default="models/samba")
+    parser.add_argument("--out", default="metrics/eval.json")
+    parser.add_argument("--plots", default="metrics/plots")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    metrics = evaluate_pipeline(params, args.data, args.baseline, args.model, args.out, args.plots)
+    shown = {k: metrics[k] for k in ("ppl", "readout_ppl", "ppl_ratio")}
+    shown["baseline_ppl"] = metrics["baseline"]["ppl"]
+    shown["near_zero_rel"] = metrics["sparsity"]["near_zero_rel"]
+    print(f"wrote {args.out}: {json.dumps(shown)}")
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)

@@ -1,0 +1,113 @@
+"""Tokenization, token files and the evaluation windows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samba.config import DatasetConfig
+from samba.data import DataError, TokenWindows, load_split, prepare_tokens, token_dtype
+from samba.hub import HubUnavailableError
+
+from conftest import SHARED_DATA
+from test_pipeline_e2e import make_corpus, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    make_corpus(root / "corpus")
+    make_tokenizer(root / "corpus", root / "tok")
+    return root
+
+
+def test_windows_follow_the_protocol():
+    tokens = torch.arange(23)
+    w = TokenWindows(tokens, seq_len=5)
+    assert len(w) == 4  # (23 - 1) // 5; the fifth window would need token 25
+    inputs, targets = w.batch(torch.tensor([0, 3]))
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [15, 16, 17, 18, 19]]
+    assert targets.tolist() == [[1, 2, 3, 4, 5], [16, 17, 18, 19, 20]]
+    batches = list(w.batches(batch_size=3))
+    assert [b[0].shape[0] for b in batches] == [3, 1]
+    assert torch.equal(torch.cat([b[1] for b in batches]).flatten(), torch.arange(1, 21))
+    assert len(TokenWindows(torch.arange(21), 5)) == 4 and len(TokenWindows(torch.arange(20), 5)) == 3
+
+
+def test_token_dtype():
+    assert token_dtype(50277) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_prepare_round_trips_the_text(sources, tmp_path):
+    from tokenizers import Tokenizer
+
+    meta = prepare_tokens(DatasetConfig(name=str(sources / "corpus"), tokenizer=str(sources / "tok")),
+                          tmp_path / "out")
+    tok = Tokenizer.from_file(str(sources / "tok/tokenizer.json"))
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == tok.get_vocab_size() == 256
+    assert json.loads((tmp_path / "out/meta.json").read_text()) == meta
+    for split in ("train", "validation", "test"):
+        ids = load_split(tmp_path / "out", split)
+        assert len(ids) == meta["tokens"][split]
+        assert tok.decode(ids.tolist()) == (sources / "corpus" / f"{split}.txt").read_text()
+
+
+def test_missing_split_is_named_and_outputs_kept(sources, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier output")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("a b c\n")
+    (corpus / "wiki.test.raw").write_text("a b c\n")
+    with pytest.raises(DataError, match=r"no validation split; expected one of \['validation.txt'"):
+        prepare_tokens(DatasetConfig(name=str(corpus), tokenizer=str(sources / "tok")), out)
+    assert (out / "keep.txt").read_text() == "earlier output"
+
+
+def test_bad_tokenizer_paths(sources, tmp_path):
+    with pytest.raises(DataError, match="has no tokenizer.json"):
+        prepare_tokens(DatasetConfig(name=str(sources / "corpus"), tokenizer=str(tmp_path)), tmp_path / "o")
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match="is not a tokenizers JSON file"):
+        prepare_tokens(DatasetConfig(name=str(sources / "corpus"), tokenizer=str(bad)), tmp_path / "o")
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_tokens(DatasetConfig(name=str(sources / "corpus"), tokenizer="./nowhere"), tmp_path / "o")
+
+
+def test_hub_ids_fail_fast_offline_with_a_hint(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with pytest.raises(HubUnavailableError, match="dataset.tokenizer at a directory"):
+        prepare_tokens(DatasetConfig(), tmp_path / "o")
+    from samba import Samba
+
+    with pytest.raises(HubUnavailableError, match="pretrained.model_name at a"):
+        Samba.from_pretrained("state-spaces/mamba-130m-hf")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "wikitext-2-tokenized").is_dir(),
+                    reason="needs ../shared/data (real WikiText-2 and the GPT-NeoX tokenizer)")
+def test_real_wikitext2_with_the_mamba_tokenizer(tmp_path):
+    # WikiText's own file names; Mamba's tokenizer (50,277 ids) fits uint16; decoding gives the text back
+    corpus = tmp_path / "wt2"
+    corpus.mkdir()
+    for name in ("wiki.valid.raw", "wiki.test.raw"):
+        (corpus / name).symlink_to(SHARED_DATA / "wikitext-2-raw" / name)
+    (corpus / "wiki.train.raw").symlink_to(SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw")
+    tokenizer = SHARED_DATA / "tokenizers" / "gpt-neox-20b"
+    meta = prepare_tokens(DatasetConfig(name=str(corpus), tokenizer=str(tokenizer)), tmp_path / "out")
+    assert meta["vocab_size"] == 50277 and meta["dtype"] == "uint16"
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+    ids = load_split(tmp_path / "out", "test")
+    assert tok.decode(ids.tolist()) == (SHARED_DATA / "wikitext-2-raw/wiki.test.raw").read_text()
+    assert ids.max() < 50277

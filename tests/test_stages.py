@@ -1,0 +1,198 @@
+"""Each stage on good and bad input: refusals name the key and leave earlier outputs alone;
+training resumes after an interruption; a frozen backbone stays put."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from samba import Samba
+from samba.checkpoint import CheckpointError
+from samba.config import ConfigError, Params
+from samba.convert import convert
+from samba.data import DataError, prepare_tokens
+from samba.evaluate import QualityError, evaluate_pipeline
+from samba.train import train
+
+from conftest import make_transformers_mamba, save_as_mamba_ssm
+from test_pipeline_e2e import make_corpus, make_tokenizer, tiny_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sources")
+    make_corpus(root / "corpus")
+    make_tokenizer(root / "corpus", root / "tokenizer")
+    make_transformers_mamba(vocab_size=264).save_pretrained(root / "mamba")
+    return root
+
+
+def params_with(sources: Path, **sections) -> Params:
+    data = tiny_params(sources)
+    for section, values in sections.items():
+        data[section].update(values)
+    return Params.from_dict(data, require_all=True)
+
+
+@pytest.fixture(scope="module")
+def project(sources, tmp_path_factory) -> Path:
+    """data/tokenized and models/init of the tiny configuration."""
+    root = tmp_path_factory.mktemp("project")
+    params = params_with(sources)
+    prepare_tokens(params.dataset, root / "data")
+    convert(params, root / "init")
+    return root
+
+
+def _train(params, project, out, tmp_path):
+    return train(params, project / "data", project / "init", out, tmp_path / "metrics", tmp_path / "ckpt")
+
+
+# ----------------------------------------------------------------------------- convert
+
+def test_convert_mamba_ssm_format_checks_against_transformers(sources, tmp_path):
+    src = save_as_mamba_ssm(make_transformers_mamba(vocab_size=264), tmp_path / "ssm")
+    report = convert(params_with(sources, pretrained={"model_name": str(src)}), tmp_path / "init")
+    assert report["format"] == "mamba_ssm" and report["logits_relative_error"] < 1e-5
+    assert Samba.from_pretrained(tmp_path / "init").config.readout_stride == 2
+
+
+def test_convert_random_init_is_seeded(sources, tmp_path):
+    for seed, name in ((1, "a"), (1, "b"), (2, "c")):
+        convert(params_with(sources, pretrained={"use_pretrained": False}, training={"seed": seed}),
+                tmp_path / name)
+    a, b, c = (load_file(tmp_path / n / "model.safetensors") for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["embedding.weight"], c["embedding.weight"])
+
+
+def test_convert_refuses_a_model_section_that_disagrees(sources, tmp_path):
+    out = tmp_path / "init"
+    out.mkdir()
+    (out / "marker").write_text("earlier")
+    with pytest.raises(CheckpointError, match="d_state: the checkpoint .* has d_state=4, but 8"):
+        convert(params_with(sources, model={"d_state": 8}), out)
+    assert (out / "marker").read_text() == "earlier"
+
+
+# ----------------------------------------------------------------------------- train
+
+def test_train_refuses_nothing_to_train(sources, project, tmp_path):
+    params = params_with(sources, pretrained={"freeze_backbone": True}, training={"readout_weight": 0.0})
+    with pytest.raises(ConfigError, match="training.readout_weight: is 0 while pretrained.freeze_backbone"):
+        _train(params, project, tmp_path / "out", tmp_path)
+
+
+def test_train_refuses_too_little_data(sources, project, tmp_path):
+    params = params_with(sources, training={"batch_size": 4096})
+    with pytest.raises(DataError, match="not one batch of training.batch_size=4096"):
+        _train(params, project, tmp_path / "out", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_init_of_another_model_section(sources, project, tmp_path):
+    params = params_with(sources, model={"readout_hidden_dim": 12})
+    with pytest.raises(ConfigError, match="readout_hidden_dim.*rerun the convert stage"):
+        _train(params, project, tmp_path / "out", tmp_path)
+
+
+def test_train_resumes_after_interruption_to_the_same_model(sources, project, tmp_path, monkeypatch):
+    params = params_with(sources, training={"max_steps": 12, "checkpoint_every": 4, "eval_every": 6})
+    _train(params, project, tmp_path / "straight", tmp_path / "s")
+
+    import samba.train as train_module
+
+    real_loss, calls = train_module.samba_loss, {"n": 0}
+
+    def interrupting_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # during step 7, after the checkpoint of step 4
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "samba_loss", interrupting_loss)
+    with pytest.raises(KeyboardInterrupt):
+        _train(params, project, tmp_path / "resumed", tmp_path / "r")
+    assert (tmp_path / "r/ckpt/last.pt").is_file() and not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(train_module, "samba_loss", real_loss)
+    _train(params, project, tmp_path / "resumed", tmp_path / "r")
+    assert not (tmp_path / "r/ckpt/last.pt").exists()  # removed once the run completes
+    a = load_file(tmp_path / "straight/model.safetensors")
+    b = load_file(tmp_path / "resumed/model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_frozen_backbone_changes_only_the_readout(sources, project, tmp_path):
+    params = params_with(sources, pretrained={"freeze_backbone": True}, training={"max_steps": 5})
+    _train(params, project, tmp_path / "out", tmp_path)
+    before = load_file(project / "init/model.safetensors")
+    after = load_file(tmp_path / "out/model.safetensors")
+    for key in before:
+        same = torch.equal(before[key], after[key])
+        assert same != key.startswith("readout."), key
+
+
+def test_training_logs_metrics_for_dvclive(sources, project, tmp_path):
+    _train(params_with(sources), project, tmp_path / "out", tmp_path)
+    summary = json.loads((tmp_path / "metrics/metrics.json").read_text())
+    assert summary["step"] == 30
+    for key in ("loss", "main_ce", "readout_ce", "l1", "lr", "tokens_per_s"):
+        assert key in summary["train"], key
+    for key in ("ppl", "readout_ppl", "sparsity_near_zero_rel"):
+        assert key in summary["val"], key
+    steps = (tmp_path / "metrics/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert len(steps) == 1 + 30 // 5
+    assert (tmp_path / "metrics/training_curves.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def test_evaluate_baseline_against_itself(sources, project, tmp_path):
+    params = params_with(sources)
+    metrics = evaluate_pipeline(params, project / "data", project / "init", project / "init",
+                                tmp_path / "eval.json", tmp_path / "plots")
+    assert metrics["ppl"] == pytest.approx(metrics["baseline"]["ppl"], rel=1e-6)
+    assert metrics["ppl_ratio"] == pytest.approx(1.0, rel=1e-6)
+    rows = json.loads((tmp_path / "plots/magnitude_histogram.json").read_text())
+    assert len(rows) == params.eval.histogram_bins
+    assert sum(r["trained"] for r in rows) == pytest.approx(1.0)
+
+
+def test_evaluate_quality_gate(sources, project, tmp_path):
+    # judged against a better model (one trained a few steps), the untrained init fails the
+    # gate; the metrics are still written
+    params = params_with(sources, training={"max_steps": 10}, eval={"max_ppl_increase": 1.0e-3})
+    _train(params, project, tmp_path / "better", tmp_path)
+    with pytest.raises(QualityError, match="above the baseline"):
+        evaluate_pipeline(params, project / "data", tmp_path / "better", project / "init",
+                          tmp_path / "eval.json", tmp_path / "plots")
+    assert json.loads((tmp_path / "eval.json").read_text())["ppl_ratio"] > 1.001
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+def test_stage_script_refuses_bad_params_and_keeps_outputs(sources, tmp_path):
+    data = tiny_params(sources)
+    data["training"]["lr"] = "5e-5"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    out = tmp_path / "tokenized"
+    out.mkdir()
+    (out / "meta.json").write_text("{}")
+    proc = subprocess.run([sys.executable, str(REPO / "stages/prepare.py"), "--params", str(bad),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "[prepare] error: training.lr: must be a number, got the string '5e-5'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (out / "meta.json").read_text() == "{}"
