@@ -97,9 +97,10 @@ def evaluate_model(model: Samba, windows: TokenWindows, batch_size: int, *, max_
                                 disable=desc is None, leave=False):
         with autocast(device, dtype):
             chunk_outputs = model.chunk_outputs(inputs)
-            main = linear_cross_entropy(model.final_hidden(chunk_outputs), model.lm_head_weight, targets)
+            main = linear_cross_entropy(model.final_hidden(chunk_outputs), model.lm_head_weight,
+                                        targets, compiled=model.compiled)
             readout = linear_cross_entropy(model.readout.features(chunk_outputs),
-                                           model.readout.head.weight, targets)
+                                           model.readout.head.weight, targets, compiled=model.compiled)
         n = targets.numel()
         nll += main.double() * n
         readout_nll += readout.double() * n
@@ -135,6 +136,8 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
     results, counters = {}, {}
     for name, directory in (("trained", model_dir), ("baseline", baseline_dir)):
         model = Samba.from_pretrained(directory, backend=params.compute.backend).to(device)
+        if params.compute.compile:
+            model.compile_parts()
         check_vocab(meta, model.config.vocab_size)
         results[name], counters[name] = evaluate_model(
             model, windows, ev.batch_size, max_windows=ev.max_windows, dtype=dtype,

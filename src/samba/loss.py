@@ -38,12 +38,13 @@ def samba_loss(model: Samba, input_ids: torch.Tensor, targets: torch.Tensor,
                readout_weight: float, pruning_weight: float, report_all: bool = True) -> LossParts:
     """input_ids, targets: (B, L); targets[b, t] is the token after input_ids[b, t]."""
     chunk_outputs = model.chunk_outputs(input_ids)
-    main_ce = linear_cross_entropy(model.final_hidden(chunk_outputs), model.lm_head_weight, targets)
+    main_ce = linear_cross_entropy(model.final_hidden(chunk_outputs), model.lm_head_weight, targets,
+                                   compiled=model.compiled)
     readout_ce = l1 = None
     if readout_weight > 0 or report_all:
         with torch.set_grad_enabled(torch.is_grad_enabled() and readout_weight > 0):
             readout_ce = linear_cross_entropy(model.readout.features(chunk_outputs),
-                                              model.readout.head.weight, targets)
+                                              model.readout.head.weight, targets, compiled=model.compiled)
     if pruning_weight > 0 or report_all:
         with torch.set_grad_enabled(torch.is_grad_enabled() and pruning_weight > 0):
             l1 = chunk_l1(chunk_outputs)

@@ -97,6 +97,21 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
 
+def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
+
+# One compiled function shared by every norm (compiling each module would recompile per layer).
+_compiled_rms_norm = None
+
+
+def compiled_rms_norm():
+    global _compiled_rms_norm
+    if _compiled_rms_norm is None:
+        _compiled_rms_norm = torch.compile(rms_norm, dynamic=False)
+    return _compiled_rms_norm
+
+
 class Block(nn.Module):
     """Pre-norm residual block: residual + mixer(rmsnorm(residual)), residual in fp32."""
 
@@ -104,10 +119,11 @@ class Block(nn.Module):
         super().__init__()
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mixer = MambaMixer(config, backend)
+        self.norm_fn = rms_norm
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
         residual = residual.float()
-        return residual + self.mixer(self.norm(residual))
+        return residual + self.mixer(self.norm_fn(residual, self.norm))
 
 
 class Chunk(nn.Module):
@@ -167,6 +183,7 @@ class Samba(nn.Module):
             raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
         self.config = config
         self.backbone_frozen = False
+        self.compiled = False  # see compile_parts()
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.chunks = nn.ModuleList(Chunk(config, backend) for _ in range(config.n_chunks))
         self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
@@ -197,6 +214,14 @@ class Samba(nn.Module):
         self.backbone_frozen = frozen
         for module in (self.embedding, self.chunks, self.norm_f):
             module.requires_grad_(not frozen)
+
+    def compile_parts(self) -> None:
+        """torch.compile what is not a mamba-ssm kernel: the norms, the readout's attention and
+        the softmax work of the sliced cross-entropies. The kernels themselves stay as they are."""
+        self.compiled = True
+        for block in self.blocks():
+            block.norm_fn = compiled_rms_norm()
+        self.readout.features = torch.compile(self.readout.features)
 
     def backbone_parameters(self):
         for module in (self.embedding, self.chunks, self.norm_f):

@@ -163,9 +163,7 @@ def train(params: Params, data_dir: str | Path, init_dir: str | Path, out_dir: s
         model.freeze_backbone()
     model.to(device).train()
     if params.compute.compile:
-        model.readout.compile()
-        for block in model.blocks():
-            block.norm.compile()
+        model.compile_parts()
 
     train_windows = TokenWindows.from_numpy(load_split(data_dir, "train"), t.seq_len, device)
     val_windows = TokenWindows.from_numpy(load_split(data_dir, "validation"), t.seq_len, device)

@@ -14,12 +14,44 @@ import torch
 MAX_SLICE_ELEMENTS = 1 << 27
 
 
+def _slice_nll_and_grad(logits: torch.Tensor, targets: torch.Tensor, acc: torch.dtype):
+    """Summed NLL of one slice and d(NLL)/d(logits) = softmax - onehot, in logits' dtype.
+
+    Written as plain tensor code so that torch.compile can fuse it into two passes over the
+    logits (one reduction, one pointwise) instead of the half-dozen eager kernels.
+    """
+    x = logits.to(acc)
+    lse = torch.logsumexp(x, dim=-1)  # (S,)
+    nll = (lse - x.gather(1, targets[:, None]).squeeze(1)).sum()
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    grad = torch.exp(x - lse[:, None]) - onehot.to(acc)
+    return nll, grad.to(logits.dtype)
+
+
+def _slice_nll(logits: torch.Tensor, targets: torch.Tensor, acc: torch.dtype):
+    x = logits.to(acc)
+    return (torch.logsumexp(x, dim=-1) - x.gather(1, targets[:, None]).squeeze(1)).sum()
+
+
+_compiled: dict[str, object] = {}
+
+
+def _slice_fns(compiled: bool):
+    if not compiled:
+        return _slice_nll_and_grad, _slice_nll
+    if not _compiled:
+        _compiled["grad"] = torch.compile(_slice_nll_and_grad, dynamic=False)
+        _compiled["nll"] = torch.compile(_slice_nll, dynamic=False)
+    return _compiled["grad"], _compiled["nll"]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, compute_dtype, slice_tokens):
+    def forward(ctx, hidden, weight, targets, compute_dtype, slice_tokens, compiled):
         # hidden: (T, H); weight: (V, H); targets: (T,) int64
         T = hidden.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        nll_and_grad, nll_only = _slice_fns(compiled)
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
@@ -28,19 +60,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for start in range(0, T, slice_tokens):
             h_s, t_s = h[start:start + slice_tokens], targets[start:start + slice_tokens]
-            logits = (h_s @ w.t()).to(acc)  # (S, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (S,)
-            total += (lse - logits.gather(1, t_s[:, None]).squeeze(1)).sum()
-            if need_h or need_w:
-                # d(CE)/d(logits) = softmax - onehot, written over the logits to save memory
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(len(t_s), device=probs.device), t_s] -= 1.0
-                g = probs.to(compute_dtype)
-                del logits, probs
-                if need_h:
-                    grad_h[start:start + slice_tokens] = g @ w
-                if need_w:
-                    grad_w += (g.t() @ h_s).to(acc)
+            logits = h_s @ w.t()  # (S, V), compute dtype
+            if not (need_h or need_w):
+                total += nll_only(logits, t_s, acc)
+                continue
+            nll, g = nll_and_grad(logits, t_s, acc)
+            del logits
+            total += nll
+            if need_h:
+                grad_h[start:start + slice_tokens] = g @ w
+            if need_w:
+                grad_w += (g.t() @ h_s).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.T = T
         ctx.weight_dtype = weight.dtype
@@ -52,15 +82,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_out / ctx.T
         dh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         slice_tokens: int | None = None) -> torch.Tensor:
+                         slice_tokens: int | None = None, compiled: bool = False) -> torch.Tensor:
     """Mean over tokens of CE(hidden @ weight.T, targets), logits never stored in full.
 
     hidden: (..., H); weight: (V, H); targets: (...) with ids in [0, V). Under autocast the
     matrix products run in the autocast dtype and the softmax in fp32, as autocast would do.
+    ``compiled`` fuses each slice's softmax work with torch.compile (same numbers).
     """
     H = hidden.shape[-1]
     hidden = hidden.reshape(-1, H)
@@ -75,4 +106,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if slice_tokens is None:
         slice_tokens = max(1, MAX_SLICE_ELEMENTS // weight.shape[0])
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, slice_tokens)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, slice_tokens, compiled)

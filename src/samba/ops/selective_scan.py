@@ -78,7 +78,7 @@ def selective_scan_reference(
     deltaA = torch.exp(delta.unsqueeze(-1) * A.to(f)[:, None, :])  # (B, D, L, N)
     deltaB_u = (delta * u).unsqueeze(-1) * B.to(f).transpose(1, 2).unsqueeze(1)  # (B, D, L, N)
     h = LinearRecurrence.apply(deltaA, deltaB_u)  # (B, D, L, N)
-    y = torch.einsum("bdln,bnl->bdl", h, C.to(f))
+    y = (h * C.to(f).transpose(1, 2).unsqueeze(1)).sum(-1)  # (B, D, L); keeps h, no layout copy
     if D is not None:
         y = y + u * D.to(f)[:, None]
     if z is not None:
