@@ -101,81 +101,109 @@ def batches(n: int, seed: int):
     return out
 
 
-def run_variant(key: str, steps: int, warmup: int, profile: bool) -> dict:
-    name, factory = VARIANTS[key]
-    build, loss_fn = factory()
-    torch.manual_seed(0)
-    model = build().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    data = batches(4, seed=1)
+class Runner:
+    """One variant: its model, optimizer and data, ready to step."""
 
-    def step(i):
-        x, y = data[i % len(data)]
+    def __init__(self, key: str):
+        self.key, (self.name, factory) = key, VARIANTS[key]
+        torch.cuda.synchronize()
+        self.base = torch.cuda.memory_allocated()
+        build, self.loss_fn = factory()
+        torch.manual_seed(0)
+        self.model = build().train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
+        self.data = batches(4, seed=1)
+        self.times: list[float] = []
+        self.i = 0
+
+    def step(self):
+        x, y = self.data[self.i % len(self.data)]
+        self.i += 1
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model, x, y)
+            loss = self.loss_fn(self.model, x, y)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return loss
 
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        loss = step(i)
+    def warm_up(self, n: int) -> None:
+        t0 = time.perf_counter()
+        for i in range(n):
+            loss = self.step()
+            torch.cuda.synchronize()
+            if i == 0 and self.key in ("c", "d") and time.perf_counter() - t0 > 15:
+                raise RuntimeError(f"first step took {time.perf_counter() - t0:.0f}s; not on the kernel path?")
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss is {loss.item()}")
+        del loss
         torch.cuda.synchronize()
-        if i == 0 and key in ("c", "d") and time.perf_counter() - t0 > 15:
-            raise RuntimeError(f"{key}: first step took {time.perf_counter() - t0:.0f}s; not on the kernel path?")
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"{key}: loss is {loss.item()}")
+        # what this variant keeps between steps: weights, optimizer state, data
+        self.resident = torch.cuda.memory_allocated() - self.base
 
-    # activations: memory held after the forward pass, before backward
-    x, y = data[0]
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        held = loss_fn(model, x, y)
-    torch.cuda.synchronize()
-    activations = torch.cuda.memory_allocated() - before
-    held.backward()
-    opt.zero_grad(set_to_none=True)
-    del held
+    def timed(self, n: int) -> None:
+        for _ in range(n):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.step()
+            end.record()
+            end.synchronize()
+            self.times.append(start.elapsed_time(end))
 
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(i)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    peak = torch.cuda.max_memory_allocated()
-    ms = statistics.median(times)
-    result = {"key": key, "name": name, "step_ms": ms, "step_ms_all": times, "tokens_per_s": B * L / (ms / 1e3),
-              "peak_gib": peak / GiB, "activations_gib": activations / GiB,
-              "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-    if profile:
-        result["profile"] = profile_steps(step)
-    del model, opt, data
-    gc.collect()
-    torch.cuda.empty_cache()
-    return result
+    def memory(self) -> tuple[float, float]:
+        """Peak memory of one step as if this variant were alone on the GPU (its resident
+        memory plus the step's rise above what was allocated before it), and the memory held
+        after the forward pass (what backward keeps)."""
+        x, y = self.data[0]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            held = self.loss_fn(self.model, x, y)
+        torch.cuda.synchronize()
+        activations = torch.cuda.memory_allocated() - before
+        held.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before + self.resident) / GiB, activations / GiB
+
+    def result(self, profile: bool) -> dict:
+        peak, activations = self.memory()
+        ms = statistics.median(self.times)
+        r = {"key": self.key, "name": self.name, "step_ms": ms, "step_ms_all": self.times,
+             "step_ms_iqr": (statistics.quantiles(self.times, n=4)[0], statistics.quantiles(self.times, n=4)[2])
+             if len(self.times) >= 4 else None,
+             "tokens_per_s": B * L / (ms / 1e3), "peak_gib": peak, "activations_gib": activations,
+             "params_m": sum(p.numel() for p in self.model.parameters()) / 1e6}
+        if profile:
+            r["profile"], r["gpu_busy_ms"], r["kernels_per_step"] = profile_steps(self.step)
+        return r
+
+    def free(self) -> None:
+        del self.model, self.opt, self.data
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
-def profile_steps(step, n: int = 3) -> list[tuple[str, float]]:
-    """Top CUDA kernels by total time over n steps: (name, ms per step)."""
+def profile_steps(step, n: int = 3) -> tuple[list[tuple[str, float]], float, float]:
+    """Top CUDA kernels (name, ms per step), total kernel time per step, kernels per step."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(n):
-            step(i)
+        for _ in range(n):
+            step()
         torch.cuda.synchronize()
-    rows = []
+    rows, busy, count = [], 0.0, 0
     for evt in prof.key_averages():
+        if getattr(evt, "device_type", None) != DeviceType.CUDA:
+            continue
         t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if t > 0:
-            rows.append((evt.key[:90], t / 1e3 / n))
+        rows.append((evt.key[:90], t / 1e3 / n))
+        busy += t / 1e3 / n
+        count += evt.count / n
     rows.sort(key=lambda r: -r[1])
-    return rows[:20]
+    return rows[:20], busy, count
 
 
 def versions() -> dict[str, str]:
@@ -195,20 +223,22 @@ def report(results: list[dict], args, meta: dict) -> str:
              f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
              f"- shapes: d_model {D_MODEL}, {N_LAYERS} layers, vocab {VOCAB}, batch {B} x {L} tokens; "
              "bf16 autocast, fused AdamW; full step (forward, loss, backward, optimizer step)",
-             f"- median of {args.steps} timed steps after {args.warmup} warm-up steps "
-             f"({args.ref_steps} and 1 for the reference path e)",
+             f"- median of {args.rounds} x {args.steps} timed steps after {args.warmup} warm-up steps; the "
+             "kernel-path variants are timed in interleaved rounds (c, d, b, ... then again), so drift falls on "
+             f"all alike; the reference path e: {args.ref_steps} steps after 1 warm-up",
              f"- command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`", "",
              "| | implementation | step (ms) | tokens/s | x tokens/s of c | peak memory (GiB) | x peak of c "
-             "| activations after forward (GiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| activations after forward (GiB) | step IQR (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['key']} | {r['name']} | failed: {r['error']} | | | | | |")
             continue
         ratio_t = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}" if base else "-"
         ratio_m = f"{r['peak_gib'] / base['peak_gib']:.3f}" if base else "-"
+        iqr = f"{r['step_ms_iqr'][0]:.1f}-{r['step_ms_iqr'][1]:.1f}" if r.get("step_ms_iqr") else "-"
         lines.append(f"| {r['key']} | {r['name']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio_t} "
-                     f"| {r['peak_gib']:.2f} | {ratio_m} | {r['activations_gib']:.2f} |")
+                     f"| {r['peak_gib']:.2f} | {ratio_m} | {r['activations_gib']:.2f} | {iqr} |")
     by = {r["key"]: r for r in results if "error" not in r}
     lines += ["", "## Targets", ""]
     if "a" in by and "c" in by:
@@ -235,17 +265,22 @@ def report(results: list[dict], args, meta: dict) -> str:
               "the readout is the (a - b) line above"]
     for key in ("a", "c"):
         if key in by and by[key].get("profile"):
-            lines += ["", f"## Profile of {key}: top CUDA kernels (ms per step)", "", "| kernel | ms/step |", "|---|---|"]
+            r = by[key]
+            lines += ["", f"## Profile of {key}: top CUDA kernels (ms per step)", "",
+                      f"GPU busy {r['gpu_busy_ms']:.1f} ms per step in {r['kernels_per_step']:.0f} kernels "
+                      f"(step {r['step_ms']:.1f} ms: the rest is the GPU waiting for the host)", "",
+                      "| kernel | ms/step |", "|---|---|"]
             lines += [f"| `{n}` | {t:.2f} |" for n, t in by[key]["profile"]]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ref-steps", type=int, default=2)
-    parser.add_argument("--only", default="c,d,b,a-eager,a,e", help="comma-separated variant keys, run in order")
+    parser.add_argument("--only", default="c,d,b,a-eager,a,e", help="comma-separated variant keys")
     parser.add_argument("--out", default="benchmarks/results/train_step.md")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -262,27 +297,50 @@ def main() -> None:
                                         capture_output=True, text=True).stdout.strip()
     except OSError:
         pass
-    results = []
-    for key in args.only.split(","):
-        ref = key == "e"
-        print(f"--- {key}: {VARIANTS[key][0]}", flush=True)
-        try:
-            r = run_variant(key, args.ref_steps if ref else args.steps, 1 if ref else args.warmup,
-                            profile=key in ("a", "c"))
-            print(f"    {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, "
-                  f"activations {r['activations_gib']:.2f} GiB", flush=True)
-        except Exception as err:  # report and go on: one broken variant must not lose the others
-            r = {"key": key, "name": VARIANTS[key][0], "error": f"{type(err).__name__}: {str(err)[:200]}"}
-            print(f"    failed: {r['error']}", flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
-        results.append(r)
-        text = report(results, args, meta)
+    keys = args.only.split(",")
+    kernel_keys = [k for k in keys if k != "e"]
+    runners, results = {}, []
+
+    def write():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        text = report(results, args, meta)
         Path(args.out).write_text(text)
         if args.json:
             Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(text)
+        return text
+
+    # Kernel-path variants live side by side and are timed in interleaved rounds, so that drift
+    # of clocks or host load over the run falls on all of them alike.
+    for key in kernel_keys:
+        print(f"--- build and warm up {key}: {VARIANTS[key][0]}", flush=True)
+        try:
+            runners[key] = Runner(key)
+            runners[key].warm_up(args.warmup)
+        except Exception as err:  # report and go on: one broken variant must not lose the others
+            results.append({"key": key, "name": VARIANTS[key][0], "error": f"{type(err).__name__}: {str(err)[:200]}"})
+            print(f"    failed: {results[-1]['error']}", flush=True)
+            runners.pop(key, None)
+    for round_ in range(args.rounds):
+        for runner in runners.values():
+            runner.timed(args.steps)
+        print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(
+            f"{k} {statistics.median(r.times[-args.steps:]):.1f} ms" for k, r in runners.items()), flush=True)
+    for key, runner in runners.items():
+        results.append(runner.result(profile=key in ("a", "c")))
+    for runner in runners.values():
+        runner.free()
+    write()
+    if "e" in keys:
+        print("--- e: pure-PyTorch reference path", flush=True)
+        try:
+            runner = Runner("e")
+            runner.warm_up(1)
+            runner.timed(args.ref_steps)
+            results.append(runner.result(profile=False))
+            runner.free()
+        except Exception as err:
+            results.append({"key": "e", "name": VARIANTS["e"][0], "error": f"{type(err).__name__}: {str(err)[:200]}"})
+    print(write())
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+            p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.device))
 
 
 def make_transformers_mamba(seed: int = 0, **overrides):

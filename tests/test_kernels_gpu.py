@@ -177,3 +177,18 @@ def test_whole_model_logits(dtype):
         assert err < TOL[dtype][0]
     for c, (a, b) in enumerate(zip(outs["kernels"].chunk_outputs, outs["reference"].chunk_outputs)):
         assert relative_error(a, b) < TOL[dtype][0], f"chunk {c}"
+
+
+def test_compiled_parts_compute_the_same_loss_and_gradients():
+    torch.manual_seed(3)
+    model = Samba(MIXER_CFG).cuda()
+    perturb_(model, seed=3)
+    ids = torch.randint(0, MIXER_CFG.vocab_size, (2, 161), device="cuda")
+
+    def loss(m, ids):
+        with _autocast(torch.bfloat16):
+            return samba_loss(m, ids[:, :-1], ids[:, 1:], 0.5, 0.05).total
+
+    eager = _run(model, "kernels", loss, [ids])
+    model.compile_parts()
+    _compare(_run(model, "kernels", loss, [ids]), eager, torch.bfloat16, "compiled vs eager")

@@ -134,3 +134,14 @@ def test_backend_choice(model):
     model.set_backend("kernels")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         model(_batch()[0])
+
+
+def test_readout_attention_equals_scaled_dot_product_attention(model):
+    # the written-out attention computes what torch's SDPA computes for one query over C keys
+    ids, _ = _batch()
+    r = model.readout
+    with torch.no_grad():
+        chunks = model.chunk_outputs(ids)
+        x = r.norm(torch.stack(chunks, dim=2))
+        expected = F.scaled_dot_product_attention(r.query(x[:, :, -1:]), r.key(x), r.value(x)).squeeze(2)
+        torch.testing.assert_close(r.features(chunks), expected, rtol=1e-5, atol=1e-6)

@@ -155,13 +155,19 @@ class Readout(nn.Module):
         self.key = nn.Linear(d, h)
         self.value = nn.Linear(d, h)
         self.head = nn.Linear(h, config.vocab_size, bias=False)
+        self.scale = h ** -0.5
 
     def features(self, chunk_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """C tensors (B, L, d_model) -> attended features (B, L, readout_hidden_dim)."""
         x = self.norm(torch.stack(list(chunk_outputs), dim=2))  # (B, L, C, D)
-        q = self.query(x[:, :, -1:])  # (B, L, 1, H)
+        q = self.query(x[:, :, -1])  # (B, L, H)
         k, v = self.key(x), self.value(x)  # (B, L, C, H)
-        return F.scaled_dot_product_attention(q, k, v).squeeze(2)  # (B, L, H)
+        # One query against C (= 6) keys per position. Written out rather than through
+        # scaled_dot_product_attention: its kernels are built for long sequences, and for this
+        # shape its backward alone took 11 ms of a 108 ms training step on an H200.
+        scores = (q.unsqueeze(2) * k).float().sum(-1) * self.scale  # (B, L, C)
+        weights = scores.softmax(dim=-1)
+        return (weights.unsqueeze(-1).to(v.dtype) * v).sum(2)  # (B, L, H)
 
     def forward(self, chunk_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.head(self.features(chunk_outputs))  # (B, L, V)
