@@ -63,15 +63,23 @@ def _run(module, backend, make_out, inputs, grad=True):
 
 
 def _compare(fast, ref, dtype, what):
+    """Relative errors of output and every gradient. A gradient that is exactly 0 in exact
+    arithmetic (readout.key.bias: softmax ignores a shift shared by all keys; A_log at L=1:
+    the state before the first token is 0) is pure rounding on both sides, so each gradient's
+    error is measured against max(its own norm, 1e-3 x the largest gradient norm)."""
     (out_f, grads_f), (out_r, grads_r) = fast, ref
     tol_out, tol_grad = TOL[dtype]
     err = relative_error(out_f.float(), out_r.float())
     print(f"{what} {dtype}: output rel err {err:.2e}")
     assert err < tol_out, f"{what}: output relative error {err:.2e} >= {tol_out}"
     assert grads_f.keys() == grads_r.keys()
-    worst = max(((relative_error(grads_f[k], grads_r[k]), k) for k in grads_r), default=(0.0, None))
-    print(f"{what} {dtype}: worst gradient rel err {worst[0]:.2e} ({worst[1]})")
-    assert worst[0] < tol_grad, f"{what}: gradient of {worst[1]} relative error {worst[0]:.2e} >= {tol_grad}"
+    floor = 1e-3 * max(g.double().norm().item() for g in grads_r.values())
+    errors = {k: (grads_f[k].double() - grads_r[k].double()).norm().item()
+              / max(grads_r[k].double().norm().item(), floor) for k in grads_r}
+    assert all(e == e for e in errors.values()), f"{what}: NaN in gradients"
+    worst = max(errors, key=errors.get)
+    print(f"{what} {dtype}: worst gradient rel err {errors[worst]:.2e} ({worst})")
+    assert errors[worst] < tol_grad, f"{what}: gradient of {worst} relative error {errors[worst]:.2e} >= {tol_grad}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -172,7 +172,7 @@ class TokenWindows:
 
     def batch(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """windows: (B,) window indices -> inputs, targets: (B, L)."""
-        starts = self.offset + windows.to(self.tokens.device) * self.seq_len
+        starts = self.offset + windows.to(self.tokens.device) * self.seq_len  # no copy if already there
         idx = starts[:, None] + torch.arange(self.seq_len + 1, device=self.tokens.device)
         chunk = self.tokens[idx]  # (B, L + 1)
         return chunk[:, :-1], chunk[:, 1:]
@@ -180,5 +180,6 @@ class TokenWindows:
     def batches(self, batch_size: int, max_windows: int = 0):
         """In order, the last batch possibly smaller: for evaluation."""
         n = len(self) if max_windows <= 0 else min(len(self), max_windows)
+        device = self.tokens.device
         for start in range(0, n, batch_size):
-            yield self.batch(torch.arange(start, min(n, start + batch_size)))
+            yield self.batch(torch.arange(start, min(n, start + batch_size), device=device))

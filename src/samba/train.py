@@ -202,6 +202,7 @@ def train(params: Params, data_dir: str | Path, init_dir: str | Path, out_dir: s
             if step // steps_per_epoch != epoch:
                 epoch = step // steps_per_epoch
                 offset, order = epoch_order(t.seed, epoch, len(train_windows.tokens), t.seq_len)
+                order = order.to(device)  # once per epoch: a host-to-device copy per step would sync
                 train_windows.offset = offset
             i = step % steps_per_epoch
             inputs, targets = train_windows.batch(order[i * t.batch_size:(i + 1) * t.batch_size])
@@ -213,8 +214,8 @@ def train(params: Params, data_dir: str | Path, init_dir: str | Path, out_dir: s
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            for name, value in parts.detached().items():
-                sums[name] = sums.get(name, 0) + value.float()
+            for name, value in parts.detached().items():  # summed on the device, read at log steps
+                sums[name] = sums[name] + value if name in sums else value.float()
             summed_steps += 1
             bar.update(1)
 
