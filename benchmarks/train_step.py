@@ -248,7 +248,20 @@ def report(results: list[dict], args, meta: dict) -> str:
         lines.append(f"- a vs c peak memory: {m:.3f}x (target <= 1.0: {'met' if m <= 1 else f'missed by {100 * (m - 1):.1f}%'})")
     if "a" in by and "e" in by:
         s = by["e"]["step_ms"] / by["a"]["step_ms"]
-        lines.append(f"- a vs e speed: {s:.0f}x (target >= 200x: {'met' if s >= 200 else 'missed'})")
+        lines.append(f"- a vs e speed: {s:.0f}x (target >= 200x: {'met' if s >= 200 else f'missed: {s:.0f}x'})")
+        if s < 200:
+            lines.append("  - why: the reference path is not a per-token loop. It evaluates the linear recurrence "
+                         "with a parallel prefix scan (log2 L vectorised steps) and an adjoint scan for backward, "
+                         "so it is memory-bound on (B, d_inner, L, d_state) fp32 tensors rather than bound by "
+                         "L x n_layers tiny launches; it keeps the CPU tests fast. A per-token loop "
+                         "(transformers' pure-PyTorch path) measured 20.5 s/step on this GPU in ../shared/GPU.md, "
+                         f"i.e. about {20500 / by['a']['step_ms']:.0f}x slower than a. The 200x figure measures the "
+                         "reference's slowness, not the kernel path's speed; we chose not to slow the reference down.")
+    if "a" in by and "c" in by:
+        c = by["c"]
+        lines.append(f"- noise: steps are partly host-bound (c's GPU is busy {c.get('gpu_busy_ms', float('nan')):.1f} ms "
+                     f"of its {c['step_ms']:.1f} ms step, see the profiles), so step times spread widely (IQR column); "
+                     "ratios within about 10% of 1.0 are within that spread.")
     if "a" in by and "b" in by:
         lines += ["", "## What the readout and the L1 term cost (a - b)", "",
                   f"- step time: {by['a']['step_ms'] - by['b']['step_ms']:+.1f} ms; "
@@ -283,7 +296,14 @@ def main() -> None:
     parser.add_argument("--only", default="c,d,b,a-eager,a,e", help="comma-separated variant keys")
     parser.add_argument("--out", default="benchmarks/results/train_step.md")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--from-json", default=None, help="re-render the report of a saved run; runs nothing")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        text = report(saved["results"], args, saved["meta"])
+        Path(args.out).write_text(text)
+        print(text)
+        return
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
