@@ -7,6 +7,7 @@ import json
 import random
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -138,10 +139,37 @@ def test_repro_exp_run_and_metrics_diff(pipeline_repo):
     assert any(k.startswith("Chunk-output magnitudes") for k in plots["data"])
 
 
-def _experiment_metrics(shown: list, name: str) -> dict:
+def test_queued_sweep_runs(pipeline_repo):
+    # dvc exp run --queue -S ...=a,b then dvc queue start -j 1 (after the test above)
+    repo, dvc = pipeline_repo, _dvc()
+    sh(dvc, "exp", "run", "--queue", "-S", "training.pruning_weight=0.01,2.0", cwd=repo)
+    sh(dvc, "queue", "start", "-j", "1", cwd=repo)
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        status = sh(dvc, "queue", "status", cwd=repo)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") >= 2, status
+    swept = {}
+    for rev in _experiment_revs(json.loads(sh(dvc, "exp", "show", "--json", cwd=repo))):
+        weight = rev["data"]["params"]["params.yaml"]["data"]["training"]["pruning_weight"]
+        metrics = rev["data"].get("metrics", {}).get("metrics/eval.json", {}).get("data")
+        if weight in (0.01, 2.0) and metrics:
+            swept[weight] = metrics["sparsity"]["near_zero"]
+    assert set(swept) == {0.01, 2.0}
+    assert swept[2.0] > swept[0.01]  # the stronger L1 term gives more near-zero outputs
+
+
+def _experiment_revs(shown: list):
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                if rev.get("name") == name:
-                    return rev["data"]["metrics"]["metrics/eval.json"]["data"]
+            yield from exp.get("revs", [])
+
+
+def _experiment_metrics(shown: list, name: str) -> dict:
+    for rev in _experiment_revs(shown):
+        if rev.get("name") == name:
+            return rev["data"]["metrics"]["metrics/eval.json"]["data"]
     raise AssertionError(f"experiment {name} not in dvc exp show: {json.dumps(shown)[:2000]}")

@@ -93,6 +93,13 @@ def test_train_refuses_nothing_to_train(sources, project, tmp_path):
         _train(params, project, tmp_path / "out", tmp_path)
 
 
+def test_train_refuses_wandb_without_wandb(sources, project, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    params = params_with(sources, logging={"use_wandb": True})
+    with pytest.raises(ConfigError, match="logging.use_wandb: true but wandb is not installed"):
+        _train(params, project, tmp_path / "out", tmp_path)
+
+
 def test_train_refuses_too_little_data(sources, project, tmp_path):
     params = params_with(sources, training={"batch_size": 4096})
     with pytest.raises(DataError, match="not one batch of training.batch_size=4096"):
@@ -167,6 +174,15 @@ def test_evaluate_baseline_against_itself(sources, project, tmp_path):
     rows = json.loads((tmp_path / "plots/magnitude_histogram.json").read_text())
     assert len(rows) == params.eval.histogram_bins
     assert sum(r["trained"] for r in rows) == pytest.approx(1.0)
+
+
+def test_evaluate_needs_the_trained_model(sources, project, tmp_path):
+    out = tmp_path / "eval.json"
+    out.write_text("{}")
+    with pytest.raises(CheckpointError, match="no model there; run the train stage first"):
+        evaluate_pipeline(params_with(sources), project / "data", project / "init", tmp_path / "missing",
+                          out, tmp_path / "plots")
+    assert out.read_text() == "{}"
 
 
 def test_evaluate_quality_gate(sources, project, tmp_path):

@@ -57,6 +57,12 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
         what="model checkpoint")
 
 
+def require_model_dir(path: str | Path, stage: str) -> None:
+    """A stage's model input must exist locally (it is never a Hub id)."""
+    if not (Path(path) / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path}: no model there; run the {stage} stage first (dvc repro {stage})")
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not path.is_file():

@@ -122,6 +122,7 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
     """
     from pathlib import Path
 
+    from .checkpoint import require_model_dir
     from .data import check_vocab, load_split, read_meta
     from .io import write_json_atomic
     from .plots import write_magnitude_histogram, write_per_chunk_sparsity
@@ -132,6 +133,8 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
     dtype = autocast_dtype(params.compute, device)
     seed_everything(params.training.seed)
     meta = read_meta(data_dir)
+    require_model_dir(model_dir, "train")
+    require_model_dir(baseline_dir, "convert")
     windows = TokenWindows.from_numpy(load_split(data_dir, "test"), seq_len, device)
     results, counters = {}, {}
     for name, directory in (("trained", model_dir), ("baseline", baseline_dir)):

@@ -22,6 +22,7 @@ from .config import ConfigError, Params
 from .data import DataError, TokenWindows, check_vocab, load_split, read_meta
 from .evaluate import evaluate_model
 from .loss import samba_loss
+from .checkpoint import require_model_dir
 from .model import Samba
 from .runtime import autocast, autocast_dtype, describe, resolve_device, seed_everything
 
@@ -35,6 +36,11 @@ def check_params(params: Params) -> None:
     if params.pretrained.freeze_backbone and t.readout_weight == 0:
         raise ConfigError("training.readout_weight: is 0 while pretrained.freeze_backbone is true, "
                           "so nothing would train")
+    if params.logging.use_wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("logging.use_wandb: true but wandb is not installed (pip install wandb)") from None
 
 
 def param_groups(model: Samba, weight_decay: float) -> list[dict]:
@@ -107,10 +113,8 @@ class MetricsLogger:
         self.live = Live(dir=str(metrics_dir), dvcyaml=None, save_dvc_exp=False, resume=resume)
         self.wandb = None
         if params.logging.use_wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("logging.use_wandb: true but wandb is not installed (pip install wandb)") from None
+            import wandb
+
             self.wandb = wandb.init(project=params.logging.project_name, config=params.to_dict())
         self.history: dict[str, list[tuple[int, float]]] = {}
 
@@ -152,6 +156,7 @@ def train(params: Params, data_dir: str | Path, init_dir: str | Path, out_dir: s
     seed_everything(t.seed)
 
     meta = read_meta(data_dir)
+    require_model_dir(init_dir, "convert")
     model = Samba.from_pretrained(init_dir, backend=params.compute.backend)
     if model.config != params.model:
         diff = {k: (v, getattr(params.model, k)) for k, v in model.config.to_dict().items()
