@@ -46,6 +46,14 @@ def make_tokenizer(corpus: Path, directory: Path, vocab_size: int = 200) -> Path
     return directory
 
 
+def make_sources(root: Path) -> Path:
+    """Everything the pipeline reads, generated: corpus/, tokenizer/, mamba/ (transformers format)."""
+    make_corpus(root / "corpus")
+    make_tokenizer(root / "corpus", root / "tokenizer")
+    make_transformers_mamba(vocab_size=264).save_pretrained(root / "mamba")
+    return root
+
+
 def tiny_params(sources: Path) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["dataset"].update(name=str(sources / "corpus"), tokenizer=str(sources / "tokenizer"))
@@ -67,11 +75,7 @@ def sh(*args: str, cwd: Path) -> str:
 
 @pytest.fixture(scope="module")
 def pipeline_repo(tmp_path_factory) -> Path:
-    sources = tmp_path_factory.mktemp("sources")
-    make_corpus(sources / "corpus")
-    make_tokenizer(sources / "corpus", sources / "tokenizer")
-    make_transformers_mamba(vocab_size=264).save_pretrained(sources / "mamba")
-
+    sources = make_sources(tmp_path_factory.mktemp("sources"))
     repo = tmp_path_factory.mktemp("repo")
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, repo / name)

@@ -3,7 +3,6 @@ training resumes after an interruption; a frozen backbone stays put."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -23,18 +22,14 @@ from samba.evaluate import QualityError, evaluate_pipeline
 from samba.train import train
 
 from conftest import make_transformers_mamba, save_as_mamba_ssm
-from test_pipeline_e2e import make_corpus, make_tokenizer, tiny_params
+from test_pipeline_e2e import make_sources, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sources")
-    make_corpus(root / "corpus")
-    make_tokenizer(root / "corpus", root / "tokenizer")
-    make_transformers_mamba(vocab_size=264).save_pretrained(root / "mamba")
-    return root
+    return make_sources(tmp_path_factory.mktemp("sources"))
 
 
 def params_with(sources: Path, **sections) -> Params:

@@ -173,7 +173,7 @@ def train(params: Params, data_dir: str | Path, init_dir: str | Path, out_dir: s
     train_windows = TokenWindows.from_numpy(load_split(data_dir, "train"), t.seq_len, device)
     val_windows = TokenWindows.from_numpy(load_split(data_dir, "validation"), t.seq_len, device)
     # the shortest epoch (largest offset) fixes the steps per epoch
-    steps_per_epoch = TokenWindows(train_windows.tokens, t.seq_len, t.seq_len - 1).__len__() // t.batch_size
+    steps_per_epoch = len(TokenWindows(train_windows.tokens, t.seq_len, t.seq_len - 1)) // t.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"the train split has {len(train_windows.tokens)} tokens: not one batch of "
                         f"training.batch_size={t.batch_size} x training.seq_len={t.seq_len}")
