@@ -244,7 +244,12 @@ def load_model(name_or_path: str | Path, backend: str = "auto", **overrides) -> 
     """See ``Samba.from_pretrained``."""
     directory = resolve_checkpoint_dir(name_or_path)
     fmt, config = checkpoint_model_config(directory, **overrides)
-    weights = read_weights(directory)
+    return model_from_weights(fmt, config, read_weights(directory), backend)
+
+
+def model_from_weights(fmt: str, config: ModelConfig, weights: Mapping[str, torch.Tensor],
+                       backend: str = "auto") -> Samba:
+    """A Samba model holding a checkpoint's tensors (as ``read_weights`` returns them)."""
     model = Samba(config, backend=backend)
     if fmt == SAMBA_FORMAT:
         load_state_strict(model, {k: v.float() for k, v in weights.items()})

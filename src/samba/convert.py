@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_model_config, read_weights, resolve_checkpoint_dir
+from .checkpoint import checkpoint_model_config, model_from_weights, read_weights, resolve_checkpoint_dir
 from .config import Params
 from .io import atomic_dir
 from .model import Samba
@@ -28,8 +28,10 @@ class ConversionError(RuntimeError):
     """The converted model does not compute what its source computes."""
 
 
-def transformers_reference(directory: Path, fmt: str, config) -> torch.nn.Module:
-    """The source checkpoint in transformers' MambaForCausalLM, independent of our remapping."""
+def transformers_reference(directory: Path, fmt: str, config, weights) -> torch.nn.Module:
+    """The source checkpoint in transformers' MambaForCausalLM, independent of our remapping:
+    transformers reads its own format from disk itself; mamba-ssm's tensors (``weights``) are
+    loaded into it with only the embedding key renamed, by transformers' strict state-dict check."""
     from transformers import MambaConfig, MambaForCausalLM
 
     if fmt == "transformers":
@@ -38,10 +40,9 @@ def transformers_reference(directory: Path, fmt: str, config) -> torch.nn.Module
         vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
         state_size=config.d_state, conv_kernel=config.d_conv, expand=config.expand_factor,
         layer_norm_epsilon=config.norm_eps))
-    weights = {k.replace("backbone.embedding.", "backbone.embeddings."): v.float()
-               for k, v in read_weights(directory).items()}
-    weights.setdefault("lm_head.weight", weights["backbone.embeddings.weight"])
-    hf.load_state_dict(weights, strict=True)
+    state = {k.replace("backbone.embedding.", "backbone.embeddings."): v.float() for k, v in weights.items()}
+    state.setdefault("lm_head.weight", state["backbone.embeddings.weight"])
+    hf.load_state_dict(state, strict=True)
     return hf.eval()
 
 
@@ -57,9 +58,10 @@ def convert(params: Params, out_dir: str | Path) -> dict:
     with atomic_dir(out_dir) as tmp:
         if pre.use_pretrained:
             source = resolve_checkpoint_dir(pre.model_name)
-            fmt, _ = checkpoint_model_config(source)
-            model = Samba.from_pretrained(source, backend="reference", **model_overrides)
-            reference = transformers_reference(source, fmt, model.config)
+            fmt, config = checkpoint_model_config(source, **model_overrides)
+            weights = read_weights(source)  # read once, for both the model and the reference
+            model = model_from_weights(fmt, config, weights, backend="reference")
+            reference = transformers_reference(source, fmt, config, weights)
             logger.info("remapped %s (%s format) into %d chunks of %d layers", pre.model_name, fmt,
                         model.config.n_chunks, model.config.readout_stride)
         else:
