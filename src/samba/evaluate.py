@@ -15,14 +15,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import TokenWindows
+from .checkpoint import require_model_dir
+from .data import TokenWindows, check_vocab, load_split, read_meta
+from .io import write_json_atomic
+from .loss import main_head_ce, readout_head_ce
 from .model import Samba
-from .ops import linear_cross_entropy
-from .runtime import autocast
+from .plots import write_magnitude_histogram, write_per_chunk_sparsity
+from .runtime import autocast, autocast_dtype, resolve_device, seed_everything
+
+class QualityError(RuntimeError):
+    """The trained model lost more quality than ``eval.max_ppl_increase`` allows."""
+
 
 # log10|x| histogram range; values outside (and exact zeros) land in the end bins.
 HIST_LOG10_MIN, HIST_LOG10_MAX = -6.0, 3.0
@@ -97,10 +105,8 @@ def evaluate_model(model: Samba, windows: TokenWindows, batch_size: int, *, max_
                                 disable=desc is None, leave=False):
         with autocast(device, dtype):
             chunk_outputs = model.chunk_outputs(inputs)
-            main = linear_cross_entropy(model.final_hidden(chunk_outputs), model.lm_head_weight,
-                                        targets, compiled=model.compiled)
-            readout = linear_cross_entropy(model.readout.features(chunk_outputs),
-                                           model.readout.head.weight, targets, compiled=model.compiled)
+            main = main_head_ce(model, chunk_outputs, targets)
+            readout = readout_head_ce(model, chunk_outputs, targets)
         n = targets.numel()
         nll += main.double() * n
         readout_nll += readout.double() * n
@@ -120,14 +126,6 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
     Writes ``out_json`` (metrics for ``dvc metrics``) and, in ``plots_dir``, the magnitude
     histogram and per-chunk sparsity as JSON rows (for ``dvc plots``) and PNG pictures.
     """
-    from pathlib import Path
-
-    from .checkpoint import require_model_dir
-    from .data import check_vocab, load_split, read_meta
-    from .io import write_json_atomic
-    from .plots import write_magnitude_histogram, write_per_chunk_sparsity
-    from .runtime import autocast_dtype, resolve_device, seed_everything
-
     ev, seq_len = params.eval, params.training.seq_len
     device = resolve_device(params.compute)
     dtype = autocast_dtype(params.compute, device)
@@ -166,6 +164,3 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
                            f"{100 * ev.max_ppl_increase:.1f}% (metrics were still written)")
     return metrics
 
-
-class QualityError(RuntimeError):
-    """The trained model lost more quality than ``eval.max_ppl_increase`` allows."""

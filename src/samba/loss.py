@@ -29,6 +29,18 @@ class LossParts:
         return {k: v.detach() for k, v in parts.items() if v is not None}
 
 
+def main_head_ce(model: Samba, chunk_outputs, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE of the main (tied) head, from the chunk outputs."""
+    return linear_cross_entropy(model.final_hidden(chunk_outputs), model.lm_head_weight, targets,
+                                compiled=model.compiled)
+
+
+def readout_head_ce(model: Samba, chunk_outputs, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE of the readout head, from the chunk outputs."""
+    return linear_cross_entropy(model.readout.features(chunk_outputs), model.readout.head.weight,
+                                targets, compiled=model.compiled)
+
+
 def chunk_l1(chunk_outputs) -> torch.Tensor:
     """mean |x| over all chunks, positions and features (chunks have equal shapes)."""
     return torch.stack([c.abs().mean() for c in chunk_outputs]).mean()
@@ -38,13 +50,11 @@ def samba_loss(model: Samba, input_ids: torch.Tensor, targets: torch.Tensor,
                readout_weight: float, pruning_weight: float, report_all: bool = True) -> LossParts:
     """input_ids, targets: (B, L); targets[b, t] is the token after input_ids[b, t]."""
     chunk_outputs = model.chunk_outputs(input_ids)
-    main_ce = linear_cross_entropy(model.final_hidden(chunk_outputs), model.lm_head_weight, targets,
-                                   compiled=model.compiled)
+    main_ce = main_head_ce(model, chunk_outputs, targets)
     readout_ce = l1 = None
     if readout_weight > 0 or report_all:
         with torch.set_grad_enabled(torch.is_grad_enabled() and readout_weight > 0):
-            readout_ce = linear_cross_entropy(model.readout.features(chunk_outputs),
-                                              model.readout.head.weight, targets, compiled=model.compiled)
+            readout_ce = readout_head_ce(model, chunk_outputs, targets)
     if pruning_weight > 0 or report_all:
         with torch.set_grad_enabled(torch.is_grad_enabled() and pruning_weight > 0):
             l1 = chunk_l1(chunk_outputs)

@@ -229,10 +229,6 @@ class Samba(nn.Module):
             block.norm_fn = compiled_rms_norm()
         self.readout.features = torch.compile(self.readout.features)
 
-    def backbone_parameters(self):
-        for module in (self.embedding, self.chunks, self.norm_f):
-            yield from module.parameters()
-
     def chunk_outputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, L) token ids -> C residual-stream tensors (B, L, d_model), fp32."""
         if input_ids.dim() != 2:

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import require_model_dir
 from .config import ConfigError, Params
 from .data import DataError, TokenWindows, check_vocab, load_split, read_meta
 from .evaluate import evaluate_model
 from .loss import samba_loss
-from .checkpoint import require_model_dir
 from .model import Samba
+from .plots import plot_training_curves
 from .runtime import autocast, autocast_dtype, describe, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -252,8 +253,6 @@ def train(params: Params, data_dir: str | Path, init_dir: str | Path, out_dir: s
 
     model.save_pretrained(out_dir)
     log.end()
-    from .plots import plot_training_curves
-
     plot_training_curves(log.history, metrics_dir / "training_curves.png")
     checkpoint_path.unlink(missing_ok=True)
     return {"steps": total_steps, **last_val}
