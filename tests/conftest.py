@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from samba.convert import relative_error  # noqa: F401  (re-exported for the tests)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # Tiny Mamba: 4 layers so that stride 2 gives 2 chunks; vocab not a power of two.
@@ -66,6 +68,3 @@ def hf_checkpoint(tmp_path_factory, hf_mamba) -> Path:
 def mamba_ssm_checkpoint(tmp_path_factory, hf_mamba) -> Path:
     return save_as_mamba_ssm(hf_mamba, tmp_path_factory.mktemp("mamba_ssm") / "ckpt")
 
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()

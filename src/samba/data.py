@@ -38,6 +38,11 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- sources
 
+def _path_like(spec: str) -> bool:
+    """Written as a path (./x, /x, ~/x), so never to be taken for a Hub id."""
+    return spec.startswith((".", "/", "~"))
+
+
 def local_split_files(directory: Path) -> dict[str, Path]:
     files = {}
     for split, names in LOCAL_FILES.items():
@@ -55,7 +60,7 @@ def read_split_lines(dataset: DatasetConfig) -> tuple[dict[str, list[str]], str]
         files = local_split_files(path)
         lines = {s: f.read_text(encoding="utf-8").splitlines(keepends=True) for s, f in files.items()}
         return lines, ", ".join(f"{s}={f}" for s, f in files.items())
-    if path.exists() or dataset.name.startswith((".", "/", "~")):
+    if path.exists() or _path_like(dataset.name):
         raise DataError(f"dataset.name: {dataset.name} is not a directory; a local dataset is a "
                         f"directory holding {[n[0] for n in LOCAL_FILES.values()]}")
     require_hub(dataset.name, "dataset")
@@ -82,7 +87,7 @@ def load_tokenizer(spec: str):
         if not path.is_file():
             raise DataError(f"dataset.tokenizer: {spec} has no tokenizer.json")
     elif not path.is_file():
-        if spec.startswith((".", "/", "~")):
+        if _path_like(spec):
             raise DataError(f"dataset.tokenizer: {spec} does not exist")
         path = download_file(spec, "tokenizer.json", "tokenizer")
     try:
