@@ -1,17 +1,28 @@
-"""Stage train: fine-tune with CE(main) + readout_weight * CE(readout) + pruning_weight * L1.
+"""Stage train: fine-tune with CE(main) + readout_weight * CE(readout) + pruning_weight * penalty,
+in compute.num_processes data-parallel processes.
 
     python stages/train.py --params params.yaml --data data/tokenized --init models/init \
         --out models/samba --metrics metrics/train --checkpoints checkpoints/train
+
+With compute.num_processes > 1 this starts the processes itself (torchrun --standalone); on
+several hosts, start it with torchrun on each (README, "Several GPUs").
 """
 
 import argparse
+import sys
 
+import _repo  # noqa: F401  (first: this repository's own samba)
+from samba import distributed
+from samba.checkpoint import require_model_dir
 from samba.cli import run_stage
 from samba.config import load_params
-from samba.train import train
+from samba.data import read_meta
+from samba.io import require_writable
+from samba.runtime import check_processes, resolve_device
+from samba.train import check_params, train
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="data/tokenized")
@@ -20,10 +31,21 @@ def main() -> None:
     parser.add_argument("--metrics", default="metrics/train")
     parser.add_argument("--checkpoints", default="checkpoints/train",
                         help="resumable state, kept until the run completes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     params = load_params(args.params)
+    # Everything that can be refused is refused here, in one process, before any work.
+    check_params(params)
+    check_processes(params.compute)
+    resolve_device(params.compute)
+    read_meta(args.data)
+    require_model_dir(args.init, "convert")
+    require_writable(args.out, args.metrics, args.checkpoints)
+    n = params.compute.num_processes
+    if n > 1 and not distributed.under_launcher():
+        sys.exit(distributed.launch(n, __file__, sys.argv[1:] if argv is None else argv))
     summary = train(params, args.data, args.init, args.out, args.metrics, args.checkpoints)
-    print(f"wrote {args.out}: {summary}")
+    if distributed.context_from_env().is_main:
+        print(f"wrote {args.out}: {summary}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,27 @@
-"""Shared fixtures: tiny random Mamba checkpoints in the Hub's formats, made on the spot."""
+"""Shared fixtures: tiny random Mamba checkpoints in the Hub's formats, a corpus, a tokenizer
+and pipeline repositories, all made on the spot (nothing is downloaded)."""
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from samba.convert import relative_error  # noqa: F401  (re-exported for the tests)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+BIN = Path(sys.executable).parent  # the test environment's python, dvc, torchrun
+WORDS = ("the cat sat on a mat and dog ran to big red house in town where people live with many "
+         "trees near old river under bright sky").split()
 
 # Tiny Mamba: 4 layers so that stride 2 gives 2 chunks; vocab not a power of two.
 TINY = dict(vocab_size=96, hidden_size=16, num_hidden_layers=4, state_size=4, expand=2,
@@ -68,3 +79,96 @@ def hf_checkpoint(tmp_path_factory, hf_mamba) -> Path:
 def mamba_ssm_checkpoint(tmp_path_factory, hf_mamba) -> Path:
     return save_as_mamba_ssm(hf_mamba, tmp_path_factory.mktemp("mamba_ssm") / "ckpt")
 
+
+
+# ----------------------------------------------------------------------------- sources
+
+def make_corpus(directory: Path, seed: int = 0, lines: tuple[int, int, int] = (600, 80, 80)) -> Path:
+    rng = random.Random(seed)
+    directory.mkdir(parents=True)
+    for split, n in zip(("train", "validation", "test"), lines):
+        text = "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) + " .\n"
+                       for _ in range(n))
+        (directory / f"{split}.txt").write_text(text)
+    return directory
+
+
+def make_tokenizer(corpus: Path, directory: Path, vocab_size: int = 200) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(corpus / "train.txt")],
+              trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory.mkdir(parents=True)
+    tok.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def make_sources(root: Path) -> Path:
+    """Everything the pipeline reads, generated: corpus/, tokenizer/, mamba/ (transformers format)."""
+    make_corpus(root / "corpus")
+    make_tokenizer(root / "corpus", root / "tokenizer")
+    make_transformers_mamba(vocab_size=264).save_pretrained(root / "mamba")
+    return root
+
+
+def tiny_params(sources: Path) -> dict:
+    """The repository's params.yaml, pointed at the generated sources and shrunk to CPU size."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["dataset"].update(name=str(sources / "corpus"), tokenizer=str(sources / "tokenizer"))
+    params["pretrained"].update(model_name=str(sources / "mamba"))
+    params["model"].update(vocab_size=264, d_model=16, n_layers=4, d_state=4, readout_hidden_dim=8,
+                           readout_stride=2)
+    params["training"].update(batch_size=4, seq_len=32, epochs=1, max_steps=30, lr=1.0e-2,
+                              warmup_steps=2, log_every=5, eval_every=10, eval_batches=2)
+    params["compute"].update(device="cpu")
+    params["eval"].update(prune_fractions=[0.0, 0.5, 0.75])
+    return params
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory) -> Path:
+    return make_sources(tmp_path_factory.mktemp("sources"))
+
+
+# ----------------------------------------------------------------------------- commands
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment for dvc and stage commands: this venv's python first on PATH (dvc.yaml
+    says plain ``python``), offline."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+           "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+    env.update(extra)
+    return env
+
+
+def sh(*args: str, cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env or tool_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dvc(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return sh(str(BIN / "dvc"), *args, cwd=cwd, **kwargs)
+
+
+def make_pipeline_repo(root: Path, params: dict) -> Path:
+    """A git + DVC repository holding a copy of this project's pipeline and code, with
+    ``params`` as its params.yaml."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    for name in ("stages", "src"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "config", "user.email", "ci@example.com", cwd=root)
+    sh("git", "config", "user.name", "CI", cwd=root)
+    dvc("init", "-q", cwd=root)
+    dvc("config", "core.analytics", "false", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "pipeline", cwd=root)
+    return root

@@ -13,15 +13,6 @@ from samba.data import DataError, TokenWindows, load_split, prepare_tokens, toke
 from samba.hub import HubUnavailableError
 
 from conftest import SHARED_DATA
-from test_pipeline_e2e import make_corpus, make_tokenizer
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    make_corpus(root / "corpus")
-    make_tokenizer(root / "corpus", root / "tok")
-    return root
 
 
 def test_windows_follow_the_protocol():
@@ -45,9 +36,9 @@ def test_token_dtype():
 def test_prepare_round_trips_the_text(sources, tmp_path):
     from tokenizers import Tokenizer
 
-    meta = prepare_tokens(DatasetConfig(name=str(sources / "corpus"), tokenizer=str(sources / "tok")),
+    meta = prepare_tokens(DatasetConfig(name=str(sources / "corpus"), tokenizer=str(sources / "tokenizer")),
                           tmp_path / "out")
-    tok = Tokenizer.from_file(str(sources / "tok/tokenizer.json"))
+    tok = Tokenizer.from_file(str(sources / "tokenizer/tokenizer.json"))
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == tok.get_vocab_size() == 256
     assert json.loads((tmp_path / "out/meta.json").read_text()) == meta
     for split in ("train", "validation", "test"):
@@ -65,7 +56,7 @@ def test_missing_split_is_named_and_outputs_kept(sources, tmp_path):
     (corpus / "train.txt").write_text("a b c\n")
     (corpus / "wiki.test.raw").write_text("a b c\n")
     with pytest.raises(DataError, match=r"no validation split; expected one of \['validation.txt'"):
-        prepare_tokens(DatasetConfig(name=str(corpus), tokenizer=str(sources / "tok")), out)
+        prepare_tokens(DatasetConfig(name=str(corpus), tokenizer=str(sources / "tokenizer")), out)
     assert (out / "keep.txt").read_text() == "earlier output"
 
 

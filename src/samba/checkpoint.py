@@ -9,17 +9,21 @@ Three directory formats are read:
   ``backbone.embeddings.weight``, ``backbone.layers.{i}.*``, ``backbone.norm_f.weight``.
 - ``mamba_ssm``: ``MambaLMHeadModel.save_pretrained`` (``config.json`` with ``d_model``,
   ``n_layer``, ...; ``pytorch_model.bin``); keys ``backbone.embedding.weight``, ...
+- an export (``samba.export``): a transformers directory plus ``samba.json`` (Samba's config)
+  and ``readout.safetensors``: read back as the whole Samba model.
 
 A Mamba checkpoint's layer ``i`` becomes chunk ``i // stride``, layer ``i % stride``; the
 readout has no pretrained weights and starts freshly initialised. Every weight the model
-expects must be present with its exact shape, and nothing may be left over.
+expects must be present with its exact shape, and nothing may be left over; a weight that is
+missing, unexpected or mis-shaped is named by its key in the source file.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
+import pickle
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,6 +37,8 @@ from .model import Samba
 SAMBA_FORMAT = "samba"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+EXPORT_CONFIG_FILE = "samba.json"  # beside an exported transformers model: Samba's own config
+READOUT_FILE = "readout.safetensors"  # beside an exported transformers model: the readout
 MIXER_PARAMS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight",
                 "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight")
 
@@ -89,24 +95,41 @@ def detect_format(config: Mapping[str, Any], directory: Path) -> str:
                           "(d_model, n_layer)")
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(path)
+    except Exception as err:  # a truncated or corrupt file: the header or data do not add up
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                              f"({str(err).splitlines()[0][:160]}); fetch it again") from None
+
+
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory, on the CPU. ``.bin`` only as plain tensors."""
     single = directory / WEIGHTS_FILE
     index = directory / "model.safetensors.index.json"
     pickle_file = directory / "pytorch_model.bin"
     if single.is_file():
-        return load_file(single)
+        return read_safetensors(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
         weights: dict[str, torch.Tensor] = {}
         for shard in shards:
-            weights.update(load_file(directory / shard))
+            weights.update(read_safetensors(directory / shard))
         return weights
     if pickle_file.is_file():
         try:
             state = torch.load(pickle_file, map_location="cpu", weights_only=True)
-        except Exception as err:  # an unpickling error: code, not tensors
-            raise CheckpointError(f"{pickle_file}: refused by torch.load(weights_only=True): {err}") from None
+        except pickle.UnpicklingError as err:  # code, not tensors
+            raise CheckpointError(f"{pickle_file}: refused by torch.load(weights_only=True): "
+                                  f"{str(err).splitlines()[0][:200]}") from None
+        except Exception as err:
+            raise CheckpointError(f"{pickle_file}: cannot be read as a PyTorch checkpoint, truncated or "
+                                  f"corrupt ({str(err).splitlines()[0][:160]}); fetch it again") from None
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{pickle_file}: expected a flat mapping of names to tensors")
         return dict(state)
@@ -183,34 +206,37 @@ def checkpoint_model_config(directory: Path, **overrides) -> tuple[str, ModelCon
 
 # ----------------------------------------------------------------------------- remapping
 
-def remap_mamba_weights(weights: Mapping[str, torch.Tensor], fmt: str,
-                        config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Mamba checkpoint keys -> Samba backbone keys; refuses unexpected keys by name."""
-    embedding_key = "backbone.embeddings.weight" if fmt == "transformers" else "backbone.embedding.weight"
-    layer = re.compile(r"backbone\.layers\.(\d+)\.(norm\.weight|mixer\.(.+))$")
-    out: dict[str, torch.Tensor] = {}
-    unexpected = []
-    for key, tensor in weights.items():
-        match = layer.match(key)
-        if key == embedding_key:
-            out["embedding.weight"] = tensor
-        elif key == "backbone.norm_f.weight":
-            out["norm_f.weight"] = tensor
-        elif key == "lm_head.weight":
-            continue  # tied to the embedding; checked below
-        elif match and int(match.group(1)) < config.n_layers and (
-                match.group(3) is None or match.group(3) in MIXER_PARAMS):
-            i = int(match.group(1))
-            chunk, j = divmod(i, config.readout_stride)
-            out[f"chunks.{chunk}.layers.{j}.{match.group(2)}"] = tensor
-        else:
-            unexpected.append(key)
-    if unexpected:
-        raise CheckpointError(f"unexpected weight(s) in checkpoint: {_names(unexpected)}")
-    if "lm_head.weight" in weights and embedding_key in weights:
-        if not torch.equal(weights["lm_head.weight"], weights[embedding_key]):
-            raise CheckpointError("lm_head.weight differs from the embedding: untied heads are not supported")
+def backbone_key_map(config: ModelConfig, fmt: str) -> dict[str, str]:
+    """Samba backbone key -> the same tensor's key in a Mamba checkpoint of format ``fmt``."""
+    embedding = "backbone.embeddings.weight" if fmt == "transformers" else "backbone.embedding.weight"
+    out = {"embedding.weight": embedding, "norm_f.weight": "backbone.norm_f.weight"}
+    for i in range(config.n_layers):
+        c, j = divmod(i, config.readout_stride)
+        out[f"chunks.{c}.layers.{j}.norm.weight"] = f"backbone.layers.{i}.norm.weight"
+        for name in MIXER_PARAMS:
+            out[f"chunks.{c}.layers.{j}.mixer.{name}"] = f"backbone.layers.{i}.mixer.{name}"
     return out
+
+
+def remap_mamba_weights(weights: Mapping[str, torch.Tensor], fmt: str, config: ModelConfig,
+                        expected: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Mamba checkpoint keys -> Samba backbone keys. Missing, unexpected and mis-shaped weights
+    are refused, named by their keys in the checkpoint (``where``)."""
+    key_map = backbone_key_map(config, fmt)
+    known = set(key_map.values()) | {"lm_head.weight"}
+    unexpected = [k for k in weights if k not in known]
+    if unexpected:
+        raise CheckpointError(f"unexpected weight(s) in {where}: {_names(unexpected)}")
+    missing = [src for src in key_map.values() if src not in weights]
+    if missing:
+        raise CheckpointError(f"missing weight(s) in {where}: {_names(missing)}")
+    wrong = [f"{src} {tuple(weights[src].shape)} (expected {tuple(expected[ours].shape)})"
+             for ours, src in key_map.items() if weights[src].shape != expected[ours].shape]
+    if wrong:
+        raise CheckpointError(f"wrong shape for weight(s) in {where}: {'; '.join(wrong[:8])}")
+    if "lm_head.weight" in weights and not torch.equal(weights["lm_head.weight"], weights[key_map["embedding.weight"]]):
+        raise CheckpointError(f"lm_head.weight in {where} differs from the embedding: untied heads are not supported")
+    return {ours: weights[src] for ours, src in key_map.items()}
 
 
 def _names(keys, limit: int = 8) -> str:
@@ -219,22 +245,21 @@ def _names(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_state_strict(model: Samba, state: Mapping[str, torch.Tensor], skip_prefix: str | None = None) -> None:
-    """Copy ``state`` into ``model``; every key must exist with the same shape, none missing.
-
-    Keys under ``skip_prefix`` (the readout, for Mamba checkpoints) may be absent.
-    """
+def load_state_strict(model: Samba, state: Mapping[str, torch.Tensor], where: str,
+                      skip_prefix: str | None = None) -> None:
+    """Copy ``state`` (Samba's own keys, read from ``where``) into ``model``; every key must
+    exist with the same shape, none missing. Keys under ``skip_prefix`` may be absent."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not (skip_prefix and k.startswith(skip_prefix))]
     unexpected = [k for k in state if k not in expected]
     if missing:
-        raise CheckpointError(f"missing weight(s): {_names(missing)}")
+        raise CheckpointError(f"missing weight(s) in {where}: {_names(missing)}")
     if unexpected:
-        raise CheckpointError(f"unexpected weight(s): {_names(unexpected)}")
-    wrong = [f"{k} {tuple(v.shape)} (model has {tuple(expected[k].shape)})"
+        raise CheckpointError(f"unexpected weight(s) in {where}: {_names(unexpected)}")
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
              for k, v in state.items() if v.shape != expected[k].shape]
     if wrong:
-        raise CheckpointError(f"wrong shape for weight(s): {'; '.join(wrong[:8])}")
+        raise CheckpointError(f"wrong shape for weight(s) in {where}: {'; '.join(wrong[:8])}")
     model.load_state_dict(state, strict=False)
 
 
@@ -243,27 +268,49 @@ def load_state_strict(model: Samba, state: Mapping[str, torch.Tensor], skip_pref
 def load_model(name_or_path: str | Path, backend: str = "auto", **overrides) -> Samba:
     """See ``Samba.from_pretrained``."""
     directory = resolve_checkpoint_dir(name_or_path)
+    if (directory / EXPORT_CONFIG_FILE).is_file():
+        return load_export(directory, backend)
     fmt, config = checkpoint_model_config(directory, **overrides)
-    return model_from_weights(fmt, config, read_weights(directory), backend)
+    return model_from_weights(fmt, config, read_weights(directory), backend, where=str(directory))
 
 
-def model_from_weights(fmt: str, config: ModelConfig, weights: Mapping[str, torch.Tensor],
-                       backend: str = "auto") -> Samba:
-    """A Samba model holding a checkpoint's tensors (as ``read_weights`` returns them)."""
-    model = Samba(config, backend=backend)
-    if fmt == SAMBA_FORMAT:
-        load_state_strict(model, {k: v.float() for k, v in weights.items()})
-    else:
-        state = remap_mamba_weights(weights, fmt, config)
-        load_state_strict(model, {k: v.float() for k, v in state.items()}, skip_prefix="readout.")
+def load_export(directory: Path, backend: str = "auto") -> Samba:
+    """A directory written by ``samba.export``: the transformers backbone, the readout beside."""
+    try:
+        config = ModelConfig.from_dict(json.loads((directory / EXPORT_CONFIG_FILE).read_text())["model"],
+                                       prefix="model")
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{directory / EXPORT_CONFIG_FILE}: not a Samba export config ({err})") from None
+    model = model_from_weights("transformers", config, read_weights(directory), backend, where=str(directory))
+    readout = read_safetensors(directory / READOUT_FILE)
+    load_state_strict(model, {k: v.float() for k, v in readout.items()}, where=str(directory / READOUT_FILE),
+                      skip_prefix="")  # the backbone is in already
+    missing = [k for k in model.state_dict() if k.startswith("readout.") and k not in readout]
+    if missing:
+        raise CheckpointError(f"missing weight(s) in {directory / READOUT_FILE}: {_names(missing)}")
     return model
 
 
-def save_model(model: Samba, path: str | Path) -> None:
-    """Write ``config.json`` + ``model.safetensors``; an existing directory is replaced only
-    once the new one is complete, so a failure never leaves a half-written model."""
+def model_from_weights(fmt: str, config: ModelConfig, weights: Mapping[str, torch.Tensor],
+                       backend: str = "auto", where: str = "the checkpoint") -> Samba:
+    """A Samba model holding a checkpoint's tensors (as ``read_weights`` returns them)."""
+    model = Samba(config, backend=backend)
+    if fmt == SAMBA_FORMAT:
+        load_state_strict(model, {k: v.float() for k, v in weights.items()}, where)
+    else:
+        state = remap_mamba_weights(weights, fmt, config, model.state_dict(), where)
+        load_state_strict(model, {k: v.float() for k, v in state.items()}, where, skip_prefix="readout.")
+    return model
+
+
+def save_model(model: Samba, path: str | Path, extra_files: Mapping[str, Path] | None = None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (+ ``extra_files``, name -> source file);
+    an existing directory is replaced only once the new one is complete, so a failure never
+    leaves a half-written model."""
     with atomic_dir(path) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(
             {"format": SAMBA_FORMAT, "model": model.config.to_dict()}, indent=2) + "\n")
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)

@@ -1,4 +1,4 @@
-"""What every stage script shares: logging to the terminal and clean errors."""
+"""What every command-line entry point shares: logging to the terminal and clean errors."""
 
 from __future__ import annotations
 
@@ -11,19 +11,30 @@ from .config import ConfigError
 from .convert import ConversionError
 from .data import DataError
 from .evaluate import QualityError
+from .export import ExportError
 from .hub import HubUnavailableError
+from .io import OutputError
+from .train import TrainingInterrupted
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, HubUnavailableError, ConversionError,
-               QualityError, FloatingPointError)
+               QualityError, ExportError, OutputError, FloatingPointError)
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage's ``main``: a mistake in params or inputs prints one line and exits 2
-    (existing outputs untouched, since every output is written whole or not at all)."""
+    (existing outputs untouched, since every output is written whole or not at all); an
+    interrupted run says how to resume and exits 130."""
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s", stream=sys.stderr)
     logging.getLogger("samba").setLevel(logging.INFO)
     try:
         main()
     except USER_ERRORS as err:
         print(f"[{name}] error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
+    except TrainingInterrupted as err:
+        print(f"[{name}] {err}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        print(f"[{name}] stopped at once (second Ctrl-C); the last periodic checkpoint is kept", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

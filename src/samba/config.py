@@ -54,6 +54,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: must be a non-empty string, got {value!r}")
         return value
+    if origin is tuple:  # tuple[X, ...]: a YAML list of X
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: must be a list, got {value!r} ({type(value).__name__})")
+        item = typing.get_args(annotation)[0]
+        return tuple(_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
 
 
@@ -112,6 +117,9 @@ class ModelConfig(Section):
     readout_hidden_dim: int = 512
     readout_stride: int = 4
     norm_eps: float = 1e-5
+    # Fraction of each token's d_model vector set to exactly 0 in every chunk output, by
+    # magnitude (see sparsity.py). Part of the model: saved, loaded and applied at inference.
+    sparsity_target: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand_factor",
@@ -122,6 +130,8 @@ class ModelConfig(Section):
         _require(self.n_layers % self.readout_stride == 0, "n_layers",
                  f"{self.n_layers} is not divisible by readout_stride={self.readout_stride}")
         _require(0 < self.norm_eps < 1, "norm_eps", f"must be in (0, 1), got {self.norm_eps}")
+        _require(0 <= self.sparsity_target < 1, "sparsity_target",
+                 f"must be in [0, 1) (the fraction of each vector set to 0), got {self.sparsity_target}")
 
     @property
     def d_inner(self) -> int:
@@ -166,6 +176,9 @@ class TrainingConfig(Section):
     grad_clip: float = 1.0  # 0 disables clipping
     readout_weight: float = 0.5
     pruning_weight: float = 0.05
+    pruning_penalty: typing.Literal["l1", "hoyer"] = "l1"  # see sparsity.PENALTIES
+    sparsity_warmup_steps: int = 0  # model.sparsity_target is reached linearly over these steps
+    keep: typing.Literal["last", "best"] = "last"  # best: lowest validation ppl after the warm-up
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20
@@ -175,7 +188,7 @@ class TrainingConfig(Section):
         for name in ("batch_size", "seq_len", "epochs", "log_every", "eval_every", "eval_batches",
                      "checkpoint_every"):
             _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "seed"):
+        for name in ("max_steps", "warmup_steps", "seed", "sparsity_warmup_steps"):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         for name in ("weight_decay", "grad_clip", "readout_weight", "pruning_weight"):
@@ -192,11 +205,14 @@ class ComputeConfig(Section):
     precision: typing.Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     backend: typing.Literal["auto", "kernels", "reference"] = "auto"
     compile: bool = False
+    cuda_graphs: bool = True  # on CUDA: the training step (and evaluation) replayed as CUDA graphs
+    num_processes: int = 1  # data-parallel processes of the train stage (torchrun + DDP)
 
     def __post_init__(self):
         ok = self.device in ("auto", "cpu", "cuda") or (
             self.device.startswith("cuda:") and self.device[5:].isdigit())
         _require(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _require(self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
 
 
 @dataclass(frozen=True)
@@ -207,6 +223,8 @@ class EvalConfig(Section):
     near_zero_rel: float = 1e-2
     histogram_bins: int = 80
     max_ppl_increase: float = 0.0  # >0: fail evaluate when ppl > baseline * (1 + this)
+    # ppl when the smallest fraction f of each chunk-output vector is zeroed at inference
+    prune_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.6, 0.75, 0.9)
 
     def __post_init__(self):
         _require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
@@ -216,6 +234,8 @@ class EvalConfig(Section):
         _require(self.histogram_bins >= 2, "histogram_bins", f"must be >= 2, got {self.histogram_bins}")
         _require(self.max_ppl_increase >= 0, "max_ppl_increase",
                  f"must be >= 0, got {self.max_ppl_increase}")
+        for i, f in enumerate(self.prune_fractions):
+            _require(0 <= f < 1, f"prune_fractions[{i}]", f"must be in [0, 1), got {f}")
 
 
 @dataclass(frozen=True)

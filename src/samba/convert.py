@@ -1,19 +1,23 @@
 """Build the model that training starts from: remapped pretrained weights, or a seeded
 random initialisation; checked before it is written.
 
-For a pretrained source, the written model is reloaded and its main-head logits are compared
-with those of transformers' own ``MambaForCausalLM`` holding the source weights (fp32, CPU);
-nothing is written unless they agree.
+The source (``pretrained.model_name``) is a Mamba checkpoint (transformers or mamba-ssm format)
+or a Samba directory (what the train stage writes: a stand-in pretrained model, readout
+included). The written model is the baseline: dense, whatever ``model.sparsity_target`` says
+(the train stage applies the target; a Samba source's own target is dropped). It is reloaded
+and its main-head logits are compared with those of transformers' own ``MambaForCausalLM``
+holding the source's backbone weights (fp32, CPU); nothing is written unless they agree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_model_config, model_from_weights, read_weights, resolve_checkpoint_dir
+from .checkpoint import SAMBA_FORMAT, checkpoint_model_config, model_from_weights, read_weights, resolve_checkpoint_dir
 from .config import Params
 from .io import atomic_dir
 from .model import Samba
@@ -34,6 +38,10 @@ def transformers_reference(directory: Path, fmt: str, config, weights) -> torch.
     loaded into it with only the embedding key renamed, by transformers' strict state-dict check."""
     from transformers import MambaConfig, MambaForCausalLM
 
+    if fmt == SAMBA_FORMAT:
+        from .export import to_transformers
+
+        return to_transformers(model_from_weights(fmt, config, weights, backend="reference", where=str(directory)))
     if fmt == "transformers":
         return MambaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     hf = MambaForCausalLM(MambaConfig(
@@ -54,18 +62,23 @@ def convert(params: Params, out_dir: str | Path) -> dict:
     """Write ``out_dir`` (Samba format). Returns what was checked."""
     seed_everything(params.training.seed)
     pre = params.pretrained
-    model_overrides = params.model.to_dict()
+    # the architecture; the baseline is dense, so sparsity_target is not the checkpoint's business
+    model_overrides = {k: v for k, v in params.model.to_dict().items() if k != "sparsity_target"}
     with atomic_dir(out_dir) as tmp:
         if pre.use_pretrained:
             source = resolve_checkpoint_dir(pre.model_name)
             fmt, config = checkpoint_model_config(source, **model_overrides)
             weights = read_weights(source)  # read once, for both the model and the reference
-            model = model_from_weights(fmt, config, weights, backend="reference")
+            model = model_from_weights(fmt, config, weights, backend="reference", where=str(source))
+            if model.config.sparsity_target:
+                logger.info("the source zeroes %.0f%% of each chunk output; the baseline written here is dense",
+                            100 * model.config.sparsity_target)
+                model.set_sparsity_target(0.0)
             reference = transformers_reference(source, fmt, config, weights)
             logger.info("remapped %s (%s format) into %d chunks of %d layers", pre.model_name, fmt,
                         model.config.n_chunks, model.config.readout_stride)
         else:
-            model = Samba(params.model, backend="reference")
+            model = Samba(dataclasses.replace(params.model, sparsity_target=0.0), backend="reference")
             reference, fmt = model.eval(), "random"
             logger.info("random initialisation, seed %d", params.training.seed)
         model.save_pretrained(tmp)

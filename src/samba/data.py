@@ -30,6 +30,7 @@ LOCAL_FILES = {
     "test": ("test.txt", "wiki.test.raw", "wiki.test.tokens"),
 }
 META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"  # a copy of the tokenizer, beside the token arrays
 
 
 class DataError(ValueError):
@@ -126,8 +127,15 @@ def prepare_tokens(dataset: DatasetConfig, out_dir: str | Path) -> dict:
             ids.astype(dtype).tofile(tmp / f"{split}.bin")
             meta["tokens"][split] = int(len(ids))
             logger.info("%s: %d lines -> %d tokens", split, len(lines[split]), len(ids))
+        tokenizer.save(str(tmp / TOKENIZER_FILE))  # travels with the data into the trained model
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def tokenizer_files(data_dir: str | Path) -> dict[str, Path]:
+    """The tokenizer the data was made with (name -> file), for a model directory to record."""
+    path = Path(data_dir) / TOKENIZER_FILE
+    return {TOKENIZER_FILE: path} if path.is_file() else {}
 
 
 # ----------------------------------------------------------------------------- reading

@@ -11,6 +11,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+class OutputError(ValueError):
+    """An output cannot be written where it is asked for."""
+
+
+def require_writable(*paths: str | Path) -> None:
+    """Check, before any work, that each output path can be created (its parent directory
+    exists or can be made, and a file can be written there)."""
+    for path in map(Path, paths):
+        parent = path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-check-"):
+                pass
+        except OSError as err:
+            raise OutputError(f"{path}: cannot write there ({err.strerror or err})") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a scratch directory beside ``path``; on success it replaces ``path`` whole,

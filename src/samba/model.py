@@ -5,9 +5,12 @@
                                   +------ chunk outputs ---------+--> readout -> readout head
 
 A block is pre-norm with the residual stream kept in fp32, as in mamba-ssm:
-``residual = residual + mixer(rmsnorm(residual))``. A chunk's output is the residual stream
-after its last block, the tensor transformers returns as ``hidden_states[c*stride + stride-1]``.
-Only these C tensors of width d_model are kept for the readout, never the SSM states.
+``residual = residual + mixer(rmsnorm(residual))``; on the kernel path the residual add and the
+RMSNorm are one Triton kernel (mamba-ssm's ``layer_norm_fn``), as in mamba-ssm's own blocks.
+A chunk's output is the residual stream after its last block, the tensor transformers returns
+as ``hidden_states[c*stride + stride-1]``. With ``sparsity_target`` f > 0 the smallest f of each
+token's chunk-output vector is set to exactly 0 (``sparsity.keep_largest``), and that sparse
+tensor is what flows on: into the next chunk, the readout and (last chunk) the main head.
 
 The mixer keeps mamba-ssm's parameter names, shapes and initialisation, so pretrained
 weights load with a renaming of layer indices only (see ``checkpoint.py``).
@@ -15,6 +18,7 @@ weights load with a renaming of layer indices only (see ``checkpoint.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,15 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .ops import kernels
 from .ops.selective_scan import selective_scan_reference
+from .sparsity import keep_largest, zero_count
+
+
+@dataclass
+class MixerState:
+    """What a mixer carries from one token to the next when decoding (constant size)."""
+
+    conv: torch.Tensor  # (B, d_inner, d_conv): the last d_conv inputs of the convolution
+    ssm: torch.Tensor  # (B, d_inner, d_state), fp32
 
 
 class MambaMixer(nn.Module):
@@ -37,7 +50,7 @@ class MambaMixer(nn.Module):
         super().__init__()
         self.backend = backend
         d_model, d_inner, d_state, dt_rank = config.d_model, config.d_inner, config.d_state, config.dt_rank
-        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        self.d_inner, self.d_state, self.dt_rank, self.d_conv = d_inner, d_state, dt_rank, config.d_conv
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv1d = nn.Conv1d(d_inner, d_inner, kernel_size=config.d_conv, groups=d_inner,
                                 padding=config.d_conv - 1, bias=True)
@@ -58,8 +71,9 @@ class MambaMixer(nn.Module):
             self.A_log.copy_(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
             self.D.fill_(1.0)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, L, d_model) -> (B, L, d_model)."""
+    def forward(self, hidden_states: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model). With ``state`` (decoding's prefill), the conv and
+        SSM states after the last token are written into it."""
         Bsz, L, _ = hidden_states.shape
         fast = kernels.use_kernels(self.backend, hidden_states.is_cuda)
 
@@ -69,7 +83,7 @@ class MambaMixer(nn.Module):
         xz = xz.view(-1, Bsz, L).permute(1, 0, 2)  # (B, 2*d_inner, L)
         A = -torch.exp(self.A_log.float())  # (d_inner, N)
 
-        if fast and torch.is_grad_enabled():
+        if fast and torch.is_grad_enabled() and state is None:
             # 2-5 fused, with conv and delta recomputed in backward to save memory.
             return kernels.mamba_inner_fn(
                 xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
@@ -77,6 +91,8 @@ class MambaMixer(nn.Module):
                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
 
         x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
+        if state is not None:  # the convolution's window after the last token, zeros before the start
+            state.conv.copy_(F.pad(x, (self.d_conv - L, 0)) if L < self.d_conv else x[..., L - self.d_conv:])
         # 2. Causal depthwise convolution + SiLU
         if fast:
             x = kernels.causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
@@ -91,10 +107,48 @@ class MambaMixer(nn.Module):
         C = C.reshape(Bsz, L, self.d_state).transpose(1, 2).contiguous()  # (B, N, L)
         # 4. Selective scan, gated by silu(z)
         scan = kernels.selective_scan_fn if fast else selective_scan_reference
-        y = scan(x, delta, A, B, C, self.D.float(), z=z,
-                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (B, d_inner, L)
+        y = scan(x, delta, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                 delta_softplus=True, return_last_state=state is not None)  # (B, d_inner, L)
+        if state is not None:
+            y, last = y
+            state.ssm.copy_(last)
         # 5. Output projection
         return self.out_proj(y.transpose(1, 2))
+
+    def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MixerState:
+        return MixerState(conv=torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
+                          ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32))
+
+    def step(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
+        """One token: (B, d_model) -> (B, d_model), updating ``state`` in place (recurrent form of
+        ``forward``: mamba-ssm's ``Mamba.step``)."""
+        fast = kernels.use_kernels(self.backend, hidden.is_cuda)
+        x, z = F.linear(hidden, self.in_proj.weight).chunk(2, dim=-1)  # (B, d_inner) each
+        conv_weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+        if fast:
+            x = kernels.causal_conv1d_update(x, state.conv, conv_weight, self.conv1d.bias, "silu")
+        else:
+            state.conv.copy_(torch.roll(state.conv, shifts=-1, dims=-1))
+            state.conv[:, :, -1] = x
+            x = F.silu((state.conv * conv_weight).sum(-1) + self.conv1d.bias).to(hidden.dtype)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, d_inner); the bias is added with the softplus
+        A = -torch.exp(self.A_log.float())
+        if fast:
+            y = kernels.selective_state_update(state.ssm, x, dt, A, B, C, self.D, z=z,
+                                               dt_bias=self.dt_proj.bias, dt_softplus=True)
+        else:
+            dt = F.softplus(dt.float() + self.dt_proj.bias.float())  # (B, d_inner)
+            state.ssm.copy_(state.ssm * torch.exp(dt[..., None] * A)
+                            + (dt * x.float())[..., None] * B.float()[:, None, :])
+            y = (state.ssm * C.float()[:, None, :]).sum(-1) + self.D.float() * x.float()
+            y = (y * F.silu(z.float())).to(hidden.dtype)
+        return self.out_proj(y)
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """The residual stream's precision: fp32, or fp64 for an fp64 model (tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
@@ -113,7 +167,11 @@ def compiled_rms_norm():
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: residual + mixer(rmsnorm(residual)), residual in fp32."""
+    """Pre-norm residual block: residual + mixer(rmsnorm(residual)), residual in fp32.
+
+    Written as mamba-ssm writes it, so that the add and the norm fuse: a block takes the
+    previous block's mixer output and the residual before it, and returns its own pair.
+    """
 
     def __init__(self, config: ModelConfig, backend: str = "auto"):
         super().__init__()
@@ -121,9 +179,23 @@ class Block(nn.Module):
         self.mixer = MambaMixer(config, backend)
         self.norm_fn = rms_norm
 
-    def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        residual = residual.float()
-        return residual + self.mixer(self.norm_fn(residual, self.norm))
+    def add_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """(rmsnorm(hidden + residual), hidden + residual in fp32); residual None: hidden alone."""
+        if kernels.use_kernels(self.mixer.backend, hidden.is_cuda):
+            return kernels.layer_norm_fn(hidden, self.norm.weight, None, residual=residual, prenorm=True,
+                                         residual_in_fp32=True, eps=self.norm.eps, is_rms_norm=True)
+        residual = wide(hidden) if residual is None else residual + hidden.to(residual.dtype)
+        return self.norm_fn(residual, self.norm), residual
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
+                state: MixerState | None = None):
+        normed, residual = self.add_norm(hidden, residual)
+        return self.mixer(normed, state), residual
+
+    def step(self, hidden: torch.Tensor, residual: torch.Tensor | None, state: MixerState):
+        """One token of ``forward``: (B, d_model) pairs."""
+        normed, residual = self.add_norm(hidden, residual)
+        return self.mixer.step(normed, state), residual
 
 
 class Chunk(nn.Module):
@@ -133,10 +205,18 @@ class Chunk(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.readout_stride))
 
-    def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            residual = layer(residual)
-        return residual
+    def forward(self, x: torch.Tensor, states: Sequence[MixerState] | None = None) -> torch.Tensor:
+        """The residual stream entering the chunk (fp32) -> the stream after its last block."""
+        hidden, residual = x, None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, None if states is None else states[i])
+        return residual + hidden.to(residual.dtype)
+
+    def step(self, x: torch.Tensor, states: Sequence[MixerState]) -> torch.Tensor:
+        hidden, residual = x, None
+        for layer, state in zip(self.layers, states):
+            hidden, residual = layer.step(hidden, residual, state)
+        return residual + hidden.to(residual.dtype)
 
 
 class Readout(nn.Module):
@@ -152,22 +232,24 @@ class Readout(nn.Module):
         d, h = config.d_model, config.readout_hidden_dim
         self.norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.query = nn.Linear(d, h)
-        self.key = nn.Linear(d, h)
+        # No key bias: a shift shared by all C keys adds the same q.b to every score, which the
+        # softmax cancels, so its gradient is exactly 0.
+        self.key = nn.Linear(d, h, bias=False)
         self.value = nn.Linear(d, h)
         self.head = nn.Linear(h, config.vocab_size, bias=False)
         self.scale = h ** -0.5
 
     def features(self, chunk_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """C tensors (B, L, d_model) -> attended features (B, L, readout_hidden_dim)."""
-        x = self.norm(torch.stack(list(chunk_outputs), dim=2))  # (B, L, C, D)
-        q = self.query(x[:, :, -1])  # (B, L, H)
-        k, v = self.key(x), self.value(x)  # (B, L, C, H)
+        """C tensors (..., d_model) -> attended features (..., readout_hidden_dim)."""
+        x = self.norm(torch.stack(list(chunk_outputs), dim=-2))  # (..., C, D)
+        q = self.query(x[..., -1, :])  # (..., H)
+        k, v = self.key(x), self.value(x)  # (..., C, H)
         # One query against C (= 6) keys per position. Written out rather than through
         # scaled_dot_product_attention: its kernels are built for long sequences, and for this
         # shape its backward alone took 11 ms of a 108 ms training step on an H200.
-        scores = (q.unsqueeze(2) * k).float().sum(-1) * self.scale  # (B, L, C)
+        scores = (q.unsqueeze(-2) * k).float().sum(-1) * self.scale  # (..., C)
         weights = scores.softmax(dim=-1)
-        return (weights.unsqueeze(-1).to(v.dtype) * v).sum(2)  # (B, L, H)
+        return (weights.unsqueeze(-1).to(v.dtype) * v).sum(-2)  # (..., H)
 
     def forward(self, chunk_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.head(self.features(chunk_outputs))  # (B, L, V)
@@ -190,6 +272,12 @@ class Samba(nn.Module):
         self.config = config
         self.backbone_frozen = False
         self.compiled = False  # see compile_parts()
+        # The fraction of each chunk-output vector zeroed now: config.sparsity_target, except
+        # while training ramps it up or evaluation sweeps it. A device tensor, so changing it
+        # needs no new shapes (CUDA graphs stay valid); ``sparse`` says whether to apply it.
+        self.register_buffer("sparsity_fraction", torch.tensor(float(config.sparsity_target)),
+                             persistent=False)
+        self.sparse = config.sparsity_target > 0
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.chunks = nn.ModuleList(Chunk(config, backend) for _ in range(config.n_chunks))
         self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
@@ -229,17 +317,39 @@ class Samba(nn.Module):
             block.norm_fn = compiled_rms_norm()
         self.readout.features = torch.compile(self.readout.features)
 
-    def chunk_outputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(B, L) token ids -> C residual-stream tensors (B, L, d_model), fp32."""
+    def set_sparsity_target(self, target: float) -> None:
+        """Make ``target`` part of the model (its config, saved with it, applied at inference)."""
+        self.config = dataclasses.replace(self.config, sparsity_target=target)
+        self.set_sparsity(None)
+
+    def set_sparsity(self, fraction: float | None) -> None:
+        """Zero the smallest ``fraction`` of each chunk-output vector from now on; None: back to
+        the model's own ``config.sparsity_target``."""
+        fraction = self.config.sparsity_target if fraction is None else fraction
+        if not 0 <= fraction < 1:
+            raise ValueError(f"sparsity fraction must be in [0, 1), got {fraction}")
+        self.sparsity_fraction.fill_(fraction)
+        self.sparse = fraction > 0 or self.config.sparsity_target > 0
+
+    def sparsify(self, x: torch.Tensor) -> torch.Tensor:
+        """A chunk output as it flows on: x itself, or x with its smallest entries zeroed."""
+        if not self.sparse:
+            return x
+        return keep_largest(x, zero_count(self.sparsity_fraction, x.shape[-1]))
+
+    def chunk_outputs(self, input_ids: torch.Tensor, return_dense: bool = False):
+        """(B, L) token ids -> C residual-stream tensors (B, L, d_model), fp32, as they flow on
+        (sparsified). With ``return_dense`` also the same C tensors before sparsification."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-            residual = self.embedding(input_ids).float()  # (B, L, D)
-            outputs = []
+            x = wide(self.embedding(input_ids))  # (B, L, D)
+            outputs, dense = [], []
             for chunk in self.chunks:
-                residual = chunk(residual)
-                outputs.append(residual)
-        return tuple(outputs)
+                dense.append(chunk(x))
+                x = self.sparsify(dense[-1])
+                outputs.append(x)
+        return (tuple(outputs), tuple(dense)) if return_dense else tuple(outputs)
 
     def final_hidden(self, chunk_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The main head's input: norm_f of the last residual stream, (B, L, d_model)."""
@@ -268,7 +378,9 @@ class Samba(nn.Module):
 
         return load_model(path, backend=backend, **overrides)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, extra_files: dict[str, Path] | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (and ``extra_files``: name -> source
+        file, e.g. the tokenizer) to ``path``, replacing it only once complete."""
         from .checkpoint import save_model
 
-        save_model(self, path)
+        save_model(self, path, extra_files)

@@ -50,11 +50,33 @@ def write_per_chunk_sparsity(directory: Path, trained: dict, baseline: dict) -> 
     plt.close(fig)
 
 
+def write_prune_curve(directory: Path, trained: dict, baseline: dict) -> None:
+    """ppl of both heads against the fraction zeroed at inference, trained vs baseline."""
+    keys = sorted(trained, key=lambda k: trained[k]["fraction"])
+    rows = [{"fraction": trained[k]["fraction"], "trained_ppl": trained[k]["ppl"],
+             "baseline_ppl": baseline[k]["ppl"], "trained_readout_ppl": trained[k]["readout_ppl"],
+             "baseline_readout_ppl": baseline[k]["readout_ppl"]} for k in keys]
+    write_json_atomic(directory / "prune_curve.json", rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["fraction"] for r in rows]
+    for key, style in (("baseline_ppl", "o--"), ("baseline_readout_ppl", "s--"),
+                       ("trained_ppl", "o-"), ("trained_readout_ppl", "s-")):
+        ax.plot(x, [r[key] for r in rows], style, label=key.replace("_", " "))
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of each chunk-output vector zeroed at inference (smallest |x|)")
+    ax.set_ylabel("test perplexity")
+    ax.set_title("Prune curve")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(directory / "prune_curve.png", dpi=120)
+    plt.close(fig)
+
+
 def plot_training_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
     panels = [("loss", ["train/loss", "train/main_ce", "train/readout_ce", "val/loss"]),
               ("perplexity", ["val/ppl", "val/readout_ppl"]),
               ("sparsity (validation)", ["val/sparsity_near_zero_rel", "val/sparsity_near_zero", "val/sparsity_l0"]),
-              ("L1 of chunk outputs", ["train/l1"])]
+              ("pruning penalty and sparsity", ["train/penalty", "train/sparsity_fraction"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (title, names) in zip(axes, panels):
         for name in names:

@@ -1,34 +1,48 @@
 """Fine-tuning with the combined loss: AdamW, warm-up + cosine decay, bf16 autocast on CUDA,
-gradient clipping, periodic validation and sparsity, resumable checkpoints, dvclive logging.
+gradient clipping, the sparsity ramp, validation every ``eval_every`` steps, resumable
+checkpoints, dvclive (and W&B) logging, one or several processes.
 
-The step never waits on the host: losses are summed on the device and read only every
-``log_every`` steps; batches are cut from token arrays that already sit on the device.
+The step never waits on the host: on CUDA it is one replayed CUDA graph (``cuda_graphs``);
+the learning rate and the sparsity fraction are device tensors set before each step; losses
+are summed on the device and read only every ``log_every`` steps.
+
+Interruptions. Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary: it
+saves a checkpoint of the completed steps and exits; a second Ctrl-C stops at once. A hard
+kill loses only the steps since the last periodic checkpoint. Either way, running the stage
+again resumes and ends at the weights an uninterrupted run ends at (``resume``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed, resume
 from .checkpoint import require_model_dir
 from .config import ConfigError, Params
-from .data import DataError, TokenWindows, check_vocab, load_split, read_meta
+from .cuda_graphs import GraphedCallable, graphs_wanted
+from .data import DataError, TokenWindows, check_vocab, load_split, read_meta, tokenizer_files
 from .evaluate import evaluate_model
-from .loss import samba_loss
+from .loss import PART_NAMES, SambaObjective
 from .model import Samba
 from .plots import plot_training_curves
 from .runtime import autocast, autocast_dtype, describe, resolve_device, seed_everything
+from .sparsity import ramp
+from .tracking import MetricsLogger
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_FILE = "last.pt"
+
+
+class TrainingInterrupted(Exception):
+    """Stopped on request after saving a checkpoint of every completed step."""
 
 
 def check_params(params: Params) -> None:
@@ -37,6 +51,9 @@ def check_params(params: Params) -> None:
     if params.pretrained.freeze_backbone and t.readout_weight == 0:
         raise ConfigError("training.readout_weight: is 0 while pretrained.freeze_backbone is true, "
                           "so nothing would train")
+    if t.batch_size % params.compute.num_processes:
+        raise ConfigError(f"training.batch_size: {t.batch_size} is not divisible by compute.num_processes="
+                          f"{params.compute.num_processes} (each process takes an equal share of a step)")
     if params.logging.use_wandb:
         try:
             import wandb  # noqa: F401
@@ -54,14 +71,13 @@ def param_groups(model: Samba, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
-    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """The learning-rate multiplier of step ``step`` (0-based): linear warm-up to 1, then
+    cosine decay to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def epoch_order(seed: int, epoch: int, n_tokens: int, seq_len: int) -> tuple[int, torch.Tensor]:
@@ -72,187 +88,297 @@ def epoch_order(seed: int, epoch: int, n_tokens: int, seq_len: int) -> tuple[int
     return offset, torch.randperm((n_tokens - 1 - offset) // seq_len, generator=gen)
 
 
-def fingerprint(params: Params, data_dir: Path, init_dir: Path) -> str:
-    """What a resumable checkpoint must agree with to be resumed."""
-    parts = {"training": params.training.to_dict(), "model": params.model.to_dict(),
-             "pretrained": params.pretrained.to_dict(), "precision": params.compute.precision,
-             "meta": read_meta(data_dir), "init": (init_dir / "config.json").read_text(),
-             "init_size": (init_dir / "model.safetensors").stat().st_size}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+class StopRequests:
+    """SIGINT / SIGTERM ask the loop to stop at the next step boundary; a second SIGINT raises
+    KeyboardInterrupt at once. Ranks agree on stopping through ``distributed.HostFlags``."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("%s: stopping after this step (a checkpoint keeps every completed step); "
+                       "press Ctrl-C again to stop at once", signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
-def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, key: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"step": step, "fingerprint": key, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
-    os.replace(tmp, path)
+def load_init(init_dir: Path, params: Params) -> Samba:
+    """The convert stage's model, checked against params' model section; it then carries
+    ``model.sparsity_target`` (the converted baseline itself stays dense)."""
+    require_model_dir(init_dir, "convert")
+    model = Samba.from_pretrained(init_dir, backend=params.compute.backend)
+    ours, wanted = model.config.to_dict(), params.model.to_dict()
+    diff = {k: (v, wanted[k]) for k, v in ours.items() if k != "sparsity_target" and wanted[k] != v}
+    if diff:
+        raise ConfigError(f"{init_dir} was written for another model section (init, params): {diff}; "
+                          "rerun the convert stage")
+    model.set_sparsity_target(params.model.sparsity_target)
+    return model
 
 
-def try_resume(path: Path, key: str, model, optimizer, scheduler) -> int:
-    """Load ``path`` if it was written by this same configuration; return the step to start at."""
-    if not path.is_file():
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("fingerprint") != key:
-        logger.warning("ignoring %s: it was written with other params or data", path)
-        return 0
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    logger.info("resuming from %s at step %d", path, state["step"])
-    return int(state["step"])
+class Trainer:
+    """One training run: set up by ``__init__``, run by ``run``."""
 
+    def __init__(self, params: Params, data_dir: Path, init_dir: Path, out_dir: Path, metrics_dir: Path,
+                 checkpoint_dir: Path, ctx: distributed.Context, device: torch.device):
+        self.params, self.t, self.ctx, self.device = params, params.training, ctx, device
+        self.data_dir, self.init_dir, self.out_dir, self.metrics_dir = data_dir, init_dir, out_dir, metrics_dir
+        self.checkpoint_path = checkpoint_dir / resume.CHECKPOINT_FILE
+        self.best_path = checkpoint_dir / resume.BEST_FILE
+        t = self.t
+        self.dtype = autocast_dtype(params.compute, device)
+        seed_everything(t.seed)
 
-class MetricsLogger:
-    """dvclive always (it never writes dvc.yaml: the pipeline declares metrics and plots);
-    Weights & Biases too when ``logging.use_wandb``."""
+        meta = read_meta(data_dir)
+        self.model = load_init(init_dir, params)
+        check_vocab(meta, self.model.config.vocab_size)
+        if params.pretrained.freeze_backbone:
+            self.model.freeze_backbone()
+        if t.readout_weight == 0:  # nothing trains the readout: no gradient, no weight decay
+            self.model.readout.requires_grad_(False)
+        self.model.to(device).train()
+        if params.compute.compile:
+            self.model.compile_parts()
 
-    def __init__(self, params: Params, metrics_dir: Path, resume: bool):
-        from dvclive import Live
+        self.train_windows = TokenWindows.from_numpy(load_split(data_dir, "train"), t.seq_len, device)
+        self.val_windows = TokenWindows.from_numpy(load_split(data_dir, "validation"), t.seq_len, device)
+        # the shortest epoch (largest offset) fixes the steps per epoch
+        shortest = TokenWindows(self.train_windows.tokens, t.seq_len, t.seq_len - 1)
+        self.steps_per_epoch = len(shortest) // t.batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the train split has {len(self.train_windows.tokens)} tokens: not one batch of "
+                            f"training.batch_size={t.batch_size} x training.seq_len={t.seq_len}")
+        if len(self.val_windows) == 0:
+            raise DataError(f"the validation split has {len(self.val_windows.tokens)} tokens: not one window "
+                            f"of training.seq_len + 1 = {t.seq_len + 1} tokens")
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if t.max_steps:
+            self.total_steps = min(self.total_steps, t.max_steps)
 
-        self.live = Live(dir=str(metrics_dir), dvcyaml=None, save_dvc_exp=False, resume=resume)
-        self.wandb = None
-        if params.logging.use_wandb:
-            import wandb
+        self.graphs = graphs_wanted(params.compute.cuda_graphs, device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # Under CUDA graphs the learning rate is a device tensor the captured AdamW reads.
+        lr = torch.tensor(t.lr, device=device) if self.graphs else t.lr
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=lr, betas=(0.9, 0.95),
+                                           fused=device.type == "cuda", capturable=self.graphs)
+        objective = SambaObjective(self.model, t.readout_weight, t.pruning_weight, t.pruning_penalty)
+        self.objective = self._data_parallel(objective)
+        # DDP must have run 11 eager iterations before its backward is captured.
+        self.step_fn = GraphedCallable(self._step, enabled=self.graphs, warmup=11 if ctx.distributed else 3,
+                                       name="training step")
 
-            self.wandb = wandb.init(project=params.logging.project_name, config=params.to_dict())
-        self.history: dict[str, list[tuple[int, float]]] = {}
+    def _data_parallel(self, objective):
+        if not self.ctx.distributed:
+            return objective
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.live.step = step
-        for name, value in metrics.items():
-            self.live.log_metric(name, value)
-            self.history.setdefault(name, []).append((step, value))
-        self.live.next_step()
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+        kwargs = dict(broadcast_buffers=False)  # the sparsity fraction is set alike on every rank
+        if self.device.type == "cuda":
+            kwargs["device_ids"] = [self.device.index]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # as CUDA-graph capture of DDP requires
+                wrapped = DDP(objective, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            return wrapped
+        return DDP(objective, **kwargs)
 
-    def end(self) -> None:
-        self.live.end()
-        if self.wandb is not None:
-            self.wandb.finish()
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; returns the (4,) loss parts. Captured whole as a CUDA graph."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.dtype, cache=False):
+            total, values = self.objective(inputs, targets)
+        total.backward()
+        if self.t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.t.grad_clip, foreach=self.device.type == "cuda")
+        self.optimizer.step()
+        return values
 
+    def _set_schedule(self, step: int) -> float:
+        """Learning rate and sparsity fraction of step ``step``; returns the learning rate."""
+        t = self.t
+        lr = t.lr * lr_factor(step, t.warmup_steps, self.total_steps, t.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        if self.model.sparse:
+            self.model.set_sparsity(ramp(step, t.sparsity_warmup_steps, self.model.config.sparsity_target))
+        return lr
 
-def _validation_metrics(model, windows, params, dtype) -> dict[str, float]:
-    t = params.training
-    m, _ = evaluate_model(model, windows, t.batch_size, max_windows=t.eval_batches * t.batch_size,
-                          dtype=dtype, near_zero_eps=params.eval.near_zero_eps,
-                          near_zero_rel=params.eval.near_zero_rel, desc=None)
-    s = m["sparsity"]
-    return {"val/loss": m["loss"], "val/ppl": m["ppl"], "val/readout_ppl": m["readout_ppl"],
-            "val/sparsity_l0": s["l0"], "val/sparsity_near_zero": s["near_zero"],
-            "val/sparsity_near_zero_rel": s["near_zero_rel"]}
+    def _validate(self) -> dict[str, float]:
+        t, ev = self.t, self.params.eval
+        m, _ = evaluate_model(self.model, self.val_windows, t.batch_size, max_windows=t.eval_batches * t.batch_size,
+                              dtype=self.dtype, near_zero_eps=ev.near_zero_eps, near_zero_rel=ev.near_zero_rel,
+                              graphs=self.params.compute.cuda_graphs, desc=None)
+        s = m["sparsity"]
+        return {"val/loss": m["loss"], "val/ppl": m["ppl"], "val/readout_ppl": m["readout_ppl"],
+                "val/accuracy": m["accuracy"], "val/sparsity_l0": s["l0"], "val/sparsity_near_zero": s["near_zero"],
+                "val/sparsity_near_zero_rel": s["near_zero_rel"]}
+
+    def _state(self, step: int, log: MetricsLogger | None, best: dict | None, key: dict, window: dict) -> dict:
+        return {"step": step, "fingerprint": key, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "history": log.rows if log else [],
+                "best": best, "wandb_id": log.wandb_id if log else None, "window": window}
+
+    def run(self) -> dict:
+        t, ctx, device = self.t, self.ctx, self.device
+        key = resume.fingerprint(self.params, self.data_dir, self.init_dir)
+        state = resume.load(self.checkpoint_path, key)
+        start, best, history, wandb_id, window = 0, None, [], None, None
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            start, best, history, wandb_id = state["step"], state["best"], state["history"], state["wandb_id"]
+            window = state["window"]
+            logger.info("resuming from %s at step %d of %d", self.checkpoint_path, start, self.total_steps)
+        del state
+        logger.info("training on %s: %d steps (%d per epoch), %d trainable parameters%s%s",
+                    describe(device, self.dtype), self.total_steps, self.steps_per_epoch,
+                    sum(p.numel() for p in self.trainable), ", CUDA graphs" if self.graphs else "",
+                    f", {ctx.world_size} processes" if ctx.distributed else "")
+        log = MetricsLogger(self.params, self.metrics_dir, history, wandb_id) if ctx.is_main else None
+        flags = distributed.HostFlags()
+        B, tokens_per_step = t.batch_size, t.batch_size * t.seq_len
+        sums = torch.zeros(len(PART_NAMES), device=device)  # loss parts summed since the last log
+        step_losses = torch.zeros(min(t.log_every, t.checkpoint_every), device=device)  # since the last check
+        done = log_start = check_start = start
+        epoch, order, paused = -1, None, 0.0
+        clock = time.perf_counter()
+        if window is not None:  # the log window the checkpoint fell in continues where it stopped
+            log_start, clock = window["start"], clock - window["elapsed"]
+            sums += window["sums"].to(device) / ctx.world_size  # the all-ranks total, shared out again
+        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not ctx.is_main)
+
+        def check_finite() -> None:
+            """Raise naming the first step whose loss was not finite (reads the losses: a sync)."""
+            nonlocal check_start
+            bad = (~torch.isfinite(step_losses[:done - check_start])).nonzero()
+            if bad.numel():
+                raise FloatingPointError(
+                    f"training loss is not finite at step {check_start + int(bad[0]) + 1}; stopped there. "
+                    f"The last checkpoint ({self.checkpoint_path}, if any) and earlier outputs are kept. "
+                    "Lower training.lr or raise training.grad_clip")
+            check_start = done
+
+        def save_checkpoint() -> None:
+            check_finite()
+            window = {"start": log_start, "sums": distributed.all_reduce_(sums.clone()).cpu(),
+                      "elapsed": time.perf_counter() - clock - paused}
+            if ctx.is_main:
+                resume.save(self.checkpoint_path, self._state(done, log, best, key, window))
+
+        with StopRequests() as stop:
+            try:
+                while done < self.total_steps:
+                    if done // self.steps_per_epoch != epoch:
+                        epoch = done // self.steps_per_epoch
+                        offset, order = epoch_order(t.seed, epoch, len(self.train_windows.tokens), t.seq_len)
+                        order = order.to(device)  # once per epoch: a copy per step would sync
+                        self.train_windows.offset = offset
+                    i = done % self.steps_per_epoch
+                    lr = self._set_schedule(done)
+                    values = self.step_fn(*self.train_windows.batch(distributed.shard(order[i * B:(i + 1) * B], ctx)))
+                    sums += values
+                    step_losses[done - check_start] = values[0]
+                    done += 1
+                    bar.update(1)
+
+                    row: dict[str, float] = {}
+                    if done % t.log_every == 0 or done == self.total_steps:
+                        check_finite()
+                        means = distributed.all_reduce_(sums.clone()) / ((done - log_start) * ctx.world_size)
+                        elapsed = time.perf_counter() - clock - paused
+                        row.update({f"train/{k}": v for k, v in zip(PART_NAMES, means.tolist())})
+                        row.update({"train/lr": lr, "train/epoch": done / self.steps_per_epoch,
+                                    "train/tokens_per_s": (done - log_start) * tokens_per_step / elapsed})
+                        if self.model.sparse:
+                            row["train/sparsity_fraction"] = float(self.model.sparsity_fraction)
+                        bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['train/tokens_per_s']:.0f}")
+                        sums.zero_()
+                        log_start, clock, paused = done, time.perf_counter(), 0.0
+                    pause = time.perf_counter()  # validation and checkpoints are not throughput
+                    if done % t.eval_every == 0 or done == self.total_steps:
+                        if ctx.is_main:
+                            row.update(self._validate())
+                            best = self._keep_best(done, row, best)
+                    if row and log is not None:
+                        log.log(done, row)
+                    if done % t.checkpoint_every == 0 and done < self.total_steps:
+                        save_checkpoint()
+                    if stop.requested if not ctx.distributed else flags.any(stop.requested):
+                        save_checkpoint()
+                        raise TrainingInterrupted(
+                            f"interrupted after step {done} of {self.total_steps}; {self.checkpoint_path} "
+                            "holds every completed step: run the stage again (dvc repro) to resume")
+                    paused += time.perf_counter() - pause
+            finally:
+                bar.close()
+                self.step_fn.release()
+        return self._finish(log, best)
+
+    def _keep_best(self, step: int, row: dict, best: dict | None) -> dict | None:
+        """With training.keep: best, save the weights of the lowest validation ppl seen after the
+        sparsity warm-up (on the rank that validates)."""
+        if self.t.keep != "best" or step < self.t.sparsity_warmup_steps:
+            return best
+        if best is None or row["val/ppl"] < best["val_ppl"]:
+            self.best_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.best_path.with_name(f".{self.best_path.name}.tmp")
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, tmp)
+            tmp.replace(self.best_path)
+            best = {"step": step, "val_ppl": row["val/ppl"]}
+        return best
+
+    def _finish(self, log: MetricsLogger | None, best: dict | None) -> dict:
+        distributed.barrier()
+        summary = {"steps": self.total_steps}
+        if self.ctx.is_main:
+            if self.t.keep == "best":
+                if best is None:
+                    logger.warning("training.keep: best, but no validation came after the sparsity warm-up "
+                                   "(training.sparsity_warmup_steps); keeping the last weights")
+                else:
+                    self.model.load_state_dict(load_file(self.best_path, device=str(self.device)), strict=False)
+                    logger.info("keeping the weights of step %d (validation ppl %.3f)", best["step"], best["val_ppl"])
+                    summary["kept_step"] = best["step"]
+            self.model.set_sparsity(None)
+            self.model.save_pretrained(self.out_dir, extra_files=tokenizer_files(self.data_dir))
+            log.end()
+            plot_training_curves(log.history(), self.metrics_dir / "training_curves.png")
+            self.checkpoint_path.unlink(missing_ok=True)
+            self.best_path.unlink(missing_ok=True)
+            last = [m for _, m in log.rows if "val/ppl" in m]
+            summary.update({k: v for k, v in (last[-1] if last else {}).items()})
+        distributed.barrier()
+        return summary
 
 
 def train(params: Params, data_dir: str | Path, init_dir: str | Path, out_dir: str | Path,
           metrics_dir: str | Path, checkpoint_dir: str | Path) -> dict:
-    """Train the model in ``init_dir`` on ``data_dir``; write ``out_dir``. Returns a summary."""
-    data_dir, init_dir, out_dir = Path(data_dir), Path(init_dir), Path(out_dir)
-    metrics_dir, checkpoint_path = Path(metrics_dir), Path(checkpoint_dir) / CHECKPOINT_FILE
-    t = params.training
+    """Train the model in ``init_dir`` on ``data_dir``; write ``out_dir``. Returns a summary.
+    Under torchrun, each process calls this; rank 0 writes."""
     check_params(params)
-    device = resolve_device(params.compute)
-    dtype = autocast_dtype(params.compute, device)
-    seed_everything(t.seed)
-
-    meta = read_meta(data_dir)
-    require_model_dir(init_dir, "convert")
-    model = Samba.from_pretrained(init_dir, backend=params.compute.backend)
-    if model.config != params.model:
-        diff = {k: (v, getattr(params.model, k)) for k, v in model.config.to_dict().items()
-                if getattr(params.model, k) != v}
-        raise ConfigError(f"{init_dir} was written for another model section (init, params): {diff}; "
-                          "rerun the convert stage")
-    check_vocab(meta, model.config.vocab_size)
-    if params.pretrained.freeze_backbone:
-        model.freeze_backbone()
-    model.to(device).train()
-    if params.compute.compile:
-        model.compile_parts()
-
-    train_windows = TokenWindows.from_numpy(load_split(data_dir, "train"), t.seq_len, device)
-    val_windows = TokenWindows.from_numpy(load_split(data_dir, "validation"), t.seq_len, device)
-    # the shortest epoch (largest offset) fixes the steps per epoch
-    steps_per_epoch = len(TokenWindows(train_windows.tokens, t.seq_len, t.seq_len - 1)) // t.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"the train split has {len(train_windows.tokens)} tokens: not one batch of "
-                        f"training.batch_size={t.batch_size} x training.seq_len={t.seq_len}")
-    if len(val_windows) == 0:
-        raise DataError(f"the validation split has {len(val_windows.tokens)} tokens: not one window "
-                        f"of training.seq_len={t.seq_len}")
-    total_steps = t.epochs * steps_per_epoch
-    if t.max_steps:
-        total_steps = min(total_steps, t.max_steps)
-
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(t.warmup_steps, total_steps, t.min_lr_ratio))
-    key = fingerprint(params, data_dir, init_dir)
-    start = try_resume(checkpoint_path, key, model, optimizer, scheduler)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    logger.info("training on %s: %d steps (%d per epoch), %d trainable parameters",
-                describe(device, dtype), total_steps, steps_per_epoch, sum(p.numel() for p in trainable))
-
-    log = MetricsLogger(params, metrics_dir, resume=start > 0)
-    sums: dict[str, torch.Tensor] = {}
-    summed_steps, tokens_per_step = 0, t.batch_size * t.seq_len
-    epoch, order = -1, None
-    last_val: dict[str, float] = {}
-    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    clock = time.perf_counter()
-    step = start
+    ctx = distributed.context_from_env()
+    device = resolve_device(params.compute, ctx.local_rank if ctx.distributed else None)
+    distributed.init(ctx, device)
     try:
-        for step in range(start, total_steps):
-            if step // steps_per_epoch != epoch:
-                epoch = step // steps_per_epoch
-                offset, order = epoch_order(t.seed, epoch, len(train_windows.tokens), t.seq_len)
-                order = order.to(device)  # once per epoch: a host-to-device copy per step would sync
-                train_windows.offset = offset
-            i = step % steps_per_epoch
-            inputs, targets = train_windows.batch(order[i * t.batch_size:(i + 1) * t.batch_size])
-            with autocast(device, dtype):
-                parts = samba_loss(model, inputs, targets, t.readout_weight, t.pruning_weight)
-            parts.total.backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            for name, value in parts.detached().items():  # summed on the device, read at log steps
-                sums[name] = sums[name] + value if name in sums else value.float()
-            summed_steps += 1
-            bar.update(1)
-
-            done = step + 1
-            if done % t.log_every == 0 or done == total_steps:
-                values = {f"train/{k}": (v / summed_steps).item() for k, v in sums.items()}
-                elapsed = time.perf_counter() - clock
-                if not math.isfinite(values["train/loss"]):
-                    raise FloatingPointError(f"training loss is {values['train/loss']} at step {done}; "
-                                             "lower training.lr or raise training.grad_clip")
-                values["train/lr"] = scheduler.get_last_lr()[0]
-                values["train/tokens_per_s"] = summed_steps * tokens_per_step / elapsed
-                values["train/epoch"] = done / steps_per_epoch
-                if done % t.eval_every == 0 or done == total_steps:
-                    last_val = _validation_metrics(model, val_windows, params, dtype)
-                    values.update(last_val)
-                log.log(done, values)
-                bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{values['train/tokens_per_s']:.0f}")
-                sums, summed_steps = {}, 0
-                clock = time.perf_counter()  # validation time is not training throughput
-            if done % t.checkpoint_every == 0 and done < total_steps:
-                save_checkpoint(checkpoint_path, done, model, optimizer, scheduler, key)
-    except KeyboardInterrupt:
-        save_checkpoint(checkpoint_path, step, model, optimizer, scheduler, key)
-        logger.warning("interrupted: saved %s at step %d; rerun to resume", checkpoint_path, step)
-        raise
+        trainer = Trainer(params, Path(data_dir), Path(init_dir), Path(out_dir), Path(metrics_dir),
+                          Path(checkpoint_dir), ctx, device)
+        return trainer.run()
     finally:
-        bar.close()
-
-    model.save_pretrained(out_dir)
-    log.end()
-    plot_training_curves(log.history, metrics_dir / "training_curves.png")
-    checkpoint_path.unlink(missing_ok=True)
-    return {"steps": total_steps, **last_val}
+        distributed.shutdown()

@@ -1,5 +1,9 @@
 """The fast path: mamba-ssm's and causal-conv1d's CUDA kernels, when they import.
 
+Used: ``mamba_inner_fn`` (training: conv + scan + projections fused), ``causal_conv1d_fn`` +
+``selective_scan_fn`` (no-grad forward, and the prefill of generation, which needs the last
+state), mamba-ssm's Triton ``layer_norm_fn`` (residual add + RMSNorm in one kernel, as its own
+blocks do), and the one-token ``causal_conv1d_update`` / ``selective_state_update`` (decoding).
 Nothing here is a kernel of ours. Both packages need CUDA to build, so a CPU install has
 neither; ``kernels_available()`` says whether the fast path can run, and the model falls
 back to the plain-PyTorch reference (``selective_scan.py``) otherwise.
@@ -12,12 +16,15 @@ import logging
 logger = logging.getLogger(__name__)
 
 try:  # pragma: no cover - exercised on the GPU machine
-    from causal_conv1d import causal_conv1d_fn
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+    from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
     _IMPORT_ERROR: Exception | None = None
 except Exception as err:  # ImportError, or a CUDA extension that fails to load
-    causal_conv1d_fn = mamba_inner_fn = selective_scan_fn = None
+    causal_conv1d_fn = causal_conv1d_update = mamba_inner_fn = selective_scan_fn = None
+    layer_norm_fn = selective_state_update = None
     _IMPORT_ERROR = err
 
 BACKENDS = ("auto", "kernels", "reference")

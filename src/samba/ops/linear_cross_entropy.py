@@ -85,6 +85,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None
 
 
+def _flatten(hidden: torch.Tensor, targets: torch.Tensor):
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{hidden.shape[0]} hidden vectors but {targets.shape[0]} targets")
+    return hidden, targets
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+@torch.no_grad()
+def linear_nll_and_correct(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           slice_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For evaluation: summed NLL (fp32) and the number of tokens whose top-1 prediction
+    (argmax of hidden @ weight.T) is the target, slice by slice; nothing read on the host."""
+    hidden, targets = _flatten(hidden, targets)
+    compute_dtype = _compute_dtype(hidden, weight)
+    acc = torch.promote_types(compute_dtype, torch.float32)
+    if slice_tokens is None:
+        slice_tokens = max(1, MAX_SLICE_ELEMENTS // weight.shape[0])
+    w = weight.to(compute_dtype)
+    nll = torch.zeros((), dtype=acc, device=hidden.device)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], slice_tokens):
+            t_s = targets[start:start + slice_tokens]
+            logits = hidden[start:start + slice_tokens].to(compute_dtype) @ w.t()
+            nll += _slice_nll(logits, t_s, acc)
+            correct += (logits.argmax(dim=-1) == t_s).sum()
+    return nll, correct
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          slice_tokens: int | None = None, compiled: bool = False) -> torch.Tensor:
     """Mean over tokens of CE(hidden @ weight.T, targets), logits never stored in full.
@@ -93,16 +130,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     matrix products run in the autocast dtype and the softmax in fp32, as autocast would do.
     ``compiled`` fuses each slice's softmax work with torch.compile (same numbers).
     """
-    H = hidden.shape[-1]
-    hidden = hidden.reshape(-1, H)
-    targets = targets.reshape(-1)
-    if targets.shape[0] != hidden.shape[0]:
-        raise ValueError(f"{hidden.shape[0]} hidden vectors but {targets.shape[0]} targets")
+    hidden, targets = _flatten(hidden, targets)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
-    else:
-        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    compute_dtype = _compute_dtype(hidden, weight)
     if slice_tokens is None:
         slice_tokens = max(1, MAX_SLICE_ELEMENTS // weight.shape[0])
     with torch.autocast(device_type, enabled=False):

@@ -62,11 +62,13 @@ def selective_scan_reference(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
-) -> torch.Tensor:
+    return_last_state: bool = False,
+):
     """Plain-PyTorch ``selective_scan_fn`` (real A, input-dependent B and C).
 
     u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,).
-    Computes in fp32 (fp64 for fp64 inputs) like the kernel and returns (B, D, L) in u's dtype.
+    Computes in fp32 (fp64 for fp64 inputs) like the kernel and returns (B, D, L) in u's dtype,
+    and with ``return_last_state`` also the state after the last token, (B, D, N) fp32.
     """
     dtype_in = u.dtype
     f = torch.promote_types(dtype_in, torch.float32)  # fp32 at least, fp64 stays fp64
@@ -83,4 +85,6 @@ def selective_scan_reference(
         y = y + u * D.to(f)[:, None]
     if z is not None:
         y = y * F.silu(z.to(f))
+    if return_last_state:
+        return y.to(dtype_in), h[:, :, -1]
     return y.to(dtype_in)
