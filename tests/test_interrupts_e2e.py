@@ -1,0 +1,110 @@
+"""Interruptions of the train stage under ``dvc repro``, then ``dvc repro`` again: the final
+weights equal an uninterrupted run's and metrics/train holds every logged step once.
+
+- Ctrl-C during validation: SIGINT is sent to the stage from inside its second validation
+  (a ``sitecustomize`` hook the test puts on PYTHONPATH for that one run).
+- ``kill -9`` of dvc and everything under it, after the first periodic checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from samba.config import Params
+from samba.train import train
+
+from conftest import BIN, dvc, make_pipeline_repo, relative_error, tiny_params, tool_env
+
+pytestmark = pytest.mark.e2e
+
+HOOK = '''
+import os, signal, sys
+if sys.argv and sys.argv[0].endswith("stages/train.py"):
+    sys.path.insert(0, os.path.join(os.getcwd(), "src"))
+    import samba.train as t
+    original, calls = t.Trainer._validate, []
+    def _validate(self):
+        calls.append(1)
+        if len(calls) == int(os.environ["SIGINT_AT_VALIDATION"]):
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+    t.Trainer._validate = _validate
+'''
+
+
+def params(sources: Path) -> dict:
+    p = tiny_params(sources)
+    p["training"].update(max_steps=60, log_every=4, eval_every=6, checkpoint_every=10)
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference(sources, tmp_path_factory) -> tuple[Path, Path]:
+    """A pipeline repository with prepare and convert done, and the train stage's uninterrupted
+    result computed beside it from the same inputs."""
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("interrupts"), params(sources))
+    dvc("repro", "prepare", "convert", cwd=repo)
+    straight = tmp_path_factory.mktemp("straight")
+    train(Params.from_dict(params(sources), require_all=True), repo / "data/tokenized", repo / "models/init",
+          straight / "out", straight / "metrics", straight / "ckpt")
+    return repo, straight
+
+
+def rows(metrics_dir: Path, name: str) -> list[tuple[int, float]]:
+    with open(metrics_dir / "plots/metrics" / f"{name}.tsv") as f:
+        return [(int(r["step"]), float(r[name.split("/")[1]])) for r in csv.DictReader(f, delimiter="\t")]
+
+
+def assert_matches_uninterrupted(repo: Path, straight: Path) -> None:
+    a, b = load_file(straight / "out/model.safetensors"), load_file(repo / "models/samba/model.safetensors")
+    for key in a:
+        assert relative_error(b[key], a[key]) < 1e-6, key
+    for name in ("train/loss", "val/ppl"):
+        got, want = rows(repo / "metrics/train", name), rows(straight / "metrics", name)
+        assert [s for s, _ in got] == [s for s, _ in want], f"{name}: every logged step exactly once"
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+
+
+def test_ctrl_c_during_validation_then_dvc_repro(reference, tmp_path):
+    repo, straight = reference
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook/sitecustomize.py").write_text(HOOK)
+    env = tool_env(PYTHONPATH=str(tmp_path / "hook"), SIGINT_AT_VALIDATION="2")
+    first = dvc("repro", "train", cwd=repo, env=env, check=False)
+    assert first.returncode != 0
+    assert "interrupted after step 12 of 60" in first.stderr  # the validation of step 12
+    assert (repo / "checkpoints/train/last.pt").is_file()
+    second = dvc("repro", "train", cwd=repo)
+    assert "resuming from checkpoints/train/last.pt at step 12" in second.stderr + second.stdout
+    assert_matches_uninterrupted(repo, straight)
+
+
+def test_kill_9_then_dvc_repro(reference):
+    repo, straight = reference
+    # A changed stage (as after editing params.yaml), so that dvc repro must run it; the value
+    # changed does not touch the trajectory, so the uninterrupted reference still holds.
+    edited = yaml.safe_load((repo / "params.yaml").read_text())
+    edited["logging"]["project_name"] = "samba-kill-test"
+    (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=repo, env=tool_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    checkpoint = repo / "checkpoints/train/last.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    out = proc.communicate()[0].decode()
+    assert checkpoint.exists() and not (repo / "models/samba").exists(), out[-3000:]
+    again = dvc("repro", cwd=repo)  # the lock DVC held died with it
+    assert "resuming from checkpoints/train/last.pt" in again.stderr + again.stdout, (again.stdout + again.stderr)[-3000:]
+    assert_matches_uninterrupted(repo, straight)
+    assert not checkpoint.exists()
