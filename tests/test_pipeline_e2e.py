@@ -76,7 +76,8 @@ def test_repro_exp_run_and_metrics_diff(pipeline_repo):
 def test_queued_sweep_runs(pipeline_repo):
     # dvc exp run --queue -S ...=a,b then dvc queue start -j 1 (after the test above)
     repo = pipeline_repo
-    dvc("exp", "run", "--queue", "-S", "training.pruning_weight=0.0,20.0", cwd=repo)
+    dvc("exp", "run", "--queue", "-S", "model.sparsity_target=0.0", "-S", "training.pruning_weight=0.0,20.0",
+        cwd=repo)
     dvc("queue", "start", "-j", "1", cwd=repo)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -93,6 +94,13 @@ def test_queued_sweep_runs(pipeline_repo):
             swept[weight] = metrics["sparsity"]["chunk_rms"]["1"]
     assert set(swept) == {0.0, 20.0}
     assert swept[20.0] < swept[0.0]  # the seed's L1 term shrinks the stream
+
+    # the sweep's picture, from the experiments themselves
+    out = sh(sys.executable, "-m", "samba.frontier", "frontier", cwd=repo).stdout
+    table = json.loads((repo / "frontier/frontier.json").read_text())
+    assert table["control"] is not None and "Control:" in out
+    weights = {r["params"].get("training.pruning_weight") for r in table["rows"]}
+    assert {0.0, 20.0} <= weights and (repo / "frontier/frontier.png").is_file()
 
 
 def _stage_modules(repo: Path, stage: str) -> list[str]:

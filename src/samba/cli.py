@@ -12,12 +12,13 @@ from .convert import ConversionError
 from .data import DataError
 from .evaluate import QualityError
 from .export import ExportError
+from .frontier import FrontierError
 from .hub import HubUnavailableError
 from .io import OutputError
 from .train import TrainingInterrupted
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, HubUnavailableError, ConversionError,
-               QualityError, ExportError, OutputError, FloatingPointError)
+               QualityError, ExportError, FrontierError, OutputError, FloatingPointError)
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 
 

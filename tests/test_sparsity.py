@@ -1,0 +1,253 @@
+"""Exact top-k zeros, the penalties, the measures and the prune curve, each against an
+independent computation; a Samba directory as the pretrained source."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samba import ModelConfig, Samba
+from samba.config import ConfigError, Params
+from samba.convert import convert
+from samba.data import TokenWindows
+from samba.evaluate import evaluate_model, prune_curve
+from samba.sparsity import SparsityCounter, hoyer_penalty, keep_largest, l1_penalty, ramp, zero_count
+
+from conftest import perturb_, relative_error, tiny_params
+
+CFG = ModelConfig(vocab_size=50, d_model=16, n_layers=4, d_state=4, readout_hidden_dim=8, readout_stride=2)
+
+
+# ----------------------------------------------------------------------------- top-k
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.6, 0.75, 0.9])
+def test_keep_largest_zeroes_exactly_the_smallest(fraction):
+    x = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(0))
+    n_zero = zero_count(fraction, 40)
+    y = keep_largest(x, n_zero)
+    for vec, out in zip(x.reshape(-1, 40), y.reshape(-1, 40)):
+        kept = set(vec.abs().argsort(descending=True)[:40 - n_zero].tolist())  # sorting, independently
+        assert {i for i in range(40) if out[i] != 0} == kept
+        assert torch.equal(out[sorted(kept)], vec[sorted(kept)])  # kept entries unchanged
+        assert int((out == 0).sum()) == n_zero
+
+
+def test_keep_largest_count_is_exact_with_ties():
+    x = torch.tensor([[1.0, -1.0, 1.0, 1.0, 2.0, -1.0, 0.5, 1.0]])  # five entries tie at |x| = 1
+    for n_zero in range(9):
+        y = keep_largest(x, n_zero)
+        assert int((y == 0).sum()) == n_zero
+        assert y.abs().sum() == x.abs().sort(-1).values[0, n_zero:].sum()  # the largest survive
+    # a device-tensor count (what training's ramp uses) gives the same
+    assert torch.equal(keep_largest(x, torch.tensor(3)), keep_largest(x, 3))
+
+
+def test_gradient_reaches_kept_entries_only():
+    x = torch.randn(4, 12, requires_grad=True, generator=torch.Generator().manual_seed(1))
+    y = keep_largest(x, 9)
+    (y * torch.arange(12.0)).sum().backward()
+    kept = y.detach() != 0
+    assert torch.equal(x.grad, torch.where(kept, torch.arange(12.0).expand(4, 12), torch.tensor(0.0)))
+
+
+def test_ramp():
+    assert [ramp(s, 4, 0.8) for s in (0, 1, 2, 4, 9)] == pytest.approx([0.0, 0.2, 0.4, 0.8, 0.8])
+    assert ramp(0, 0, 0.8) == 0.8
+
+
+def test_sparse_model_zeroes_every_chunk_output_and_the_zeros_flow_on():
+    torch.manual_seed(0)
+    model = Samba(CFG).eval()
+    perturb_(model)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        dense = model(ids)
+        model.set_sparsity_target(0.5)
+        sparse = model(ids)
+    for c in sparse.chunk_outputs:
+        assert torch.equal((c == 0).sum(-1), torch.full((2, 9), 8))
+    # by hand: zero chunk 0's output, run chunk 1 on it, zero again, then the heads
+    with torch.no_grad():
+        x = model.chunks[0](model.embedding(ids).float())
+        x0 = keep_largest(x, 8)
+        x1 = keep_largest(model.chunks[1](x0), 8)
+        logits = F.linear(model.norm_f(x1), model.embedding.weight)
+        readout = model.readout([x0, x1])
+    assert torch.equal(sparse.logits, logits) and torch.equal(sparse.readout_logits, readout)
+    assert not torch.equal(sparse.logits, dense.logits)
+
+
+def test_sparsity_target_is_saved_loaded_and_applied(tmp_path):
+    model = Samba(CFG)
+    model.set_sparsity_target(0.75)
+    model.save_pretrained(tmp_path / "m")
+    again = Samba.from_pretrained(tmp_path / "m")
+    assert again.config.sparsity_target == 0.75
+    with torch.no_grad():
+        out = again(torch.randint(0, 50, (1, 6)))
+    assert all(int((c == 0).sum()) == 6 * 12 for c in out.chunk_outputs)
+
+
+# ----------------------------------------------------------------------------- penalties
+
+def test_hoyer_is_scale_free_and_l1_is_not():
+    chunks = [torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    scaled = [0.01 * c for c in chunks]
+    assert hoyer_penalty(scaled) == pytest.approx(hoyer_penalty(chunks).item(), rel=1e-5)
+    assert l1_penalty(scaled) == pytest.approx(0.01 * l1_penalty(chunks).item(), rel=1e-5)
+    one_hot = torch.zeros(1, 1, 16)
+    one_hot[..., 3] = 5.0
+    assert hoyer_penalty([one_hot]) == pytest.approx(1 / 4)  # 1 / sqrt(16)
+    assert hoyer_penalty([torch.ones(1, 1, 16)]) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- measures
+
+def test_counter_against_a_direct_computation():
+    g = torch.Generator().manual_seed(2)
+    chunks = [torch.randn(3, 10, 8, generator=g) for _ in range(2)]
+    chunks[0][..., 2] = 0.0  # a dead dimension
+    chunks[1][0, :, :4] = 0.0  # zeros, but not in 99% of tokens
+    chunks[1][1, 3, 5] = 40.0  # an outlier
+    counter = SparsityCounter(2, 8, eps=0.5, rel=0.3, bins=10, device=torch.device("cpu"))
+    counter.update(chunks[:1] + chunks[1:])
+    r = counter.result()
+    for c, x in enumerate(chunks):
+        t = x.reshape(-1, 8).double()
+        rms = t.pow(2).mean(-1).sqrt()
+        p = r["per_chunk"][str(c)]
+        assert p["l0"] == pytest.approx((t == 0).double().mean().item())
+        assert p["near_zero"] == pytest.approx((t.abs() < 0.5).double().mean().item())
+        assert p["near_zero_rel"] == pytest.approx((t.abs() < 0.3 * rms[:, None]).double().mean().item())
+        assert r["chunk_rms"][str(c)] == pytest.approx(rms.mean().item(), rel=1e-6)
+        assert r["max_over_rms"][str(c)] == pytest.approx((t.abs().max(-1).values / rms).mean().item(), rel=1e-6)
+    assert r["per_chunk"]["0"]["dead_fraction"] == pytest.approx(1 / 8)
+    assert r["per_chunk"]["1"]["dead_fraction"] == 0.0
+    assert r["dead_fraction"] == pytest.approx(1 / 16)
+    assert r["l0_min_chunk"] == min(r["per_chunk"]["0"]["l0"], r["per_chunk"]["1"]["l0"])
+
+
+def test_prune_curve_against_an_independent_computation():
+    torch.manual_seed(3)
+    model = Samba(CFG).eval()
+    perturb_(model)
+    tokens = torch.randint(0, 50, (200,), generator=torch.Generator().manual_seed(4))
+    windows = TokenWindows(tokens, seq_len=16)
+    main, _ = evaluate_model(model, windows, 4, desc=None)
+    curve = prune_curve(model, windows, (0.0, 0.5, 0.75), main, 4, desc=None)
+
+    def by_hand(fraction):
+        """Zero the smallest fraction after each chunk by sorting, full logits, plain CE."""
+        n_zero = round(fraction * 16)
+        nll = r_nll = 0.0
+        with torch.no_grad():
+            for inputs, targets in windows.batches(4):
+                x, outs = model.embedding(inputs).float(), []
+                for chunk in model.chunks:
+                    x = chunk(x)
+                    order = x.abs().argsort(dim=-1, stable=True)
+                    x = x.scatter(-1, order[..., :n_zero], 0.0)
+                    outs.append(x)
+                logits = model.norm_f(x) @ model.embedding.weight.t()
+                nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+                r_nll += F.cross_entropy(model.readout(outs).flatten(0, 1), targets.flatten(), reduction="sum").item()
+        n = len(windows) * 16
+        return math.exp(nll / n), math.exp(r_nll / n)
+
+    for f in (0.0, 0.5, 0.75):
+        ppl, r_ppl = by_hand(f)
+        assert curve[f"{f:g}"]["ppl"] == pytest.approx(ppl, rel=1e-5)
+        assert curve[f"{f:g}"]["readout_ppl"] == pytest.approx(r_ppl, rel=1e-5)
+    assert curve["0.75"]["ppl"] != curve["0"]["ppl"]
+    assert model.config.sparsity_target == 0 and not model.sparse  # left as it was
+    # a model trained with target t: its points below t are its own (it always zeroes t)
+    model.set_sparsity_target(0.5)
+    m5, _ = evaluate_model(model, windows, 4, desc=None)
+    curve5 = prune_curve(model, windows, (0.0, 0.5, 0.75), m5, 4, desc=None)
+    assert curve5["0"]["ppl"] == curve5["0.5"]["ppl"] == pytest.approx(curve["0.5"]["ppl"], rel=1e-6)
+    assert curve5["0.75"]["ppl"] == pytest.approx(curve["0.75"]["ppl"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- config and sources
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("model", "sparsity_target", 1.0, r"model.sparsity_target: must be in \[0, 1\)"),
+    ("model", "sparsity_target", -0.1, r"model.sparsity_target: must be in \[0, 1\)"),
+    ("training", "pruning_penalty", "l2", r"training.pruning_penalty: must be one of \['l1', 'hoyer'\]"),
+    ("training", "keep", "first", r"training.keep: must be one of \['last', 'best'\]"),
+    ("training", "sparsity_warmup_steps", -1, r"training.sparsity_warmup_steps: must be >= 0"),
+    ("eval", "prune_fractions", [0.5, 1.0], r"eval.prune_fractions\[1\]: must be in \[0, 1\)"),
+    ("eval", "prune_fractions", 0.5, r"eval.prune_fractions: must be a list"),
+])
+def test_bad_sparsity_values_are_refused_naming_the_key(sources, section, key, value, match):
+    data = tiny_params(sources)
+    data[section][key] = value
+    with pytest.raises(ConfigError, match=match):
+        Params.from_dict(data, require_all=True)
+
+
+def test_a_samba_directory_seeds_the_pipeline(sources, tmp_path):
+    # what the train stage writes (readout trained, sparsity on) as pretrained.model_name:
+    # convert checks it against transformers and writes the dense baseline, readout kept
+    data = tiny_params(sources)
+    params = Params.from_dict(data, require_all=True)
+    convert(params, tmp_path / "first")
+    trained = Samba.from_pretrained(tmp_path / "first")
+    perturb_(trained, seed=9)
+    trained.set_sparsity_target(0.5)
+    trained.save_pretrained(tmp_path / "stand_in")
+    data["pretrained"]["model_name"] = str(tmp_path / "stand_in")
+    report = convert(Params.from_dict(data, require_all=True), tmp_path / "init")
+    assert report["format"] == "samba" and report["logits_relative_error"] < 1e-5
+    init = Samba.from_pretrained(tmp_path / "init")
+    assert init.config.sparsity_target == 0.0
+    for key, value in trained.state_dict().items():
+        assert torch.equal(init.state_dict()[key], value), key
+    # a model section that disagrees with the Samba source is refused
+    data["model"]["readout_hidden_dim"] = 12
+    with pytest.raises(Exception, match="readout_hidden_dim"):
+        convert(Params.from_dict(data, require_all=True), tmp_path / "init2")
+    assert relative_error(init.embedding.weight, trained.embedding.weight) == 0
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+def _exp(name, pruning_weight, target, l0, ppl, readout_ppl, baseline_ppl=50.0):
+    sparsity = {"l0": l0, "l0_min_chunk": l0 - 0.01, "near_zero_rel": l0 + 0.005}
+    return {"rev": name * 4, "name": name, "data": {
+        "params": {"params.yaml": {"data": {"training": {"pruning_weight": pruning_weight, "lr": 1e-4},
+                                            "model": {"sparsity_target": target}}}},
+        "metrics": {"metrics/eval.json": {"data": {"ppl": ppl, "readout_ppl": readout_ppl, "sparsity": sparsity,
+                                                   "baseline": {"ppl": baseline_ppl}}}}}}
+
+
+def test_frontier_table_and_plot(tmp_path):
+    from samba.frontier import write_frontier
+
+    exps = [_exp("control", 0.0, 0.0, 0.0, 60.0, 61.0), _exp("l1", 0.05, 0.0, 0.0, 61.0, 62.0),
+            _exp("topk50", 0.0, 0.5, 0.5, 62.0, 62.5), _exp("topk75", 0.0, 0.75, 0.75, 63.0, 63.1),
+            _exp("topk75-worse", 0.05, 0.75, 0.75, 66.0, 66.2), _exp("topk90", 0.0, 0.9, 0.9, 80.0, 81.0)]
+    shown = [{"rev": "workspace", "data": {}, "experiments": [{"revs": [e]} for e in exps]}]
+    rows = {r["experiment"]: r for r in write_frontier(shown, tmp_path)}
+    assert rows["control"]["control"] and rows["topk75"]["ppl_vs_control"] == pytest.approx(63 / 60 - 1)
+    assert rows["topk75"]["ppl_vs_baseline"] == pytest.approx(63 / 50 - 1)
+    assert rows["topk90"]["readout_vs_main"] == pytest.approx(81 / 80 - 1)
+    # on the front: no run with as many zeros at no higher ppl
+    assert {n for n, r in rows.items() if r["pareto"]} == {"control", "topk50", "topk75", "topk90"}
+    assert set(rows["l1"]["params"]) == {"training.pruning_weight", "model.sparsity_target"}
+    text = (tmp_path / "frontier.md").read_text()
+    assert "Control: `control`" in text and "| topk75 | " in text and "+5.0%" in text
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+
+
+def test_frontier_refusals(tmp_path):
+    from samba.frontier import FrontierError, write_frontier
+
+    with pytest.raises(FrontierError, match="no experiment has metrics/eval.json"):
+        write_frontier([{"rev": "workspace", "data": {}}], tmp_path)
+    with pytest.raises(FrontierError, match="--control nope: no experiment of that name"):
+        write_frontier([{"rev": "w", "data": {}, "experiments": [{"revs": [_exp("a", 0.0, 0.0, 0, 1, 1)]}]}],
+                       tmp_path, "nope")
