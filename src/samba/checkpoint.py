@@ -283,11 +283,9 @@ def load_export(directory: Path, backend: str = "auto") -> Samba:
         raise CheckpointError(f"{directory / EXPORT_CONFIG_FILE}: not a Samba export config ({err})") from None
     model = model_from_weights("transformers", config, read_weights(directory), backend, where=str(directory))
     readout = read_safetensors(directory / READOUT_FILE)
-    load_state_strict(model, {k: v.float() for k, v in readout.items()}, where=str(directory / READOUT_FILE),
-                      skip_prefix="")  # the backbone is in already
-    missing = [k for k in model.state_dict() if k.startswith("readout.") and k not in readout]
-    if missing:
-        raise CheckpointError(f"missing weight(s) in {directory / READOUT_FILE}: {_names(missing)}")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("readout.")}  # in already
+    state.update({k: v.float() for k, v in readout.items()})
+    load_state_strict(model, state, where=str(directory / READOUT_FILE))
     return model
 
 

@@ -1,0 +1,140 @@
+"""Export to transformers and recurrent generation, against transformers and the full forward."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from samba import ModelConfig, Samba
+from samba.config import Params
+from samba.convert import convert
+from samba.data import prepare_tokens
+from samba.export import ExportError, export
+from samba.generate import Decoder, generate, sample
+
+from conftest import perturb_, relative_error, tiny_params, tool_env
+
+CFG = ModelConfig(vocab_size=264, d_model=16, n_layers=4, d_state=4, readout_hidden_dim=8, readout_stride=2)
+
+
+def _model(target: float = 0.0, seed: int = 0) -> Samba:
+    torch.manual_seed(seed)
+    model = Samba(CFG).eval()
+    perturb_(model, seed)
+    model.set_sparsity_target(target)
+    return model
+
+
+# ----------------------------------------------------------------------------- the recurrent step
+
+@pytest.mark.parametrize("target", [0.0, 0.5])
+@pytest.mark.parametrize("head", ["main", "readout"])
+@pytest.mark.parametrize("prompt_len", [1, 5])
+def test_recurrent_step_equals_the_full_forward(target, head, prompt_len):
+    model = _model(target)
+    ids = torch.randint(0, 264, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+    want = full.logits if head == "main" else full.readout_logits
+    decoder = Decoder(model, batch_size=2, head=head)
+    got = [decoder.prefill(ids[:, :prompt_len])]
+    for t in range(prompt_len, 13):
+        got.append(decoder.step(ids[:, t]))
+    got = torch.stack(got, dim=1)  # predictions after positions prompt_len-1 .. 12
+    assert relative_error(got, want[:, prompt_len - 1:]) < 1e-5
+
+
+def test_sampling():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    assert sample(logits, 0.0, 1.0, None).tolist() == [1]
+    # top_p small enough keeps only the most likely token
+    draws = {int(sample(logits, 1.0, 0.3, torch.Generator().manual_seed(s))) for s in range(20)}
+    assert draws == {1}
+    a = [int(sample(logits, 1.0, 1.0, torch.Generator().manual_seed(7))) for _ in range(3)]
+    assert len(set(a)) == 1  # same seed, same draw
+    assert len({int(sample(logits, 1.0, 1.0, torch.Generator().manual_seed(s))) for s in range(40)}) > 2
+
+
+# ----------------------------------------------------------------------------- export
+
+def test_export_gives_transformers_the_main_head_and_samba_everything_back(tmp_path):
+    from transformers import AutoTokenizer, MambaForCausalLM
+
+    from conftest import make_corpus, make_tokenizer
+
+    model = _model()
+    make_corpus(tmp_path / "corpus")
+    make_tokenizer(tmp_path / "corpus", tmp_path / "tok", vocab_size=264)
+    model.save_pretrained(tmp_path / "samba", extra_files={"tokenizer.json": tmp_path / "tok/tokenizer.json"})
+    report = export(tmp_path / "samba", tmp_path / "hf")
+    assert report["tokenizer"]
+    hf = MambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 264, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert relative_error(theirs, ours.logits) < 1e-4
+    back = Samba.from_pretrained(tmp_path / "hf").eval()
+    assert back.config == model.config
+    with torch.no_grad():
+        again = back(ids)
+    assert torch.equal(again.logits, ours.logits) and torch.equal(again.readout_logits, ours.readout_logits)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.decode(tok("the cat sat")["input_ids"]) == "the cat sat"
+
+
+def test_greedy_main_head_equals_transformers_generate(tmp_path):
+    from transformers import MambaForCausalLM
+
+    model = _model(seed=3)
+    model.save_pretrained(tmp_path / "samba")
+    export(tmp_path / "samba", tmp_path / "hf")
+    hf = MambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = torch.randint(0, 264, (2, 6), generator=torch.Generator().manual_seed(4))
+    ours = generate(model, prompt, 20, temperature=0.0)
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20, pad_token_id=0)
+    assert torch.equal(ours, theirs[:, 6:])
+
+
+def test_export_refuses_sparsity_unless_dropped_and_says_what_it_costs(sources, tmp_path):
+    params = Params.from_dict(tiny_params(sources), require_all=True)
+    prepare_tokens(params.dataset, tmp_path / "data")
+    convert(params, tmp_path / "init")
+    model = Samba.from_pretrained(tmp_path / "init")
+    model.set_sparsity_target(0.75)
+    model.save_pretrained(tmp_path / "sparse")
+    with pytest.raises(ExportError, match=r"zeroes 75% of every chunk output .* plain Mamba cannot compute "
+                                          r"\(test ppl [\d.]+ with it, [\d.]+ without, .*--drop-sparsity"):
+        export(tmp_path / "sparse", tmp_path / "hf", data_dir=tmp_path / "data")
+    assert not (tmp_path / "hf").exists()
+    report = export(tmp_path / "sparse", tmp_path / "hf", drop_sparsity=True, data_dir=tmp_path / "data")
+    assert report["ppl_with_sparsity"] != report["ppl_without"]
+    assert Samba.from_pretrained(tmp_path / "hf").config.sparsity_target == 0.75  # Samba's own config kept
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_generate_command_streams_the_greedy_text(sources, tmp_path):
+    from tokenizers import Tokenizer
+
+    params = Params.from_dict(tiny_params(sources), require_all=True)
+    prepare_tokens(params.dataset, tmp_path / "data")
+    convert(params, tmp_path / "init")
+    model = Samba.from_pretrained(tmp_path / "init")
+    model.save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": tmp_path / "data/tokenizer.json"})
+    for head in ("main", "readout"):
+        proc = subprocess.run([sys.executable, "-m", "samba.generate", str(tmp_path / "m"), "--prompt", "the cat",
+                               "--max-new-tokens", "12", "--temperature", "0", "--head", head, "--device", "cpu"],
+                              capture_output=True, text=True, env=tool_env())
+        assert proc.returncode == 0, proc.stderr
+        tok = Tokenizer.from_file(str(tmp_path / "data/tokenizer.json"))
+        prompt = torch.tensor([tok.encode("the cat").ids])
+        want = generate(model, prompt, 12, head=head, temperature=0.0)
+        assert proc.stdout == "the cat" + tok.decode(want[0].tolist()) + "\n"
+    bad = subprocess.run([sys.executable, "-m", "samba.generate", str(tmp_path / "init"), "--prompt", "x"],
+                         capture_output=True, text=True, env=tool_env())
+    assert bad.returncode == 2 and "records no tokenizer" in bad.stderr and "Traceback" not in bad.stderr
+    assert json.loads((tmp_path / "m/config.json").read_text())["format"] == "samba"
