@@ -4,6 +4,7 @@ global batch, and a hard kill of 2 processes resumes to the uninterrupted weight
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import signal
 import subprocess
@@ -50,8 +51,8 @@ def stage(project: Path, where: Path, params: dict, **popen) -> subprocess.Popen
     cmd = [sys.executable, str(REPO / "stages/train.py"), "--params", str(where / "params.yaml"),
            "--data", str(project / "data"), "--init", str(project / "init"), "--out", str(where / "out"),
            "--metrics", str(where / "metrics"), "--checkpoints", str(where / "ckpt")]
-    return subprocess.Popen(cmd, cwd=where, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen)
+    popen.setdefault("env", tool_env())
+    return subprocess.Popen(cmd, cwd=where, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -68,9 +69,20 @@ def losses(where: Path) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def two_processes(sources, project, tmp_path_factory) -> Path:
     where = tmp_path_factory.mktemp("two")
-    err = finish(stage(project, where, params_dict(sources, 2)))
+    params = params_dict(sources, 2)
+    params["logging"]["use_wandb"] = importlib.util.find_spec("wandb") is not None
+    err = finish(stage(project, where, params, env=tool_env(WANDB_MODE="offline", WANDB_DIR=str(where),
+                                                             WANDB_SILENT="true")))
     assert "2 processes" in err
     return where
+
+
+def test_only_rank_0_logs(two_processes):
+    pytest.importorskip("wandb", reason="wandb is in requirements.txt")
+    from wandb_log import offline_run
+
+    config, history = offline_run(two_processes)  # asserts there is exactly one run
+    assert sorted(history) == list(range(2, 41, 2)) and config["compute"]["num_processes"] == 2
 
 
 def test_two_processes_follow_one_process(sources, project, two_processes, tmp_path):
