@@ -168,7 +168,8 @@ def make_pipeline_repo(root: Path, params: dict) -> Path:
     sh("git", "config", "user.email", "ci@example.com", cwd=root)
     sh("git", "config", "user.name", "CI", cwd=root)
     dvc("init", "-q", cwd=root)
-    dvc("config", "core.analytics", "false", cwd=root)
+    shutil.copy(REPO / ".dvc/config", root / ".dvc/config")  # the project's DVC settings
+    shutil.copytree(REPO / ".dvc/plots", root / ".dvc/plots")  # and its offline plots page
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-qm", "pipeline", cwd=root)
     return root

@@ -5,15 +5,16 @@ copy of the repository runs its own code. Generated sources stand in for the Hub
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import BIN, REPO, dvc, make_pipeline_repo, sh, tiny_params, tool_env
+from conftest import dvc, make_pipeline_repo, sh, tiny_params, tool_env
 
 pytestmark = pytest.mark.e2e
 STAGES = ("prepare", "convert", "train", "evaluate")
@@ -158,3 +159,45 @@ def _experiment_metrics(shown: list, name: str) -> dict:
         if rev.get("name") == name:
             return rev["data"]["metrics"]["metrics/eval.json"]["data"]
     raise AssertionError(f"experiment {name} not in dvc exp show: {json.dumps(shown)[:2000]}")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_plots_pages_render_offline(pipeline_repo, tmp_path):
+    # dvc plots show / diff write a page whose vega, vega-lite and vega-embed are inline (the
+    # template .dvc/config names): no remote script, and headless Chromium draws the charts.
+    from samba.plots_template import expected_versions
+
+    repo = pipeline_repo
+    pages = {}
+    dvc("plots", "show", "-o", str(tmp_path / "show"), cwd=repo)
+    dvc("plots", "diff", "HEAD~1", "HEAD", "-o", str(tmp_path / "diff"), cwd=repo)
+    for name in ("show", "diff"):
+        html = (tmp_path / name / "index.html").read_text()
+        assert not re.findall(r"<script[^>]*\bsrc=", html), "the page loads a script from elsewhere"
+        assert "cdn.jsdelivr" not in html
+        for package, version in expected_versions().items():
+            assert f"/* {package}@{version} " in html
+        assert html.count("vegaEmbed(") >= 4
+        pages[name] = tmp_path / name / "index.html"
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("needs Debian's chromium (the README's test set-up installs it)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    for name, page in pages.items():
+        dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                             timeout=120).stdout
+        drawn = len(re.findall(r'class="marks"', dom)) + len(re.findall(r"<canvas", dom))
+        assert drawn >= 4, f"{name}: vega drew {drawn} charts"
+        shot = tmp_path / f"{name}.png"
+        subprocess.run([chromium, *flags, "--window-size=1200,3000", f"--screenshot={shot}", page.as_uri()],
+                       capture_output=True, timeout=120)
+        from PIL import Image
+
+        pixels = Image.open(shot).convert("L").getdata()
+        dark = sum(1 for p in pixels if p < 200) / len(pixels)
+        assert dark > 0.01, f"{name}: the screenshot is blank ({dark:.4f} dark)"
