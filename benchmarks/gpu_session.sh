@@ -1,58 +1,123 @@
 #!/usr/bin/env bash
-# Everything this project runs on the GPU machine, in one call (device time is scarce):
-#   1. install the kernels (and dvc/dvclive, absent there) from wheels carried in .gpu/
-#   2. the GPU tests: kernel path vs reference path          -> $OUT/gpu_tests.log
-#   3. the training-step benchmark                           -> $OUT/train_step.{md,json}, bench.log
-#   4. the real pipeline with dvc, WikiText-2 from .gpu/data -> $OUT/run.log, run.tar.gz
-# Usage there: bash benchmarks/gpu_session.sh [tests,bench,run]
-# Carry: .gpu (mamba_ssm and causal_conv1d wheels, .gpu/dvc/*.whl, .gpu/data/wt2.tar.gz).
+# Everything this project runs on the GPU machine (device time is scarce: few, full calls).
+#   bash benchmarks/gpu_session.sh tests,bench,gen     # one H200: kernel tests, step and decoding benchmarks
+#   bash benchmarks/gpu_session.sh sweep               # two H200s: scaling, stand-in model, the sparsity sweep
+# Carry .gpu: the mamba-ssm / causal-conv1d wheels (../shared/wheels), liger-kernel and
+# cut-cross-entropy wheels, .gpu/dvc/*.whl (dvc, dvclive and what they need), .gpu/data/wt2.tar.gz
+# (WikiText-2 tokenized + the GPT-NeoX tokenizer). Results: $RES, packed into $OUT/results.tar.gz
+# after every part, so that a call cut short still brings back what finished.
 set -uo pipefail
-PARTS=${1:-tests,bench,run}
+PARTS=${1:-tests,bench,gen}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+RES=/tmp/results; mkdir -p $RES
 REPO=$(pwd)
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+DEADLINE=${DEADLINE:-555}   # seconds: stop waiting on the sweep and pack what is done
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+pack() { tar czf "$OUT/results.tar.gz" -C /tmp results; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$REPO/src
-if [[ $PARTS == *run* ]]; then
-  python3 -m pip install -q --no-index --find-links .gpu/dvc dvc==3.67.1 dvclive==3.49.1 2>&1 | grep -v WARNING | tail -3
-fi
-python3 -c "import torch, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__)"
+mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH=/tmp/bin:$PATH
+python3 -c "import torch, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__, 'GPUs', torch.cuda.device_count())"
 
 if [[ $PARTS == *tests* ]]; then
   echo "=== GPU tests"; start=$SECONDS
-  python3 -m pytest -p no:cacheprovider -m gpu -v -s tests/test_kernels_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "rel err|PASS|FAIL|Error|passed|failed" | tail -60
-  echo "GPU tests: $((SECONDS - start)) s"
+  python3 -m pytest -p no:cacheprovider -m gpu -v -s tests/test_kernels_gpu.py > "$RES/gpu_tests.log" 2>&1
+  grep -E "rel err|PASS|FAIL|Error|passed|failed" "$RES/gpu_tests.log" | tail -70
+  echo "GPU tests: $((SECONDS - start)) s"; pack
 fi
 
 if [[ $PARTS == *bench* ]]; then
-  echo "=== benchmark"; start=$SECONDS
-  python3 benchmarks/train_step.py ${BENCH_ARGS:-} --out "$OUT/train_step.md" --json "$OUT/train_step.json" > "$OUT/bench.log" 2>&1
-  tail -45 "$OUT/bench.log"
-  echo "benchmark: $((SECONDS - start)) s"
+  echo "=== training-step benchmark"; start=$SECONDS
+  python3 benchmarks/train_step.py --ce --out "$RES/train_step.md" --json "$RES/train_step.json" \
+    > "$RES/bench.log" 2>&1
+  grep -E "^---|ready|failed|round" "$RES/bench.log" | tail -30; sed -n '/^## Batch/,/^## Profile/p' "$RES/train_step.md" | head -40
+  echo "benchmark: $((SECONDS - start)) s"; pack
 fi
 
-if [[ $PARTS == *run* ]]; then
-  echo "=== pipeline run"; start=$SECONDS
-  mkdir -p /tmp/wt2 /tmp/bin && tar xzf .gpu/data/wt2.tar.gz -C /tmp/wt2
-  command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/bin/python
-  export PATH=/tmp/bin:$PATH
-  rm -rf /tmp/run && mkdir /tmp/run
-  cp -r dvc.yaml params.yaml stages src .dvc .dvcignore .gitignore pyproject.toml /tmp/run/
-  rm -rf /tmp/run/.dvc/tmp /tmp/run/.dvc/cache
-  export PYTHONPATH=/tmp/site:/tmp/run/src
-  cd /tmp/run && git init -q && git config user.email gpu@example.com && git config user.name gpu \
-    && git add -A && git commit -qm pipeline || exit 1
-  ( time python3 -m dvc exp run -n gpu-wt2 ${RUN_ARGS:-} \
-      -S dataset.name=/tmp/wt2/wikitext-2-tokenized -S dataset.tokenizer=/tmp/wt2/tokenizers/gpt-neox-20b \
-      -S pretrained.use_pretrained=false -S training.epochs=1 -S training.lr=6.0e-4 \
-      -S training.eval_every=100 -S compute.compile=true ) > "$OUT/run.log" 2>&1
-  echo "dvc exp run exit $?"; grep -vE "^\s*$|it/s|step/s|batch/s" "$OUT/run.log" | tail -25
-  echo "--- evaluate stage alone"
-  ( time python3 stages/evaluate.py --out /tmp/eval_again.json --plots /tmp/plots_again ) >> "$OUT/run.log" 2>&1
-  grep -A3 "^real" "$OUT/run.log" | tail -8
-  tar czf "$OUT/run.tar.gz" dvc.lock params.yaml metrics
-  cat metrics/eval.json | head -30
-  echo "pipeline: $((SECONDS - start)) s"
+if [[ $PARTS == *gen* ]]; then
+  echo "=== decoding benchmark"; start=$SECONDS
+  python3 benchmarks/generate.py --out "$RES/generate.md" --json "$RES/generate.json" > "$RES/generate.log" 2>&1
+  tail -16 "$RES/generate.md"; grep -iE "error|Traceback" "$RES/generate.log" | head -5
+  echo "decoding: $((SECONDS - start)) s"; pack
+fi
+
+if [[ $PARTS == *sweep* ]]; then
+  echo "=== set-up"; start=$SECONDS
+  python3 -m pip install -q --no-index --find-links .gpu/dvc dvc==3.67.1 dvclive==3.49.1 2>&1 | grep -v WARNING | tail -3
+  mkdir -p /tmp/wt2 && tar xzf .gpu/data/wt2.tar.gz -C /tmp/wt2
+  RUN=/tmp/run; rm -rf $RUN && mkdir $RUN
+  cp -r dvc.yaml params.yaml stages src .dvcignore .gitignore pyproject.toml $RUN/ && mkdir $RUN/.dvc \
+    && cp -r .dvc/config .dvc/plots $RUN/.dvc/
+  export PYTHONPATH=/tmp/site:$RUN/src
+  cd $RUN && git init -q && git config user.email gpu@example.com && git config user.name gpu || exit 1
+  # The stand-in's recipe on WikiText-2 (wikitext-2-v1 files; the raw train split is not at hand)
+  python3 - <<'EOF'
+import yaml
+p = yaml.safe_load(open("params.yaml"))
+p["dataset"].update(name="/tmp/wt2/wikitext-2-tokenized", tokenizer="/tmp/wt2/tokenizers/gpt-neox-20b")
+p["pretrained"].update(use_pretrained=False)
+p["training"].update(epochs=1, lr=1.0e-4, warmup_steps=30, eval_every=50, checkpoint_every=100)
+p["eval"].update(batch_size=32)
+yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
+EOF
+  git add -A && git commit -qm "sweep base" && python3 -m dvc repro prepare convert > "$RES/setup.log" 2>&1
+  git add -A && git commit -qm "prepare, convert (random init)" -q
+  tail -3 "$RES/setup.log"; echo "set-up: $((SECONDS - start)) s"
+
+  echo "=== scaling"; start=$SECONDS
+  python3 $REPO/benchmarks/scaling.py --params params.yaml --data data/tokenized --init models/init --steps 100 \
+    --out "$RES/scaling.md" --json "$RES/scaling.json" > "$RES/scaling.log" 2>&1
+  tail -8 "$RES/scaling.md"; echo "scaling: $((SECONDS - start)) s"; pack
+  PROCS=1; grep -q "| 2 | 32 | 16 |" "$RES/scaling.md" && PROCS=2
+
+  echo "=== stand-in pretraining (4 epochs, lr 6e-4, from random init, $PROCS GPUs)"; start=$SECONDS
+  python3 -m dvc exp run -n standin -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
+    -S training.readout_weight=0.0 -S training.pruning_weight=0.0 -S training.eval_every=300 \
+    -S compute.num_processes=$PROCS > "$RES/standin.log" 2>&1
+  echo "exit $?"; grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/standin.log" | tail -6
+  cp -r models/samba /tmp/standin && cp metrics/eval.json "$RES/standin_eval.json"
+  mkdir -p "$RES/standin_train" && cp -r metrics/train/plots metrics/train/metrics.json "$RES/standin_train/"
+  echo "--- evaluate stage alone, stand-in vs random init (both models, WikiText-2 test)"
+  ( time python3 stages/evaluate.py --out /tmp/eval_again.json --plots /tmp/plots_again ) > "$RES/evaluate_alone.log" 2>&1
+  grep -E "^real|wrote" "$RES/evaluate_alone.log"; echo "stand-in: $((SECONDS - start)) s"; pack
+
+  echo "=== the sweep: 1 epoch at lr 1e-4 from the stand-in, queued, 4 workers on 2 GPUs"; start=$SECONDS
+  git checkout -q -- params.yaml dvc.lock || exit 1
+  python3 - <<'EOF'
+import yaml
+p = yaml.safe_load(open("params.yaml"))
+p["pretrained"].update(use_pretrained=True, model_name="/tmp/standin")
+p["training"].update(sparsity_warmup_steps=100, pruning_weight=0.0)
+yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
+EOF
+  python3 -m dvc repro convert > "$RES/convert_standin.log" 2>&1; tail -2 "$RES/convert_standin.log"
+  git add -A && git commit -qm "sweep: from the stand-in" -q
+  i=0
+  queue() { python3 -m dvc exp run --queue -n "$1" -S compute.device=cuda:$((i % 2)) "${@:2}" > /dev/null; i=$((i + 1)); }
+  queue control
+  queue topk75      -S model.sparsity_target=0.75
+  queue l1-0.05     -S training.pruning_penalty=l1 -S training.pruning_weight=0.05
+  queue topk50      -S model.sparsity_target=0.5
+  queue hoyer-0.5   -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
+  queue topk90      -S model.sparsity_target=0.9
+  queue topk75-hoyer -S model.sparsity_target=0.75 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
+  queue l1-1        -S training.pruning_penalty=l1 -S training.pruning_weight=1.0
+  queue topk90-hoyer -S model.sparsity_target=0.9 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
+  queue hoyer-2     -S training.pruning_penalty=hoyer -S training.pruning_weight=2.0
+  queue topk50-hoyer -S model.sparsity_target=0.5 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
+  python3 -m dvc queue start -j 4 > /dev/null 2>&1
+  while [ $SECONDS -lt $DEADLINE ]; do
+    status=$(python3 -m dvc queue status 2>/dev/null)
+    echo "$status" | grep -qE "Queued|Running" || break
+    sleep 10
+  done
+  python3 -m dvc queue status > "$RES/queue_status.txt" 2>&1; cat "$RES/queue_status.txt"
+  python3 -m dvc exp show --json > "$RES/exp_show.json" 2> /dev/null
+  python3 -m samba.frontier "$RES/sparsity" --from-json "$RES/exp_show.json" --control control 2>&1 | tail -20
+  for name in $(python3 -m dvc queue status 2>/dev/null | awk '/Failed/ {print $2}'); do
+    python3 -m dvc queue logs "$name" > "$RES/failed_$name.log" 2>&1; done
+  echo "sweep: $((SECONDS - start)) s"
   cd "$REPO"
 fi
+pack; ls -la "$OUT"

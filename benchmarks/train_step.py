@@ -1,20 +1,22 @@
-"""One full training step (forward, loss, backward, fused AdamW step), side by side.
+"""One full training step (forward, loss, backward, clipping, fused AdamW), side by side.
 
-Same GPU, same shapes for all: d_model 768, 24 layers, vocab 50,280, batch 16 x 512 tokens,
-bf16 autocast, fused AdamW. Median of --steps timed steps after --warmup steps (CUDA events).
+Same GPU and shapes for all: d_model 768, 24 layers, vocab 50,280, sequences of 512 tokens,
+bf16 autocast, fused AdamW; at batch 16 and at batch 32. Median of interleaved rounds.
 
-  a        Samba's real step: readout + L1, readout_weight 0.5, pruning_weight 0.05, compile_parts()
-  a-eager  the same without torch.compile
-  b        Samba with both weights 0 (no readout, no L1)
-  c        mamba-ssm MambaLMHeadModel + plain cross-entropy (what a user would reach for)
-  d        transformers MambaForCausalLM (kernel path) + plain cross-entropy
-  e        Samba on its pure-PyTorch reference path (a few steps)
+  a           Samba as the train stage runs it (``train.training_step``: readout 0.5, L1 0.05),
+              the whole step replayed as one CUDA graph (compute.cuda_graphs, the default)
+  a_eager     the same step launched eagerly (compute.cuda_graphs: false)
+  a_topk      a with model.sparsity_target 0.75 (exact top-k zeros in every chunk output)
+  a_compiled  a with compute.compile: true (torch.compile of the norms, readout and CE slices)
+  c           mamba-ssm MambaLMHeadModel + plain cross-entropy, eager (what a user would write)
+  c_graphed   the same, whole step captured as a CUDA graph: the best a mamba-ssm user can do
 
-Also measured: activation memory held after the forward pass (what backward keeps), and a
-torch.profiler breakdown of a and c. Writes a Markdown report (and JSON) and prints the table
-last. Run on the GPU machine:
+Also: peak memory of each variant as if alone, a kernel-by-kernel profile of a_eager and c at
+batch 32, and (``--ce``) the head's linear cross-entropy on its own: ours (sliced) against
+liger-kernel's fused linear cross-entropy and Apple's cut-cross-entropy, eager and captured.
+Writes Markdown and JSON (``results`` entries: key, batch, tokens_per_s, peak_gib, ...):
 
-  python benchmarks/train_step.py --out benchmarks/results/train_step.md
+  python benchmarks/train_step.py --out benchmarks/results/train_step.md --json benchmarks/results/train_step.json
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import gc
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -36,179 +39,228 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from samba import ModelConfig, Samba  # noqa: E402
-from samba.loss import samba_loss  # noqa: E402
+from samba.config import TrainingConfig  # noqa: E402
+from samba.cuda_graphs import GraphedCallable  # noqa: E402
+from samba.loss import SambaObjective  # noqa: E402
+from samba.ops import linear_cross_entropy  # noqa: E402
+from samba.train import make_optimizer, training_step  # noqa: E402
 
-B, L, VOCAB, D_MODEL, N_LAYERS = 16, 512, 50280, 768, 24
+L, VOCAB, D_MODEL, N_LAYERS = 512, 50280, 768, 24
 GiB = 1 << 30
+DEVICE = torch.device("cuda")
+TRAINING = TrainingConfig(lr=1e-4, readout_weight=0.5, pruning_weight=0.05, grad_clip=1.0)
 
 
-def samba_variant(backend: str, readout_weight: float, pruning_weight: float, compiled: bool):
+def samba_variant(graphs: bool, target: float = 0.0, compiled: bool = False):
     def build():
-        model = Samba(ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layers=N_LAYERS), backend=backend).cuda()
+        model = Samba(ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layers=N_LAYERS, sparsity_target=target),
+                      backend="kernels").to(DEVICE).train()
         if compiled:
             model.compile_parts()
-        return model
+        optimizer = make_optimizer(model, TRAINING, DEVICE, graphs)
+        objective = SambaObjective(model, TRAINING.readout_weight, TRAINING.pruning_weight, TRAINING.pruning_penalty)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        step = training_step(objective, optimizer, trainable, TRAINING.grad_clip, DEVICE, torch.bfloat16)
+        return model, GraphedCallable(step, enabled=graphs, name="a")
+    return build
 
-    def loss(model, x, y):
-        return samba_loss(model, x, y, readout_weight, pruning_weight, report_all=False).total
-    return build, loss
 
-
-def mamba_ssm_variant():
+def mamba_ssm_variant(graphs: bool):
     def build():
         from mamba_ssm.models.config_mamba import MambaConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
         cfg = MambaConfig(d_model=D_MODEL, n_layer=N_LAYERS, vocab_size=50277, ssm_cfg={}, rms_norm=True,
                           residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
-        return MambaLMHeadModel(cfg, device="cuda")
+        model = MambaLMHeadModel(cfg, device="cuda").train()
+        lr = torch.tensor(1e-4, device=DEVICE) if graphs else 1e-4
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=graphs)
+        params = list(model.parameters())
 
-    def loss(model, x, y):
-        logits = model(x).logits
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
-    return build, loss
-
-
-def transformers_variant():
-    def build():
-        from transformers import MambaConfig, MambaForCausalLM
-
-        return MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS,
-                                            state_size=16, expand=2, conv_kernel=4, use_cache=False)).cuda()
-
-    def loss(model, x, y):
-        logits = model(x, use_cache=False).logits
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
-    return build, loss
+        def step(x, y):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                logits = model(x).logits
+                loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            optimizer.step()
+            return loss.detach()
+        return model, GraphedCallable(step, enabled=graphs, name="c")
+    return build
 
 
 VARIANTS = {
-    "a": ("Samba real step (readout + L1, compiled)", lambda: samba_variant("kernels", 0.5, 0.05, True)),
-    "a-eager": ("Samba real step, no torch.compile", lambda: samba_variant("kernels", 0.5, 0.05, False)),
-    "b": ("Samba, both weights 0", lambda: samba_variant("kernels", 0.0, 0.0, True)),
-    "c": ("mamba-ssm MambaLMHeadModel + CE", mamba_ssm_variant),
-    "d": ("transformers MambaForCausalLM (kernels) + CE", transformers_variant),
-    "e": ("Samba, pure-PyTorch reference path", lambda: samba_variant("reference", 0.5, 0.05, False)),
+    "a": ("Samba, the train stage's step, CUDA graph", lambda: samba_variant(True)),
+    "a_eager": ("Samba, the same step launched eagerly", lambda: samba_variant(False)),
+    "a_topk": ("Samba, sparsity_target 0.75 (top-k), CUDA graph", lambda: samba_variant(True, 0.75)),
+    "a_compiled": ("Samba, compute.compile true, CUDA graph", lambda: samba_variant(True, compiled=True)),
+    "c": ("mamba-ssm MambaLMHeadModel + CE, eager", lambda: mamba_ssm_variant(False)),
+    "c_graphed": ("mamba-ssm MambaLMHeadModel + CE, CUDA graph", lambda: mamba_ssm_variant(True)),
 }
 
 
-def batches(n: int, seed: int):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 50277, (B, L + 1), device="cuda", generator=g)
-        out.append((ids[:, :-1], ids[:, 1:]))
-    return out
-
-
 class Runner:
-    """One variant: its model, optimizer and data, ready to step."""
+    """One variant at one batch size: built, warmed up and captured, then timed in rounds."""
 
-    def __init__(self, key: str):
-        self.key, (self.name, factory) = key, VARIANTS[key]
+    def __init__(self, key: str, batch: int, warmup: int):
+        self.key, self.batch, (self.name, factory) = key, batch, VARIANTS[key]
         torch.cuda.synchronize()
-        self.base = torch.cuda.memory_allocated()
-        build, self.loss_fn = factory()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         torch.manual_seed(0)
-        self.model = build().train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
-        self.data = batches(4, seed=1)
+        self.model, self.step = factory()()
+        g = torch.Generator(device="cuda").manual_seed(1)
+        self.data = [torch.randint(0, 50277, (batch, L + 1), device="cuda", generator=g) for _ in range(4)]
         self.times: list[float] = []
         self.i = 0
-
-    def step(self):
-        x, y = self.data[self.i % len(self.data)]
-        self.i += 1
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = self.loss_fn(self.model, x, y)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss
-
-    def warm_up(self, n: int) -> None:
-        t0 = time.perf_counter()
-        for i in range(n):
-            loss = self.step()
-            torch.cuda.synchronize()
-            if i == 0 and self.key in ("c", "d") and time.perf_counter() - t0 > 15:
-                raise RuntimeError(f"first step took {time.perf_counter() - t0:.0f}s; not on the kernel path?")
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {loss.item()}")
-        del loss
+        for _ in range(warmup + 2):  # eager warm-up, capture, first replays
+            out = self.run_once()
         torch.cuda.synchronize()
-        # what this variant keeps between steps: weights, optimizer state, data
-        self.resident = torch.cuda.memory_allocated() - self.base
+        if not torch.isfinite(out).all():
+            raise RuntimeError(f"{key}: loss is {out}")
+        # peak as if alone: everything this variant allocated, graph pools included
+        self.peak = (torch.cuda.max_memory_allocated() - before) / GiB
+        self.graphed = self.step.graph is not None
+
+    def run_once(self):
+        ids = self.data[self.i % len(self.data)]
+        self.i += 1
+        return self.step(ids[:, :-1], ids[:, 1:])
 
     def timed(self, n: int) -> None:
         for _ in range(n):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            self.step()
+            self.run_once()
             end.record()
             end.synchronize()
             self.times.append(start.elapsed_time(end))
 
-    def memory(self) -> tuple[float, float]:
-        """Peak memory of one step as if this variant were alone on the GPU (its resident
-        memory plus the step's rise above what was allocated before it), and the memory held
-        after the forward pass (what backward keeps)."""
-        x, y = self.data[0]
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            held = self.loss_fn(self.model, x, y)
-        torch.cuda.synchronize()
-        activations = torch.cuda.memory_allocated() - before
-        held.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before + self.resident) / GiB, activations / GiB
-
-    def result(self, profile: bool) -> dict:
-        peak, activations = self.memory()
+    def result(self) -> dict:
         ms = statistics.median(self.times)
-        r = {"key": self.key, "name": self.name, "step_ms": ms, "step_ms_all": self.times,
-             "step_ms_iqr": (statistics.quantiles(self.times, n=4)[0], statistics.quantiles(self.times, n=4)[2])
-             if len(self.times) >= 4 else None,
-             "tokens_per_s": B * L / (ms / 1e3), "peak_gib": peak, "activations_gib": activations,
-             "params_m": sum(p.numel() for p in self.model.parameters()) / 1e6}
-        if profile:
-            r["profile"], r["gpu_busy_ms"], r["kernels_per_step"] = profile_steps(self.step)
-        return r
+        q = statistics.quantiles(self.times, n=4)
+        return {"key": self.key, "name": self.name, "batch": self.batch, "step_ms": ms, "step_ms_iqr": [q[0], q[2]],
+                "tokens_per_s": self.batch * L / (ms / 1e3), "peak_gib": self.peak, "graphed": self.graphed}
 
     def free(self) -> None:
-        del self.model, self.opt, self.data
+        self.step.release()
+        del self.model, self.step, self.data
         gc.collect()
         torch.cuda.empty_cache()
 
 
-def profile_steps(step, n: int = 3) -> tuple[list[tuple[str, float]], float, float]:
-    """Top CUDA kernels (name, ms per step), total kernel time per step, kernels per step."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+def profile(runner: Runner, n: int = 3) -> dict:
+    """Top CUDA kernels (ms per step) and the GPU-busy time per step."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
-            step()
+            runner.run_once()
         torch.cuda.synchronize()
     rows, busy, count = [], 0.0, 0
     for evt in prof.key_averages():
-        if getattr(evt, "device_type", None) != DeviceType.CUDA:
+        t = getattr(evt, "device_time_total", 0) or 0
+        if t <= 0:
             continue
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        rows.append((evt.key[:90], t / 1e3 / n))
+        rows.append((evt.key[:100], t / 1e3 / n))
         busy += t / 1e3 / n
         count += evt.count / n
     rows.sort(key=lambda r: -r[1])
-    return rows[:20], busy, count
+    return {"kernels": rows[:25], "gpu_busy_ms": busy, "kernels_per_step": count}
 
+
+# ----------------------------------------------------------------------------- the CE on its own
+
+def ce_candidates():
+    """name -> f(hidden, weight, targets) -> mean CE; all under bf16 autocast."""
+    out = {"ours (sliced)": lambda h, w, t: linear_cross_entropy(h, w, t),
+           "ours (sliced, compiled)": lambda h, w, t: linear_cross_entropy(h, w, t, compiled=True)}
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        out["liger-kernel fused linear CE"] = lambda h, w, t: liger_fused_linear_cross_entropy(
+            h.to(torch.bfloat16), w.to(torch.bfloat16), t)
+    except Exception as err:  # noqa: BLE001
+        print(f"liger-kernel unavailable: {err}")
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        out["cut-cross-entropy (exact)"] = lambda h, w, t: cce(h.to(torch.bfloat16), w.to(torch.bfloat16), t,
+                                                               filter_eps=None)
+        out["cut-cross-entropy (default filter)"] = lambda h, w, t: cce(h.to(torch.bfloat16), w.to(torch.bfloat16), t)
+    except Exception as err:  # noqa: BLE001
+        print(f"cut-cross-entropy unavailable: {err}")
+    out["plain (full logits)"] = lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t)
+    return out
+
+
+def ce_benchmark(tokens_list=(8192, 16384), dims=(768, 512), steps: int = 10) -> list[dict]:
+    results = []
+    for T in tokens_list:
+        for H in dims:
+            g = torch.Generator(device="cuda").manual_seed(T + H)
+            hidden = torch.randn(T, H, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+            weight = (0.02 * torch.randn(VOCAB, H, device="cuda", generator=g)).requires_grad_()
+            targets = torch.randint(0, VOCAB, (T,), device="cuda", generator=g)
+            ref_loss = ref_grads = None
+            for name, fn in ce_candidates().items():
+                row = {"tokens": T, "hidden": H, "impl": name}
+                try:
+                    def step():
+                        hidden.grad = weight.grad = None
+                        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                            loss = fn(hidden, weight, targets)
+                        loss.backward()
+                        return loss
+                    for _ in range(3):
+                        loss = step()
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    times = []
+                    for _ in range(steps):
+                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        s.record()
+                        loss = step()
+                        e.record()
+                        e.synchronize()
+                        times.append(s.elapsed_time(e))
+                    grads = (hidden.grad.float(), weight.grad.float())
+                    if ref_loss is None:
+                        ref_loss, ref_grads = loss.float(), grads
+                    row.update(ms=statistics.median(times), peak_extra_gib=(torch.cuda.max_memory_allocated() - base) / GiB,
+                               loss_rel_err=abs((loss.float() - ref_loss) / ref_loss).item(),
+                               grad_rel_err=max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads)))
+                    # can it live inside a captured CUDA graph (the train stage's step)?
+                    graph = torch.cuda.CUDAGraph()
+                    try:
+                        side = torch.cuda.Stream()
+                        side.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(side):
+                            step()
+                        torch.cuda.current_stream().wait_stream(side)
+                        with torch.cuda.graph(graph):
+                            step()
+                        row["capturable"] = "yes"
+                    except Exception as err:  # noqa: BLE001
+                        row["capturable"] = f"no ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+                        torch.cuda.synchronize()
+                    del graph
+                except Exception as err:  # noqa: BLE001
+                    row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                print(row, flush=True)
+                results.append(row)
+            del hidden, weight
+            torch.cuda.empty_cache()
+    return results
+
+
+# ----------------------------------------------------------------------------- report
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
-    for pkg in ("mamba_ssm", "causal_conv1d", "transformers", "triton"):
+    for pkg in ("mamba_ssm", "causal_conv1d", "transformers", "triton", "liger_kernel", "cut_cross_entropy"):
         try:
             out[pkg] = metadata.version(pkg.replace("_", "-"))
         except metadata.PackageNotFoundError:
@@ -216,151 +268,123 @@ def versions() -> dict[str, str]:
     return out
 
 
-def report(results: list[dict], args, meta: dict) -> str:
-    base = next((r for r in results if r["key"] == "c"), None)
+def report(data: dict) -> str:
+    meta, results = data["meta"], data["results"]
     lines = [f"# Training-step benchmark ({meta['date']})", "",
-             f"- GPU: {meta['gpu']}; driver {meta['driver']}",
-             f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-             f"- shapes: d_model {D_MODEL}, {N_LAYERS} layers, vocab {VOCAB}, batch {B} x {L} tokens; "
-             "bf16 autocast, fused AdamW; full step (forward, loss, backward, optimizer step)",
-             f"- median of {args.rounds} x {args.steps} timed steps after {args.warmup} warm-up steps; the "
-             "kernel-path variants are timed in interleaved rounds (c, d, b, ... then again), so drift falls on "
-             f"all alike; the reference path e: {args.ref_steps} steps after 1 warm-up",
-             f"- command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`", "",
-             "| | implementation | step (ms) | tokens/s | x tokens/s of c | peak memory (GiB) | x peak of c "
-             "| activations after forward (GiB) | step IQR (ms) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['key']} | {r['name']} | failed: {r['error']} | | | | | |")
-            continue
-        ratio_t = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}" if base else "-"
-        ratio_m = f"{r['peak_gib'] / base['peak_gib']:.3f}" if base else "-"
-        iqr = f"{r['step_ms_iqr'][0]:.1f}-{r['step_ms_iqr'][1]:.1f}" if r.get("step_ms_iqr") else "-"
-        lines.append(f"| {r['key']} | {r['name']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio_t} "
-                     f"| {r['peak_gib']:.2f} | {ratio_m} | {r['activations_gib']:.2f} | {iqr} |")
-    by = {r["key"]: r for r in results if "error" not in r}
-    lines += ["", "## Targets", ""]
-    if "a" in by and "c" in by:
-        t = by["a"]["tokens_per_s"] / by["c"]["tokens_per_s"]
-        m = by["a"]["peak_gib"] / by["c"]["peak_gib"]
-        lines.append(f"- a vs c tokens/s: {t:.3f}x (target >= 1.0: {'met' if t >= 1 else f'missed by {100 * (1 - t):.1f}%'})")
-        lines.append(f"- a vs c peak memory: {m:.3f}x (target <= 1.0: {'met' if m <= 1 else f'missed by {100 * (m - 1):.1f}%'})")
-    if "a" in by and "e" in by:
-        s = by["e"]["step_ms"] / by["a"]["step_ms"]
-        lines.append(f"- a vs e speed: {s:.0f}x (target >= 200x: {'met' if s >= 200 else f'missed: {s:.0f}x'})")
-        if s < 200:
-            lines.append("  - why: the reference path is not a per-token loop. It evaluates the linear recurrence "
-                         "with a parallel prefix scan (log2 L vectorised steps) and an adjoint scan for backward, "
-                         "so it is memory-bound on (B, d_inner, L, d_state) fp32 tensors rather than bound by "
-                         "L x n_layers tiny launches; it keeps the CPU tests fast. A per-token loop "
-                         "(transformers' pure-PyTorch path) measured 20.5 s/step on this GPU in ../shared/GPU.md, "
-                         f"i.e. about {20500 / by['a']['step_ms']:.0f}x slower than a. The 200x figure measures the "
-                         "reference's slowness, not the kernel path's speed; we chose not to slow the reference down.")
-    if "a" in by and "c" in by:
-        c = by["c"]
-        lines.append(f"- noise: steps are partly host-bound (c's GPU is busy {c.get('gpu_busy_ms', float('nan')):.1f} ms "
-                     f"of its {c['step_ms']:.1f} ms step, see the profiles), so step times spread widely (IQR column); "
-                     "ratios within about 10% of 1.0 are within that spread.")
-    if "a" in by and "b" in by:
-        lines += ["", "## What the readout and the L1 term cost (a - b)", "",
-                  f"- step time: {by['a']['step_ms'] - by['b']['step_ms']:+.1f} ms; "
-                  f"peak memory {by['a']['peak_gib'] - by['b']['peak_gib']:+.2f} GiB; "
-                  f"activations held after forward {by['a']['activations_gib'] - by['b']['activations_gib']:+.3f} GiB"]
-    chunk_out = D_MODEL * (N_LAYERS // 4) * B * L * 4 / GiB
-    states = N_LAYERS * 2 * D_MODEL * 16 * B * L * 4 / GiB
-    lines += ["", "## Memory claim, by shape (fp32)", "",
-              f"- the 6 chunk outputs the readout attends over: 6 x {D_MODEL} x {B * L} tokens x 4 B = {chunk_out:.3f} GiB",
-              f"- the 24 layers' SSM states (d_inner {2 * D_MODEL} x d_state 16 = 24,576 per token each): "
-              f"{states:.1f} GiB; the chunk outputs are {100 * (1 - chunk_out / states):.1f}% smaller",
-              "- neither is what a training step really keeps: the kernels recompute SSM states in backward, "
-              "and the chunk outputs are residual-stream tensors kept anyway; the measured extra cost of "
-              "the readout is the (a - b) line above"]
-    for key in ("a", "c"):
-        if key in by and by[key].get("profile"):
-            r = by[key]
-            lines += ["", f"## Profile of {key}: top CUDA kernels (ms per step)", "",
-                      f"GPU busy {r['gpu_busy_ms']:.1f} ms per step in {r['kernels_per_step']:.0f} kernels "
-                      f"(step {r['step_ms']:.1f} ms: the rest is the GPU waiting for the host)", "",
-                      "| kernel | ms/step |", "|---|---|"]
-            lines += [f"| `{n}` | {t:.2f} |" for n, t in by[key]["profile"]]
+             f"- machine: {meta['gpu']} (driver {meta['driver']}); {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+             f"- shapes: d_model {D_MODEL}, {N_LAYERS} layers, vocab {VOCAB}, sequences of {L} tokens; bf16 autocast, "
+             "fused AdamW, gradient clipping; the full step",
+             f"- {meta['protocol']}", f"- command: `{meta['command']}`", ""]
+    for batch in sorted({r["batch"] for r in results}):
+        rows = {r["key"]: r for r in results if r["batch"] == batch and "error" not in r}
+        lines += [f"## Batch {batch} x {L}", "",
+                  "| | variant | step (ms) | tokens/s | x c_graphed | x c | peak (GiB) | x c peak | graphed | IQR (ms) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        cg, c = rows.get("c_graphed"), rows.get("c")
+        for r in results:
+            if r["batch"] != batch:
+                continue
+            if "error" in r:
+                lines.append(f"| {r['key']} | {r['name']} | failed: {r['error']} | | | | | | | |")
+                continue
+            ratio = lambda base, k="tokens_per_s": f"{r[k] / base[k]:.3f}" if base else "-"
+            lines.append(f"| {r['key']} | {r['name']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio(cg)} "
+                         f"| {ratio(c)} | {r['peak_gib']:.2f} | {ratio(c, 'peak_gib')} | {r['graphed']} "
+                         f"| {r['step_ms_iqr'][0]:.1f}-{r['step_ms_iqr'][1]:.1f} |")
+        lines += ["", "Targets:"]
+        a = rows.get("a")
+        if a and cg:
+            t = a["tokens_per_s"] / cg["tokens_per_s"]
+            lines.append(f"- a vs c_graphed tokens/s: {t:.3f}x (target >= 1.0: "
+                         f"{'met' if t >= 1 else f'missed by {100 * (1 - t):.1f}%'})")
+        if a and rows.get("a_topk"):
+            t = rows["a_topk"]["tokens_per_s"] / a["tokens_per_s"]
+            lines.append(f"- a_topk vs a tokens/s: {t:.3f}x (target >= 0.95: {'met' if t >= 0.95 else 'missed'})")
+        if a and c:
+            m = a["peak_gib"] / c["peak_gib"]
+            lines.append(f"- a vs c peak memory: {m:.3f}x (target <= 0.75: {'met' if m <= 0.75 else 'missed'})")
+        lines.append("")
+    for key, prof in data.get("profiles", {}).items():
+        lines += [f"## Profile of {key}: top CUDA kernels (ms per step)", "",
+                  f"GPU busy {prof['gpu_busy_ms']:.1f} ms per step in {prof['kernels_per_step']:.0f} kernels", "",
+                  "| kernel | ms/step |", "|---|---|"]
+        lines += [f"| `{n}` | {t:.2f} |" for n, t in prof["kernels"]]
+        lines.append("")
+    if data.get("ce"):
+        lines += ["## The head's linear cross-entropy alone (forward + backward, bf16)", "",
+                  "| tokens | hidden | implementation | ms | extra peak (GiB) | loss rel err | grad rel err | capturable |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in data["ce"]:
+            if "error" in r:
+                lines.append(f"| {r['tokens']} | {r['hidden']} | {r['impl']} | failed: {r['error']} | | | | |")
+            else:
+                lines.append(f"| {r['tokens']} | {r['hidden']} | {r['impl']} | {r['ms']:.2f} | {r['peak_extra_gib']:.2f} "
+                             f"| {r['loss_rel_err']:.1e} | {r['grad_rel_err']:.1e} | {r['capturable']} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="16,32")
+    parser.add_argument("--only", default="c,c_graphed,a_eager,a,a_topk,a_compiled")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--ref-steps", type=int, default=2)
-    parser.add_argument("--only", default="c,d,b,a-eager,a,e", help="comma-separated variant keys")
+    parser.add_argument("--profile-batch", type=int, default=32)
+    parser.add_argument("--ce", action="store_true", help="also time the cross-entropy implementations alone")
     parser.add_argument("--out", default="benchmarks/results/train_step.md")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--from-json", default=None, help="re-render the report of a saved run; runs nothing")
+    parser.add_argument("--from-json", default=None, help="re-render a saved run; runs nothing")
     args = parser.parse_args()
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        text = report(saved["results"], args, saved["meta"])
-        Path(args.out).write_text(text)
-        print(text)
+        Path(args.out).write_text(report(json.loads(Path(args.from_json).read_text())))
         return
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "gpu": torch.cuda.get_device_name(), "driver": "unknown",
-            "versions": versions()}
-    try:
-        import subprocess
-
-        meta["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip()
-    except OSError:
-        pass
-    keys = args.only.split(",")
-    kernel_keys = [k for k in keys if k != "e"]
-    runners, results = {}, []
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True).stdout.strip().splitlines()[0]
+    data = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
+                     "driver": driver, "versions": versions(), "command": "python " + " ".join(sys.argv),
+                     "protocol": f"median of {args.rounds} x {args.steps} timed steps per variant, the variants of a batch "
+                                 f"size timed in interleaved rounds after {args.warmup} eager warm-up steps and the capture"},
+            "results": [], "profiles": {}}
 
     def write():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        text = report(results, args, meta)
-        Path(args.out).write_text(text)
+        Path(args.out).write_text(report(data))
         if args.json:
-            Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-        return text
+            Path(args.json).write_text(json.dumps(data, indent=1))
 
-    # Kernel-path variants live side by side and are timed in interleaved rounds, so that drift
-    # of clocks or host load over the run falls on all of them alike.
-    for key in kernel_keys:
-        print(f"--- build and warm up {key}: {VARIANTS[key][0]}", flush=True)
-        try:
-            runners[key] = Runner(key)
-            runners[key].warm_up(args.warmup)
-        except Exception as err:  # report and go on: one broken variant must not lose the others
-            results.append({"key": key, "name": VARIANTS[key][0], "error": f"{type(err).__name__}: {str(err)[:200]}"})
-            print(f"    failed: {results[-1]['error']}", flush=True)
-            runners.pop(key, None)
-    for round_ in range(args.rounds):
+    for batch in map(int, args.batches.split(",")):
+        runners = {}
+        for key in args.only.split(","):
+            print(f"--- batch {batch}: build, warm up, capture {key}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                runners[key] = Runner(key, batch, args.warmup)
+                print(f"    ready in {time.perf_counter() - t0:.1f} s, peak {runners[key].peak:.2f} GiB, "
+                      f"graphed {runners[key].graphed}", flush=True)
+            except Exception as err:  # noqa: BLE001  one broken variant must not lose the others
+                data["results"].append({"key": key, "name": VARIANTS[key][0], "batch": batch,
+                                        "error": f"{type(err).__name__}: {str(err)[:300]}"})
+                print(f"    failed: {data['results'][-1]['error']}", flush=True)
+                torch.cuda.synchronize()
+        for round_ in range(args.rounds):
+            for runner in runners.values():
+                runner.timed(args.steps)
+            print(f"round {round_ + 1}: " + ", ".join(f"{k} {statistics.median(r.times[-args.steps:]):.1f} ms"
+                                                      for k, r in runners.items()), flush=True)
+        data["results"] += [r.result() for r in runners.values()]
+        if batch == args.profile_batch:
+            for key in ("a_eager", "c", "a", "c_graphed"):
+                if key in runners:
+                    data["profiles"][f"{key} at batch {batch}"] = profile(runners[key])
         for runner in runners.values():
-            runner.timed(args.steps)
-        print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(
-            f"{k} {statistics.median(r.times[-args.steps:]):.1f} ms" for k, r in runners.items()), flush=True)
-    for key, runner in runners.items():
-        results.append(runner.result(profile=key in ("a", "c")))
-    for runner in runners.values():
-        runner.free()
-    write()
-    if "e" in keys:
-        print("--- e: pure-PyTorch reference path", flush=True)
-        try:
-            runner = Runner("e")
-            runner.warm_up(1)
-            runner.timed(args.ref_steps)
-            results.append(runner.result(profile=False))
             runner.free()
-        except Exception as err:
-            results.append({"key": "e", "name": VARIANTS["e"][0], "error": f"{type(err).__name__}: {str(err)[:200]}"})
-    print(write())
+        write()
+    if args.ce:
+        data["ce"] = ce_benchmark()
+    write()
+    print(report(data))
 
 
 if __name__ == "__main__":

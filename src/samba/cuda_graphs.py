@@ -41,6 +41,7 @@ class GraphedCallable:
         self.fn, self.enabled, self.warmup, self.name = fn, enabled, warmup, name
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.side: torch.cuda.Stream | None = None  # the warm-up stream
         self.static_inputs: list[torch.Tensor] = []
         self.static_output = None
 
@@ -54,14 +55,21 @@ class GraphedCallable:
             return self.fn(*args)  # another shape (a last, shorter batch): eagerly
         if self.calls < self.warmup:
             self.calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side = self.side or torch.cuda.Stream()
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 out = self.fn(*args)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             return out
         if self.graph is None:
-            self._capture(args)
+            try:
+                self._capture(args)
+            except Exception as err:  # a capture nothing ran in: the eager path stays right
+                logger.warning("%s: CUDA-graph capture failed (%s: %s); running eagerly", self.name,
+                               type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+                self.enabled, self.graph, self.static_inputs = False, None, []
+                torch.cuda.synchronize()
+                return self.fn(*args)
         for static, new in zip(self.static_inputs, args):
             static.copy_(new)
         self.graph.replay()

@@ -8,7 +8,8 @@ its output) and writes to OUT_DIR:
 - ``frontier.md`` and ``frontier.json``: one row per experiment with an ``eval.json``: its name,
   the params that differ between the experiments, exact zeros (overall and in the least sparse
   chunk), near_zero_rel, test ppl, ppl against the control and against the untouched baseline,
-  readout ppl and readout against main; the rows on the Pareto front are marked.
+  readout ppl and readout against main, the last chunk's RMS (a shrinking or growing stream)
+  and the largest max|x|/RMS over chunks (outliers); the rows on the Pareto front are marked.
 - ``frontier.png``: exact zeros against ppl over the control, the front joined up.
 
 The control is the run with the same schedule and no sparsity (``--control NAME``; by default
@@ -40,8 +41,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def runs_from_exp_show(shown: list) -> list[dict]:
-    """Each experiment (and baseline commit) of ``dvc exp show --json`` that has eval metrics:
-    {name, params (flat), eval (metrics/eval.json)}."""
+    """Each experiment of ``dvc exp show --json`` that has eval metrics (not the commits it
+    started from): {name, params (flat), eval (metrics/eval.json)}."""
     runs = []
 
     def take(rev: dict, fallback: str) -> None:
@@ -53,7 +54,6 @@ def runs_from_exp_show(shown: list) -> list[dict]:
                          "eval": metrics})
 
     for baseline in shown:
-        take(baseline, baseline.get("rev", "workspace")[:7])
         for exp in baseline.get("experiments") or []:
             for rev in exp.get("revs") or []:
                 take(rev, rev.get("rev", "?")[:7])
@@ -76,8 +76,12 @@ def find_control(runs: list[dict], name: str | None) -> dict | None:
     return dense[0] if dense else None
 
 
+# Where a run happened, not what it is: never a "param that differs".
+NOT_EXPERIMENTAL = {"compute.device", "compute.num_processes"}
+
+
 def table(runs: list[dict], control: dict | None) -> list[dict]:
-    keys = sorted({k for r in runs for k in r["params"]})
+    keys = sorted({k for r in runs for k in r["params"]} - NOT_EXPERIMENTAL)
     differ = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in runs}) > 1]
     rows = []
     for r in runs:
@@ -85,6 +89,7 @@ def table(runs: list[dict], control: dict | None) -> list[dict]:
         row = {"experiment": r["name"], "params": {k: r["params"].get(k) for k in differ},
                "exact_zeros": s["l0"], "exact_zeros_min_chunk": s.get("l0_min_chunk", s["l0"]),
                "near_zero_rel": s["near_zero_rel"], "ppl": e["ppl"], "readout_ppl": e["readout_ppl"],
+               "last_chunk_rms": _last(s.get("chunk_rms")), "max_over_rms": max((s.get("max_over_rms") or {0: 0}).values()),
                "readout_vs_main": e["readout_ppl"] / e["ppl"] - 1, "baseline_ppl": e["baseline"]["ppl"],
                "ppl_vs_baseline": e["ppl"] / e["baseline"]["ppl"] - 1,
                "ppl_vs_control": e["ppl"] / control["eval"]["ppl"] - 1 if control else None,
@@ -96,6 +101,10 @@ def table(runs: list[dict], control: dict | None) -> list[dict]:
     return rows
 
 
+def _last(per_chunk: dict | None) -> float | None:
+    return per_chunk[max(per_chunk, key=int)] if per_chunk else None
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:+.1f}%"
 
@@ -104,15 +113,15 @@ def markdown(rows: list[dict], control: dict | None) -> str:
     lines = [f"Control: `{control['name']}`" if control else "Control: none found (no run with "
              "training.pruning_weight 0 and model.sparsity_target 0); ppl vs control left empty", "",
              "| experiment | params that differ | exact zeros (min chunk) | near_zero_rel | ppl | vs control "
-             "| vs baseline | readout ppl | readout vs main | front |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs baseline | readout ppl | readout vs main | last chunk RMS | max/RMS | front |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["params"].items())
         lines.append(f"| {r['experiment']}{' (control)' if r['control'] else ''} | {params} | "
                      f"{100 * r['exact_zeros']:.1f}% ({100 * r['exact_zeros_min_chunk']:.1f}%) | "
                      f"{100 * r['near_zero_rel']:.2f}% | {r['ppl']:.3f} | {_pct(r['ppl_vs_control'])} | "
                      f"{_pct(r['ppl_vs_baseline'])} | {r['readout_ppl']:.3f} | {_pct(r['readout_vs_main'])} | "
-                     f"{'*' if r['pareto'] else ''} |")
+                     f"{r['last_chunk_rms'] or 0:.3f} | {r['max_over_rms']:.1f} | {'*' if r['pareto'] else ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -80,6 +80,30 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def make_optimizer(model: Samba, t, device: torch.device, graphs: bool) -> torch.optim.AdamW:
+    """AdamW (fused on CUDA); under CUDA graphs ``capturable`` with a device-tensor learning rate
+    that the captured step reads and the host sets before each replay."""
+    lr = torch.tensor(t.lr, device=device) if graphs else t.lr
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr, betas=(0.9, 0.95),
+                             fused=device.type == "cuda", capturable=graphs)
+
+
+def training_step(objective, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
+                  grad_clip: float, device: torch.device, dtype: torch.dtype | None):
+    """One optimizer step as a function of the batch, returning the (4,) loss parts: what the
+    train stage runs (and captures whole as a CUDA graph) and what the benchmark times."""
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype, cache=False):
+            total, values = objective(inputs, targets)
+        total.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=device.type == "cuda")
+        optimizer.step()
+        return values
+    return step
+
+
 def epoch_order(seed: int, epoch: int, n_tokens: int, seq_len: int) -> tuple[int, torch.Tensor]:
     """This epoch's token offset into the split (0 for the first, so window edges move from
     epoch to epoch) and its shuffled window order; seeded, so a resumed run sees the same."""
@@ -169,14 +193,12 @@ class Trainer:
 
         self.graphs = graphs_wanted(params.compute.cuda_graphs, device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        # Under CUDA graphs the learning rate is a device tensor the captured AdamW reads.
-        lr = torch.tensor(t.lr, device=device) if self.graphs else t.lr
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=lr, betas=(0.9, 0.95),
-                                           fused=device.type == "cuda", capturable=self.graphs)
-        objective = SambaObjective(self.model, t.readout_weight, t.pruning_weight, t.pruning_penalty)
-        self.objective = self._data_parallel(objective)
+        self.optimizer = make_optimizer(self.model, t, device, self.graphs)
+        objective = self._data_parallel(SambaObjective(self.model, t.readout_weight, t.pruning_weight,
+                                                       t.pruning_penalty))
+        step = training_step(objective, self.optimizer, self.trainable, t.grad_clip, device, self.dtype)
         # DDP must have run 11 eager iterations before its backward is captured.
-        self.step_fn = GraphedCallable(self._step, enabled=self.graphs, warmup=11 if ctx.distributed else 3,
+        self.step_fn = GraphedCallable(step, enabled=self.graphs, warmup=11 if ctx.distributed else 3,
                                        name="training step")
 
     def _data_parallel(self, objective):
@@ -194,17 +216,6 @@ class Trainer:
             torch.cuda.current_stream().wait_stream(side)
             return wrapped
         return DDP(objective, **kwargs)
-
-    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """One optimizer step; returns the (4,) loss parts. Captured whole as a CUDA graph."""
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.dtype, cache=False):
-            total, values = self.objective(inputs, targets)
-        total.backward()
-        if self.t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.t.grad_clip, foreach=self.device.type == "cuda")
-        self.optimizer.step()
-        return values
 
     def _set_schedule(self, step: int) -> float:
         """Learning rate and sparsity fraction of step ``step``; returns the learning rate."""

@@ -1,0 +1,103 @@
+"""Data-parallel scaling of the train stage itself (torchrun + DDP over NCCL, CUDA graphs).
+
+Runs ``stages/train.py`` as ``dvc repro`` would, with the params file given, at:
+  1 GPU  x batch 16   and   2 GPUs x batch 32 (16 each): the same per-GPU batch
+  1 GPU  x batch 32   and   2 GPUs x batch 32 (16 each): the same global batch
+and reads each run's tokens/s from its dvclive log (the mean over logged windows, the first
+window, with the warm-up and capture, left out). Writes Markdown and JSON.
+
+  python benchmarks/scaling.py --params params.yaml --data data/tokenized --init models/init \
+      --out benchmarks/results/scaling.md --json benchmarks/results/scaling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = [(1, 16), (2, 32), (1, 32)]  # (processes, global batch)
+
+
+def run(params: dict, processes: int, batch: int, data: str, init: str, work: Path, steps: int) -> dict:
+    p = json.loads(json.dumps(params))
+    p["compute"].update(num_processes=processes, device="auto")
+    p["training"].update(batch_size=batch, max_steps=steps, log_every=10, eval_every=10 * steps,
+                         checkpoint_every=10 * steps, eval_batches=1)
+    where = work / f"{processes}x{batch}"
+    where.mkdir(parents=True)
+    (where / "params.yaml").write_text(yaml.safe_dump(p))
+    cmd = [sys.executable, str(REPO / "stages/train.py"), "--params", str(where / "params.yaml"), "--data", data,
+           "--init", init, "--out", str(where / "out"), "--metrics", str(where / "metrics"),
+           "--checkpoints", str(where / "ckpt")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"processes": processes, "batch": batch, "error": proc.stderr[-1500:]}
+    with open(where / "metrics/plots/metrics/train/tokens_per_s.tsv") as f:
+        values = [float(r["tokens_per_s"]) for r in csv.DictReader(f, delimiter="\t")][1:]
+    graphed = "captured as a CUDA graph" in proc.stderr
+    return {"processes": processes, "batch": batch, "per_gpu_batch": batch // processes,
+            "tokens_per_s": statistics.fmean(values), "windows": len(values), "wall_s": wall, "cuda_graphs": graphed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/tokenized")
+    parser.add_argument("--init", default="models/init")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out", default="benchmarks/results/scaling.md")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    params = yaml.safe_load(Path(args.params).read_text())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for processes, batch in RUNS:
+            if processes > torch.cuda.device_count():
+                rows.append({"processes": processes, "batch": batch, "error": "not enough GPUs"})
+                continue
+            rows.append(run(params, processes, batch, args.data, args.init, Path(tmp), args.steps))
+            print(rows[-1], flush=True)
+    by = {(r["processes"], r["batch"]): r for r in rows if "error" not in r}
+    lines = [f"# Data-parallel scaling of the train stage ({datetime.datetime.now().isoformat(timespec='seconds')})", "",
+             f"- machine: {torch.cuda.device_count()} x {torch.cuda.get_device_name()}; torch {torch.__version__}",
+             f"- {args.steps} steps of `stages/train.py` per run (params {args.params}: 130m shape, seq {params['training']['seq_len']}, "
+             "bf16, CUDA graphs); tokens/s = dvclive's train/tokens_per_s averaged over the logged windows after the first",
+             f"- command: `python {' '.join(sys.argv)}`", "",
+             "| processes | global batch | per-GPU batch | tokens/s | CUDA graphs | wall (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['processes']} | {r['batch']} | | failed: {r['error'][-300:]!r} | | |")
+        else:
+            lines.append(f"| {r['processes']} | {r['batch']} | {r['per_gpu_batch']} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['cuda_graphs']} | {r['wall_s']:.0f} |")
+    if (1, 16) in by and (2, 32) in by:
+        s = by[(2, 32)]["tokens_per_s"] / by[(1, 16)]["tokens_per_s"]
+        lines.append(f"\nSame per-GPU batch (16): 2 GPUs give {s:.2f}x one GPU's tokens/s, efficiency {s / 2:.3f} per GPU "
+                     f"(targets: >= 1.9x, >= 0.95: {'met' if s >= 1.9 else 'missed'}).")
+    if (1, 32) in by and (2, 32) in by:
+        s = by[(2, 32)]["tokens_per_s"] / by[(1, 32)]["tokens_per_s"]
+        lines.append(f"Same global batch (32): 2 GPUs give {s:.2f}x one GPU's tokens/s.")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
