@@ -82,7 +82,7 @@ EOF
   ( time python3 stages/evaluate.py --out /tmp/eval_again.json --plots /tmp/plots_again ) > "$RES/evaluate_alone.log" 2>&1
   grep -E "^real|wrote" "$RES/evaluate_alone.log"; echo "stand-in: $((SECONDS - start)) s"; pack
 
-  echo "=== the sweep: 1 epoch at lr 1e-4 from the stand-in, queued, 4 workers on 2 GPUs"; start=$SECONDS
+  echo "=== the sweep: 1 epoch at lr 1e-4 from the stand-in, queued, two workers per GPU"; start=$SECONDS
   git checkout -q -- params.yaml dvc.lock || exit 1
   python3 - <<'EOF'
 import yaml
@@ -93,8 +93,8 @@ yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 EOF
   python3 -m dvc repro convert > "$RES/convert_standin.log" 2>&1; tail -2 "$RES/convert_standin.log"
   git add -A && git commit -qm "sweep: from the stand-in" -q
-  i=0
-  queue() { python3 -m dvc exp run --queue -n "$1" -S compute.device=cuda:$((i % 2)) "${@:2}" > /dev/null; i=$((i + 1)); }
+  i=0; NGPU=$(nvidia-smi -L | wc -l)
+  queue() { python3 -m dvc exp run --queue -n "$1" -S compute.device=cuda:$((i % NGPU)) "${@:2}" > /dev/null; i=$((i + 1)); }
   queue control
   queue topk75      -S model.sparsity_target=0.75
   queue l1-0.05     -S training.pruning_penalty=l1 -S training.pruning_weight=0.05
@@ -106,7 +106,7 @@ EOF
   queue topk90-hoyer -S model.sparsity_target=0.9 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
   queue hoyer-2     -S training.pruning_penalty=hoyer -S training.pruning_weight=2.0
   queue topk50-hoyer -S model.sparsity_target=0.5 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
-  python3 -m dvc queue start -j 4 > /dev/null 2>&1
+  python3 -m dvc queue start -j $((2 * NGPU)) > /dev/null 2>&1  # two runs per GPU overlap start-up and evaluation
   while [ $SECONDS -lt $DEADLINE ]; do
     status=$(python3 -m dvc queue status 2>/dev/null)
     echo "$status" | grep -qE "Queued|Running" || break
