@@ -153,9 +153,13 @@ def test_mixer_matches_mamba_ssm_module():
     assert err < TOL[torch.float32][0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("penalty,target", [("l1", 0.0), ("hoyer", 0.0), ("hoyer", 0.5)])
+@pytest.mark.parametrize("dtype,penalty,target", [
+    (torch.float32, "l1", 0.0), (torch.bfloat16, "l1", 0.0), (torch.float32, "hoyer", 0.0),
+    (torch.bfloat16, "hoyer", 0.0), (torch.float32, "hoyer", 0.5)])
 def test_whole_model_loss_and_gradients(dtype, penalty, target):
+    """(With top-k, only fp32: in bf16 the two paths' chunk outputs differ by ~4e-3, enough to
+    swap which of two near-equal entries is zeroed in many tokens, so gradients are not
+    comparable entry by entry; the bf16 loss is, below.)"""
     """Fused add+RMSNorm (mamba-ssm's Triton layer_norm_fn), kernels, top-k: against the reference."""
     torch.manual_seed(1)
     model = Samba(MIXER_CFG).cuda()
@@ -169,6 +173,21 @@ def test_whole_model_loss_and_gradients(dtype, penalty, target):
 
     _compare(_run(model, "kernels", loss, [ids]), _run(model, "reference", loss, [ids]), dtype,
              f"Samba loss ({penalty}, sparsity {target})")
+
+
+def test_bf16_loss_with_top_k_matches_the_reference():
+    torch.manual_seed(1)
+    model = Samba(MIXER_CFG).cuda()
+    perturb_(model, seed=1)
+    model.set_sparsity_target(0.5)
+    ids = torch.randint(0, MIXER_CFG.vocab_size, (2, 161), device="cuda")
+    losses = {}
+    for backend in ("kernels", "reference"):
+        model.set_backend(backend)
+        with torch.no_grad(), _autocast(torch.bfloat16):
+            losses[backend] = samba_loss(model, ids[:, :-1], ids[:, 1:], 0.5, 0.05, penalty="hoyer").total.item()
+    print(f"bf16 top-k loss: kernels {losses['kernels']:.5f} reference {losses['reference']:.5f}")
+    assert losses["kernels"] == pytest.approx(losses["reference"], rel=1e-2)
 
 
 def test_fused_add_norm_matches_the_reference():
@@ -242,7 +261,8 @@ def test_decode_step_kernels_equal_the_full_forward(dtype, target):
         full = model(ids)
     for head, want in (("main", full.logits), ("readout", full.readout_logits)):
         decoder = Decoder(model, 2, head=head, graphs=True)
-        got = [decoder.prefill(ids[:, :8])] + [decoder.step(ids[:, t]) for t in range(8, 40)]
+        # .clone(): a replayed graph's output is overwritten by the next replay
+        got = [decoder.prefill(ids[:, :8])] + [decoder.step(ids[:, t]).clone() for t in range(8, 40)]
         err = relative_error(torch.stack(got, 1), want[:, 7:])
         print(f"decode {head} {dtype} sparsity {target}: rel err {err:.2e}")
         # bf16: the step and the parallel scan round at different points; top-k can then
@@ -270,7 +290,7 @@ def _gpu_params(tmp_path, sources, **training):
     from samba.config import Params
 
     data = tiny_params(sources)
-    data["compute"]["device"] = "cuda"
+    data["compute"].update(device="cuda", compile=False)  # graphs alone; compiling would only add minutes
     data["model"].update(vocab_size=264, d_model=64, n_layers=4, d_state=16, readout_hidden_dim=32)
     data["pretrained"]["use_pretrained"] = False
     data["training"].update(max_steps=40, log_every=5, eval_every=10, sparsity_warmup_steps=20, **training)

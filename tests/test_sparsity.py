@@ -41,8 +41,12 @@ def test_keep_largest_count_is_exact_with_ties():
         y = keep_largest(x, n_zero)
         assert int((y == 0).sum()) == n_zero
         assert y.abs().sum() == x.abs().sort(-1).values[0, n_zero:].sum()  # the largest survive
-    # a device-tensor count (what training's ramp uses) gives the same
-    assert torch.equal(keep_largest(x, torch.tensor(3)), keep_largest(x, 3))
+        # a device-tensor count (training's ramp) ranks by a stable sort: same count, same sum
+        z = keep_largest(x, torch.tensor(n_zero))
+        assert int((z == 0).sum()) == n_zero and z.abs().sum() == y.abs().sum()
+    untied = torch.randn(6, 30, generator=torch.Generator().manual_seed(3))
+    for n_zero in (0, 7, 29):  # without ties the two paths keep the same entries
+        assert torch.equal(keep_largest(untied, torch.tensor(n_zero)), keep_largest(untied, n_zero))
 
 
 def test_gradient_reaches_kept_entries_only():

@@ -204,7 +204,7 @@ class ComputeConfig(Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: typing.Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     backend: typing.Literal["auto", "kernels", "reference"] = "auto"
-    compile: bool = False
+    compile: bool = True  # on CUDA only: torch.compile the non-kernel parts of the training step
     cuda_graphs: bool = True  # on CUDA: the training step (and evaluation) replayed as CUDA graphs
     num_processes: int = 1  # data-parallel processes of the train stage (torchrun + DDP)
 

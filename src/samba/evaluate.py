@@ -127,9 +127,8 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
     options = dict(max_windows=ev.max_windows, dtype=dtype, graphs=params.compute.cuda_graphs)
     results, counters = {}, {}
     for name, directory in (("trained", model_dir), ("baseline", baseline_dir)):
+        # no torch.compile here: forward passes only, whose compile time would exceed their run time
         model = Samba.from_pretrained(directory, backend=params.compute.backend).to(device)
-        if params.compute.compile:
-            model.compile_parts()
         check_vocab(meta, model.config.vocab_size)
         results[name], counters[name] = evaluate_model(
             model, windows, ev.batch_size, near_zero_eps=ev.near_zero_eps, near_zero_rel=ev.near_zero_rel,

@@ -46,7 +46,7 @@ class Decoder:
 
     def _logits(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         if self.head == "main":
-            return F.linear(self.model.norm_f(outputs[-1]), self.model.lm_head_weight).float()
+            return F.linear(self.model.final_hidden(outputs), self.model.lm_head_weight).float()
         return self.model.readout(outputs).float()
 
     @torch.no_grad()

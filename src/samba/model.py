@@ -40,6 +40,7 @@ class MixerState:
 
     conv: torch.Tensor  # (B, d_inner, d_conv): the last d_conv inputs of the convolution
     ssm: torch.Tensor  # (B, d_inner, d_state), fp32
+    A: torch.Tensor  # (d_inner, d_state) = -exp(A_log), fp32: fixed while decoding, computed once
 
 
 class MambaMixer(nn.Module):
@@ -117,7 +118,8 @@ class MambaMixer(nn.Module):
 
     def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MixerState:
         return MixerState(conv=torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
-                          ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32))
+                          ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+                          A=-torch.exp(self.A_log.detach().float()))
 
     def step(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
         """One token: (B, d_model) -> (B, d_model), updating ``state`` in place (recurrent form of
@@ -133,7 +135,7 @@ class MambaMixer(nn.Module):
             x = F.silu((state.conv * conv_weight).sum(-1) + self.conv1d.bias).to(hidden.dtype)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # (B, d_inner); the bias is added with the softplus
-        A = -torch.exp(self.A_log.float())
+        A = state.A
         if fast:
             y = kernels.selective_state_update(state.ssm, x, dt, A, B, C, self.D, z=z,
                                                dt_bias=self.dt_proj.bias, dt_softplus=True)
@@ -153,6 +155,13 @@ def wide(x: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
     return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
+
+def final_rms_norm(x: torch.Tensor, norm: nn.RMSNorm, fast: bool) -> torch.Tensor:
+    """The final norm: mamba-ssm's Triton RMSNorm on the kernel path (one kernel each way)."""
+    if fast:
+        return kernels.layer_norm_fn(x, norm.weight, None, eps=norm.eps, is_rms_norm=True)
+    return norm(x)
 
 
 # One compiled function shared by every norm (compiling each module would recompile per layer).
@@ -184,7 +193,7 @@ class Block(nn.Module):
         if kernels.use_kernels(self.mixer.backend, hidden.is_cuda):
             return kernels.layer_norm_fn(hidden, self.norm.weight, None, residual=residual, prenorm=True,
                                          residual_in_fp32=True, eps=self.norm.eps, is_rms_norm=True)
-        residual = wide(hidden) if residual is None else residual + hidden.to(residual.dtype)
+        residual = wide(hidden) if residual is None else residual + hidden  # promotes to fp32
         return self.norm_fn(residual, self.norm), residual
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
@@ -210,13 +219,13 @@ class Chunk(nn.Module):
         hidden, residual = x, None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, None if states is None else states[i])
-        return residual + hidden.to(residual.dtype)
+        return residual + hidden  # fp32: the add promotes, no separate cast
 
     def step(self, x: torch.Tensor, states: Sequence[MixerState]) -> torch.Tensor:
         hidden, residual = x, None
         for layer, state in zip(self.layers, states):
             hidden, residual = layer.step(hidden, residual, state)
-        return residual + hidden.to(residual.dtype)
+        return residual + hidden
 
 
 class Readout(nn.Module):
@@ -277,6 +286,7 @@ class Samba(nn.Module):
         # needs no new shapes (CUDA graphs stay valid); ``sparse`` says whether to apply it.
         self.register_buffer("sparsity_fraction", torch.tensor(float(config.sparsity_target)),
                              persistent=False)
+        self.sparsity_value = float(config.sparsity_target)  # the same, on the host
         self.sparse = config.sparsity_target > 0
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.chunks = nn.ModuleList(Chunk(config, backend) for _ in range(config.n_chunks))
@@ -329,13 +339,19 @@ class Samba(nn.Module):
         if not 0 <= fraction < 1:
             raise ValueError(f"sparsity fraction must be in [0, 1), got {fraction}")
         self.sparsity_fraction.fill_(fraction)
+        self.sparsity_value = float(fraction)
         self.sparse = fraction > 0 or self.config.sparsity_target > 0
 
     def sparsify(self, x: torch.Tensor) -> torch.Tensor:
-        """A chunk output as it flows on: x itself, or x with its smallest entries zeroed."""
+        """A chunk output as it flows on: x itself, or x with its smallest entries zeroed.
+
+        Training reads the fraction from the device tensor (it ramps while a captured CUDA
+        graph stays valid); evaluation and decoding, with a fixed fraction, pass it as a number
+        (``keep_largest`` then takes the cheaper top-k path)."""
         if not self.sparse:
             return x
-        return keep_largest(x, zero_count(self.sparsity_fraction, x.shape[-1]))
+        fraction = self.sparsity_fraction if self.training else self.sparsity_value
+        return keep_largest(x, zero_count(fraction, x.shape[-1]))
 
     def chunk_outputs(self, input_ids: torch.Tensor, return_dense: bool = False):
         """(B, L) token ids -> C residual-stream tensors (B, L, d_model), fp32, as they flow on
@@ -353,8 +369,10 @@ class Samba(nn.Module):
 
     def final_hidden(self, chunk_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The main head's input: norm_f of the last residual stream, (B, L, d_model)."""
+        x = chunk_outputs[-1]
+        fast = kernels.use_kernels(self.chunks[0].layers[0].mixer.backend, x.is_cuda)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-            return self.norm_f(chunk_outputs[-1])
+            return final_rms_norm(x, self.norm_f, fast)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

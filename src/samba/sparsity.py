@@ -44,8 +44,19 @@ def zero_count(fraction: torch.Tensor | float, d: int) -> torch.Tensor | int:
 
 
 def keep_largest(x: torch.Tensor, n_zero: torch.Tensor | int) -> torch.Tensor:
-    """x (..., d) with the n_zero smallest |x| of each vector set to exactly 0."""
+    """x (..., d) with the n_zero smallest |x| of each vector set to exactly 0.
+
+    A number n_zero takes ``topk`` of the d - n_zero largest (cheaper, for a fixed fraction);
+    a device tensor ranks all d by a stable sort (shapes then do not depend on the value).
+    Both keep exactly d - n_zero entries; among exactly equal magnitudes they may keep
+    different ones, which changes nothing but for ties of non-zero values."""
     d = x.shape[-1]
+    if not isinstance(n_zero, torch.Tensor):
+        if n_zero <= 0:
+            return x
+        keep = x.detach().abs().topk(d - n_zero, dim=-1, sorted=False).indices
+        mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, keep, True)
+        return x * mask
     order = x.detach().abs().argsort(dim=-1, stable=True)  # ascending magnitude
     keep_ranked = torch.arange(d, device=x.device) >= n_zero  # (d,): rank r is kept if r >= n_zero
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)

@@ -173,7 +173,7 @@ class Trainer:
         if t.readout_weight == 0:  # nothing trains the readout: no gradient, no weight decay
             self.model.readout.requires_grad_(False)
         self.model.to(device).train()
-        if params.compute.compile:
+        if params.compute.compile and device.type == "cuda":  # Inductor on the CPU is slow to build, for little
             self.model.compile_parts()
 
         self.train_windows = TokenWindows.from_numpy(load_split(data_dir, "train"), t.seq_len, device)
