@@ -20,7 +20,24 @@ export PYTHONPATH=/tmp/site:$REPO/src
 mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH=/tmp/bin:$PATH
 python3 -c "import torch, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__, 'GPUs', torch.cuda.device_count())"
 
-install_dvc() { python3 -m pip install -q --no-index --find-links .gpu/dvc dvc==3.67.1 dvclive==3.49.1 2>&1 | grep -v WARNING | tail -3; }
+install_dvc() {  # once per machine: a second pip run over the same environment broke its PyYAML once
+  python3 -c "import yaml, dvc, dvclive" 2>/dev/null && return 0
+  python3 -m pip install -q --no-index --find-links "$REPO/.gpu/dvc" dvc==3.67.1 dvclive==3.49.1 2>&1 | grep -v WARNING | tail -3
+  python3 -c "import yaml, dvc, dvclive" || { echo "dvc / dvclive / yaml do not import"; exit 1; }
+}
+collect() {  # wait for the queued experiments (until DEADLINE), then the table, the picture, the logs
+  cd /tmp/run || return
+  while [ $SECONDS -lt $DEADLINE ]; do
+    python3 -m dvc queue status 2>/dev/null | grep -qE "Queued|Running" || break
+    sleep 10
+  done
+  python3 -m dvc queue status > "$RES/queue_status.txt" 2>&1; cat "$RES/queue_status.txt"
+  python3 -m dvc exp show --json > "$RES/exp_show.json" 2> /dev/null
+  python3 -m samba.frontier "$RES/sparsity" --from-json "$RES/exp_show.json" --control control 2>&1 | tail -16
+  for name in $(python3 -m dvc queue status 2>/dev/null | awk '/Failed/ {print $2}'); do
+    python3 -m dvc queue logs "$name" > "$RES/failed_$name.log" 2>&1; done
+  cd "$REPO"; pack
+}
 
 if [[ $PARTS == *tests* ]]; then
   echo "=== GPU tests"; start=$SECONDS
@@ -60,11 +77,12 @@ import yaml
 p = yaml.safe_load(open("params.yaml"))
 p["dataset"].update(name="/tmp/wt2/wikitext-2-tokenized", tokenizer="/tmp/wt2/tokenizers/gpt-neox-20b")
 p["pretrained"].update(use_pretrained=False)
-p["training"].update(epochs=1, lr=1.0e-4, warmup_steps=30, eval_every=50, checkpoint_every=100)
+p["training"].update(epochs=1, lr=1.0e-4, warmup_steps=30, eval_every=100, checkpoint_every=100)
 p["eval"].update(batch_size=32)
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 EOF
-  git add -A && git commit -qm "sweep base" && python3 -m dvc repro prepare convert > "$RES/setup.log" 2>&1
+  git add -A && git commit -qm "sweep base" && python3 -m dvc repro prepare convert > "$RES/setup.log" 2>&1 \
+    || { tail -20 "$RES/setup.log"; pack; exit 1; }
   git add -A && git commit -qm "prepare, convert (random init)" -q
   tail -3 "$RES/setup.log"; echo "set-up: $((SECONDS - start)) s"
 
@@ -80,8 +98,8 @@ EOF
   echo "=== stand-in pretraining (4 epochs, lr 6e-4, from random init, $PROCS GPUs)"; start=$SECONDS
   python3 -m dvc exp run -n standin -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
     -S training.readout_weight=0.0 -S training.pruning_weight=0.0 -S training.eval_every=300 \
-    -S compute.num_processes=$PROCS > "$RES/standin.log" 2>&1
-  echo "exit $?"; grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/standin.log" | tail -6
+    -S compute.num_processes=$PROCS > "$RES/standin.log" 2>&1 || { tail -30 "$RES/standin.log"; pack; exit 1; }
+  grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/standin.log" | tail -6
   cp -r models/samba /tmp/standin && cp metrics/eval.json "$RES/standin_eval.json"
   mkdir -p "$RES/standin_train" && cp -r metrics/train/plots metrics/train/metrics.json "$RES/standin_train/"
   echo "--- evaluate stage alone, stand-in vs random init (both models, WikiText-2 test)"
@@ -101,30 +119,26 @@ EOF
   git add -A && git commit -qm "sweep: from the stand-in" -q
   i=0
   queue() { python3 -m dvc exp run --queue -n "$1" -S compute.device=cuda:$((i % NGPU)) "${@:2}" > /dev/null; i=$((i + 1)); }
-  queue control
-  queue topk75      -S model.sparsity_target=0.75
-  queue l1-0.05     -S training.pruning_penalty=l1 -S training.pruning_weight=0.05
-  queue topk50      -S model.sparsity_target=0.5
-  queue hoyer-0.5   -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
-  queue topk90      -S model.sparsity_target=0.9
+  queue control      # first the runs the answer needs most, in case the call's time runs out
+  queue topk75       -S model.sparsity_target=0.75
+  queue topk50       -S model.sparsity_target=0.5
+  queue topk90       -S model.sparsity_target=0.9
+  queue l1-0.05      -S training.pruning_penalty=l1 -S training.pruning_weight=0.05
+  queue hoyer-0.5    -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
   queue topk75-hoyer -S model.sparsity_target=0.75 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
-  queue l1-1        -S training.pruning_penalty=l1 -S training.pruning_weight=1.0
+  queue l1-1         -S training.pruning_penalty=l1 -S training.pruning_weight=1.0
+  queue hoyer-2      -S training.pruning_penalty=hoyer -S training.pruning_weight=2.0
   queue topk90-hoyer -S model.sparsity_target=0.9 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
-  queue hoyer-2     -S training.pruning_penalty=hoyer -S training.pruning_weight=2.0
   queue topk50-hoyer -S model.sparsity_target=0.5 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
   JOBS=$((2 * NGPU)); [ "$NGPU" -eq 1 ] && JOBS=3  # runs overlap one another's start-up and evaluation
-  python3 -m dvc queue start -j $JOBS > /dev/null 2>&1
-  while [ $SECONDS -lt $DEADLINE ]; do
-    status=$(python3 -m dvc queue status 2>/dev/null)
-    echo "$status" | grep -qE "Queued|Running" || break
-    sleep 10
-  done
-  python3 -m dvc queue status > "$RES/queue_status.txt" 2>&1; cat "$RES/queue_status.txt"
-  python3 -m dvc exp show --json > "$RES/exp_show.json" 2> /dev/null
-  python3 -m samba.frontier "$RES/sparsity" --from-json "$RES/exp_show.json" --control control 2>&1 | tail -20
-  for name in $(python3 -m dvc queue status 2>/dev/null | awk '/Failed/ {print $2}'); do
-    python3 -m dvc queue logs "$name" > "$RES/failed_$name.log" 2>&1; done
+  python3 -m dvc queue start -j $JOBS > /dev/null 2>&1  # daemons: they outlive this call
+  collect
   echo "sweep: $((SECONDS - start)) s"
   cd "$REPO"
+fi
+
+if [[ $PARTS == *collect* ]]; then  # a later call on the same (warm) machine: the rest of the queue
+  export PYTHONPATH=/tmp/site:/tmp/run/src
+  collect
 fi
 pack; ls -la "$OUT"
