@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project runs on the GPU machine (device time is scarce: few, full calls).
 #   bash benchmarks/gpu_session.sh tests,bench,gen     # one H200: kernel tests, step and decoding benchmarks
-#   bash benchmarks/gpu_session.sh sweep               # two H200s: scaling, stand-in model, the sparsity sweep
+#   bash benchmarks/gpu_session.sh sweep               # scaling (2+ GPUs), stand-in model, the sparsity sweep
+#   bash benchmarks/gpu_session.sh collect             # a follow-up call on the same warm machine: the rest of the queue
 # Carry .gpu: the mamba-ssm / causal-conv1d wheels (../shared/wheels), liger-kernel and
 # cut-cross-entropy wheels, .gpu/dvc/*.whl (dvc, dvclive and what they need), .gpu/data/wt2.tar.gz
 # (WikiText-2 tokenized + the GPT-NeoX tokenizer). Results: $RES, packed into $OUT/results.tar.gz
@@ -11,9 +12,10 @@ PARTS=${1:-tests,bench,gen}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RES=/tmp/results; mkdir -p $RES
 REPO=$(pwd)
-DEADLINE=${DEADLINE:-555}   # seconds: stop waiting on the sweep and pack what is done
+DEADLINE=${DEADLINE:-450}   # seconds: stop waiting on the sweep and pack what is done (a call ends at 600)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-pack() { tar czf "$OUT/results.tar.gz" -C /tmp results; }
+exec > >(tee -a "$OUT/session.log") 2>&1  # the log comes back even if the call is cut short
+pack() { tar czf /tmp/results.tar.gz.part -C /tmp results && mv /tmp/results.tar.gz.part "$OUT/results.tar.gz"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$REPO/src
@@ -28,14 +30,14 @@ install_dvc() {  # once per machine: a second pip run over the same environment 
 collect() {  # wait for the queued experiments (until DEADLINE), then the table, the picture, the logs
   cd /tmp/run || return
   while [ $SECONDS -lt $DEADLINE ]; do
-    python3 -m dvc queue status 2>/dev/null | grep -qE "Queued|Running" || break
+    timeout 30 python3 -m dvc queue status 2>/dev/null | grep -qE "Queued|Running" || break
     sleep 10
   done
-  python3 -m dvc queue status > "$RES/queue_status.txt" 2>&1; cat "$RES/queue_status.txt"
-  python3 -m dvc exp show --json > "$RES/exp_show.json" 2> /dev/null
-  python3 -m samba.frontier "$RES/sparsity" --from-json "$RES/exp_show.json" --control control 2>&1 | tail -16
-  for name in $(python3 -m dvc queue status 2>/dev/null | awk '/Failed/ {print $2}'); do
-    python3 -m dvc queue logs "$name" > "$RES/failed_$name.log" 2>&1; done
+  timeout 30 python3 -m dvc queue status > "$RES/queue_status.txt" 2>&1; cat "$RES/queue_status.txt"
+  timeout 60 python3 -m dvc exp show --json > "$RES/exp_show.json" 2> /dev/null
+  timeout 30 python3 -m samba.frontier "$RES/sparsity" --from-json "$RES/exp_show.json" --control control 2>&1 | tail -16
+  for name in $(awk '/Failed/ {print $2}' "$RES/queue_status.txt"); do
+    timeout 20 python3 -m dvc queue logs "$name" > "$RES/failed_$name.log" 2>&1; done
   cd "$REPO"; pack
 }
 

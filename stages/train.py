@@ -35,8 +35,11 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     # Everything that can be refused is refused here, in one process, before any work.
     check_params(params)
-    check_processes(params.compute)
-    resolve_device(params.compute)
+    if distributed.under_launcher():  # torchrun by hand (several hosts): params must say how many
+        distributed.check_world_size(params.compute.num_processes)
+    else:
+        check_processes(params.compute)
+        resolve_device(params.compute)
     read_meta(args.data)
     require_model_dir(args.init, "convert")
     require_writable(args.out, args.metrics, args.checkpoints)

@@ -31,6 +31,7 @@ class Case:
     message: str  # a regular expression the one error line must match
     edit: Callable[[dict, Path], None] = lambda params, tmp: None  # params.yaml (as a dict) and tmp dir
     args: Callable[[Path], dict] = field(default=lambda tmp: {})  # --option overrides
+    env: dict = field(default_factory=dict)  # environment variables set for the run
 
 
 def _set(section: str, **values):
@@ -161,6 +162,9 @@ CASES = {
                                               edit=_set("compute", device="cuda")),
     "more processes than GPUs": Case("train", r"compute.num_processes: 2 but only 0 GPU\(s\) are visible",
                                      edit=_set("compute", device="cuda", num_processes=2)),
+    "torchrun world size other than compute.num_processes": Case(
+        "train", r"compute.num_processes: 1 but torchrun started 4 processes",
+        env={"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}),
 }
 
 OUTPUTS = {"prepare": ["--out"], "convert": ["--out"], "train": ["--out", "--metrics"], "evaluate": ["--out"]}
@@ -194,6 +198,8 @@ def _argv(stage: str, params_file: Path, tmp: Path, overrides: dict) -> list[str
 def test_bad_input_is_one_line_exit_2_outputs_kept(name, sources, project, tmp_path, capsys, monkeypatch):
     case = CASES[name]
     monkeypatch.syspath_prepend(str(REPO / "stages"))  # as running the script puts its folder first
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
     shutil.copytree(project, tmp_path / "project")
     params = tiny_params(sources)
     case.edit(params, tmp_path)

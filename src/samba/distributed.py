@@ -127,6 +127,16 @@ class HostFlags:
         return bool(t.item())
 
 
+def check_world_size(num_processes: int) -> None:
+    """Under torchrun, params.yaml must describe the run: compute.num_processes = its world size."""
+    from .config import ConfigError
+
+    world = context_from_env().world_size
+    if world != num_processes:
+        raise ConfigError(f"compute.num_processes: {num_processes} but torchrun started {world} processes; set it "
+                          "to nnodes x nproc-per-node, so that params.yaml records the run")
+
+
 def shard(batch_windows: torch.Tensor, ctx: Context) -> torch.Tensor:
     """This rank's share of one step's window indices (contiguous, equal shares)."""
     per_rank = batch_windows.shape[0] // ctx.world_size
