@@ -237,7 +237,6 @@ def ce_benchmark(tokens_list=(8192, 16384), dims=(768, 512), steps: int = 10) ->
                     row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
                 print(row, flush=True)
                 results.append(row)
-            del hidden, weight
             torch.cuda.empty_cache()
     return results
 

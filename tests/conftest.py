@@ -133,6 +133,30 @@ def sources(tmp_path_factory) -> Path:
     return make_sources(tmp_path_factory.mktemp("sources"))
 
 
+def params_with(sources: Path, **sections):
+    """The tiny params with some values of some sections changed, checked."""
+    from samba.config import Params
+
+    data = tiny_params(sources)
+    for section, values in sections.items():
+        data[section].update(values)
+    return Params.from_dict(data, require_all=True)
+
+
+@pytest.fixture(scope="session")
+def project(sources, tmp_path_factory) -> Path:
+    """data/ (the prepare stage's output) and init/ (convert's) of the tiny configuration.
+    Shared: tests that change them copy them first."""
+    from samba.convert import convert
+    from samba.data import prepare_tokens
+
+    root = tmp_path_factory.mktemp("project")
+    params = params_with(sources)
+    prepare_tokens(params.dataset, root / "data")
+    convert(params, root / "init")
+    return root
+
+
 # ----------------------------------------------------------------------------- commands
 
 def tool_env(**extra: str) -> dict[str, str]:

@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 from samba.cli import run_stage
 from samba.config import Params
 from samba.convert import convert
-from samba.data import prepare_tokens
 
 from conftest import REPO, make_transformers_mamba, save_as_mamba_ssm, tiny_params
 
@@ -168,15 +167,6 @@ CASES = {
 }
 
 OUTPUTS = {"prepare": ["--out"], "convert": ["--out"], "train": ["--out", "--metrics"], "evaluate": ["--out"]}
-
-
-@pytest.fixture(scope="module")
-def project(sources, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bad") / "project"
-    params = Params.from_dict(tiny_params(sources), require_all=True)
-    prepare_tokens(params.dataset, root / "data")
-    convert(params, root / "init")
-    return root
 
 
 def _argv(stage: str, params_file: Path, tmp: Path, overrides: dict) -> list[str]:

@@ -138,3 +138,17 @@ def test_generate_command_streams_the_greedy_text(sources, tmp_path):
                          capture_output=True, text=True, env=tool_env())
     assert bad.returncode == 2 and "records no tokenizer" in bad.stderr and "Traceback" not in bad.stderr
     assert json.loads((tmp_path / "m/config.json").read_text())["format"] == "samba"
+
+
+def test_export_command_refuses_in_one_line(tmp_path):
+    model = _model()
+    model.set_sparsity_target(0.5)
+    model.save_pretrained(tmp_path / "sparse")
+    proc = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "sparse"), str(tmp_path / "hf")],
+                          capture_output=True, text=True, env=tool_env())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "[export] error:" in proc.stderr and "--drop-sparsity" in proc.stderr
+    ok = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "sparse"), str(tmp_path / "hf"),
+                         "--drop-sparsity"], capture_output=True, text=True, env=tool_env())
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "hf/config.json").is_file() and (tmp_path / "hf/readout.safetensors").is_file()

@@ -287,7 +287,6 @@ def test_graphed_generation_equals_eager():
 def _gpu_params(tmp_path, sources, **training):
     """The tests' tiny pipeline settings, on the GPU, a bit wider."""
     from conftest import tiny_params
-    from samba.config import Params
 
     data = tiny_params(sources)
     data["compute"].update(device="cuda", compile=False)  # graphs alone; compiling would only add minutes

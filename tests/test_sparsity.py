@@ -255,3 +255,18 @@ def test_frontier_refusals(tmp_path):
     with pytest.raises(FrontierError, match="--control nope: no experiment of that name"):
         write_frontier([{"rev": "w", "data": {}, "experiments": [{"revs": [_exp("a", 0.0, 0.0, 0, 1, 1)]}]}],
                        tmp_path, "nope")
+
+
+def test_frontier_command_refuses_in_one_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import tool_env
+
+    saved = tmp_path / "exp_show.json"
+    saved.write_text(json.dumps([{"rev": "workspace", "data": {}}]))
+    proc = subprocess.run([sys.executable, "-m", "samba.frontier", str(tmp_path / "out"), "--from-json", str(saved)],
+                          capture_output=True, text=True, env=tool_env())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "[frontier] error: no experiment has metrics/eval.json" in proc.stderr

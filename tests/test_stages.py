@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,30 +16,14 @@ from safetensors.torch import load_file
 
 from samba import Samba
 from samba.checkpoint import CheckpointError
-from samba.config import ConfigError, Params
+from samba.config import ConfigError
 from samba.convert import convert
-from samba.data import DataError, prepare_tokens
+from samba.data import DataError
 from samba.evaluate import QualityError, evaluate_pipeline
 from samba.train import train
 
-from conftest import REPO, make_transformers_mamba, save_as_mamba_ssm, tiny_params
+from conftest import REPO, make_transformers_mamba, params_with, save_as_mamba_ssm, tiny_params
 
-
-def params_with(sources: Path, **sections) -> Params:
-    data = tiny_params(sources)
-    for section, values in sections.items():
-        data[section].update(values)
-    return Params.from_dict(data, require_all=True)
-
-
-@pytest.fixture(scope="module")
-def project(sources, tmp_path_factory) -> Path:
-    """data/tokenized and models/init of the tiny configuration."""
-    root = tmp_path_factory.mktemp("project")
-    params = params_with(sources)
-    prepare_tokens(params.dataset, root / "data")
-    convert(params, root / "init")
-    return root
 
 
 def _train(params, project, out, tmp_path):

@@ -18,28 +18,11 @@ from safetensors.torch import load_file
 import samba.loss
 import samba.resume
 from samba.checkpoint import CheckpointError
-from samba.config import Params
 from samba.convert import convert
-from samba.data import prepare_tokens
 from samba.train import Trainer, TrainingInterrupted, lr_factor, train
 
-from conftest import relative_error, tiny_params
+from conftest import params_with, relative_error  # noqa: F401  (project: a fixture of conftest)
 
-
-def params_with(sources: Path, **sections) -> Params:
-    data = tiny_params(sources)
-    for section, values in sections.items():
-        data[section].update(values)
-    return Params.from_dict(data, require_all=True)
-
-
-@pytest.fixture(scope="module")
-def project(sources, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    params = params_with(sources)
-    prepare_tokens(params.dataset, root / "data")
-    convert(params, root / "init")
-    return root
 
 
 def run(params, project: Path, where: Path) -> dict:

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import (EXPORT_CONFIG_FILE, READOUT_FILE, WEIGHTS_FILE, CheckpointError, backbone_key_map,
-                         require_model_dir)
+from .checkpoint import EXPORT_CONFIG_FILE, READOUT_FILE, WEIGHTS_FILE, backbone_key_map, require_model_dir
 from .data import TOKENIZER_FILE
 from .io import atomic_dir
 from .model import Samba
@@ -134,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run_stage
+    # Run the package's copy of this module (samba.export), not __main__'s: the errors the
+    # command line turns into one line are the package's classes.
+    from samba.cli import run_stage
+    from samba.export import main as package_main
 
-    run_stage("export", main)
+    run_stage("export", package_main)

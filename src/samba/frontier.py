@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run_stage
+    # Run the package's copy of this module (samba.frontier), not __main__'s: the errors the
+    # command line turns into one line are the package's classes.
+    from samba.cli import run_stage
+    from samba.frontier import main as package_main
 
-    run_stage("frontier", main)
+    run_stage("frontier", package_main)
