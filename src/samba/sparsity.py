@@ -122,11 +122,6 @@ class SparsityCounter:
             logs = torch.log10(a).clamp(HIST_LOG10_MIN, HIST_LOG10_MAX)  # log10(0) = -inf -> first bin
             self.hist[c] += torch.histc(logs, bins=self.bins, min=HIST_LOG10_MIN, max=HIST_LOG10_MAX).double()
 
-    def merge_(self, reduce: Callable[[torch.Tensor], None]) -> None:
-        """Sum the counts across processes in place (``reduce`` is an all-reduce)."""
-        for t in (self.sums, self.zero_per_dim, self.hist):
-            reduce(t)
-
     def result(self) -> dict:
         sums, zero_per_dim = self.sums.cpu(), self.zero_per_dim.cpu()
         elements, tokens, zero, near, near_rel, rms, max_over_rms = sums
