@@ -183,6 +183,13 @@ class TokenWindows:
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1 - self.offset) // self.seq_len)
 
+    def require_one(self, split: str) -> "TokenWindows":
+        """Refuse a split too short for a single window (naming it); return self."""
+        if len(self) == 0:
+            raise DataError(f"the {split} split has {len(self.tokens)} tokens: not one window of "
+                            f"training.seq_len + 1 = {self.seq_len + 1} tokens")
+        return self
+
     def batch(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """windows: (B,) window indices -> inputs, targets: (B, L)."""
         starts = self.offset + windows.to(self.tokens.device) * self.seq_len  # no copy if already there

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import require_model_dir
 from .cuda_graphs import GraphedCallable, graphs_wanted
-from .data import DataError, TokenWindows, check_vocab, load_split, read_meta
+from .data import TokenWindows, check_vocab, load_split, read_meta
 from .io import write_json_atomic
 from .model import Samba
 from .ops import kernels, linear_nll_and_correct
@@ -62,10 +62,8 @@ def evaluate_model(model: Samba, windows: TokenWindows, batch_size: int, *, max_
     was_training = model.training
     model.eval()
     device = windows.tokens.device
+    windows.require_one("evaluated")
     n_windows = len(windows) if max_windows <= 0 else min(len(windows), max_windows)
-    if n_windows == 0:
-        raise DataError(f"the split has {len(windows.tokens)} tokens: not one window of "
-                        f"training.seq_len + 1 = {windows.seq_len + 1} tokens to evaluate on")
     cfg = model.config
     counter = (SparsityCounter(cfg.n_chunks, cfg.d_model, near_zero_eps, near_zero_rel, histogram_bins, device)
                if count_sparsity else None)
@@ -120,10 +118,7 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
     meta = read_meta(data_dir)
     require_model_dir(model_dir, "train")
     require_model_dir(baseline_dir, "convert")
-    windows = TokenWindows.from_numpy(load_split(data_dir, "test"), seq_len, device)
-    if len(windows) == 0:
-        raise DataError(f"the test split has {len(windows.tokens)} tokens: not one window of "
-                        f"training.seq_len + 1 = {seq_len + 1} tokens to evaluate on")
+    windows = TokenWindows.from_numpy(load_split(data_dir, "test"), seq_len, device).require_one("test")
     options = dict(max_windows=ev.max_windows, dtype=dtype, graphs=params.compute.cuda_graphs)
     results, counters = {}, {}
     for name, directory in (("trained", model_dir), ("baseline", baseline_dir)):

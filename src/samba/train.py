@@ -177,16 +177,14 @@ class Trainer:
             self.model.compile_parts()
 
         self.train_windows = TokenWindows.from_numpy(load_split(data_dir, "train"), t.seq_len, device)
-        self.val_windows = TokenWindows.from_numpy(load_split(data_dir, "validation"), t.seq_len, device)
+        self.val_windows = TokenWindows.from_numpy(load_split(data_dir, "validation"), t.seq_len,
+                                                   device).require_one("validation")
         # the shortest epoch (largest offset) fixes the steps per epoch
         shortest = TokenWindows(self.train_windows.tokens, t.seq_len, t.seq_len - 1)
         self.steps_per_epoch = len(shortest) // t.batch_size
         if self.steps_per_epoch == 0:
             raise DataError(f"the train split has {len(self.train_windows.tokens)} tokens: not one batch of "
                             f"training.batch_size={t.batch_size} x training.seq_len={t.seq_len}")
-        if len(self.val_windows) == 0:
-            raise DataError(f"the validation split has {len(self.val_windows.tokens)} tokens: not one window "
-                            f"of training.seq_len + 1 = {t.seq_len + 1} tokens")
         self.total_steps = t.epochs * self.steps_per_epoch
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
