@@ -99,6 +99,15 @@ class Section:
         return dataclasses.asdict(self)
 
 
+def flatten(data: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> {"training.lr": ..., ...}: keys as params.yaml and DVC name them."""
+    out: dict[str, Any] = {}
+    for k, v in (data or {}).items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(flatten(v, key) if isinstance(v, Mapping) else {key: v})
+    return out
+
+
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")

@@ -25,19 +25,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .config import flatten
 from .io import write_json_atomic
 
 
 class FrontierError(ValueError):
     """The experiments cannot give a table (none has metrics, an unknown control...)."""
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}.{k}" if prefix else k
-        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
-    return out
 
 
 def runs_from_exp_show(shown: list) -> list[dict]:
@@ -50,7 +43,7 @@ def runs_from_exp_show(shown: list) -> list[dict]:
         metrics = ((data.get("metrics") or {}).get("metrics/eval.json") or {}).get("data")
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         if metrics and params:
-            runs.append({"name": rev.get("name") or data.get("name") or fallback, "params": _flatten(params),
+            runs.append({"name": rev.get("name") or data.get("name") or fallback, "params": flatten(params),
                          "eval": metrics})
 
     for baseline in shown:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .data import TOKENIZER_FILE, DataError, load_tokenizer
 from .model import MixerState, Samba, wide
-from .runtime import autocast
+from .config import ComputeConfig, ConfigError
+from .runtime import autocast, resolve_device
 
 logger = logging.getLogger(__name__)
 HEADS = ("main", "readout")
@@ -126,8 +127,10 @@ def main(argv: list[str] | None = None) -> None:
         raise DataError(f"{model_dir} records no tokenizer ({TOKENIZER_FILE}); pass --tokenizer "
                         "(models written by the train stage carry theirs)")
     tokenizer = load_tokenizer(str(tokenizer_path))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    try:  # refuses a bad name, or CUDA without a GPU
+        device = resolve_device(ComputeConfig(device=args.device))
+    except ConfigError as err:
+        raise ConfigError(f"--device {args.device}: {str(err).split(': ', 1)[-1]}") from None
     model = Samba.from_pretrained(model_dir).to(device)
     if device.type == "cuda":
         model.to(torch.bfloat16)

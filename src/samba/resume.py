@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointError
-from .config import Params
+from .config import Params, flatten
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "last.pt"
@@ -61,18 +61,10 @@ def fingerprint(params: Params, data_dir: Path, init_dir: Path) -> dict[str, Any
     }
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
-    return out
-
-
 def differences(saved: dict, current: dict) -> list[str]:
     """What differs between two fingerprints, in words."""
     reasons = []
-    old, new = _flatten(saved.get("params", {})), _flatten(current["params"])
+    old, new = flatten(saved.get("params", {})), flatten(current["params"])
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed:
         reasons.append("params differ (" + "; ".join(changed[:5]) + (", ..." if len(changed) > 5 else "") + ")")
