@@ -97,10 +97,10 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In place across ranks (nothing with one process)."""
+def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    """Summed in place across ranks (nothing with one process)."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        dist.all_reduce(tensor)
     return tensor
 
 

@@ -30,9 +30,11 @@ class LossParts:
     readout_ce: torch.Tensor | None
     penalty: torch.Tensor | None
 
-    def detached(self) -> dict[str, torch.Tensor]:
-        parts = dict(zip(PART_NAMES, (self.total, self.main_ce, self.readout_ce, self.penalty)))
-        return {k: v.detach() for k, v in parts.items() if v is not None}
+    def values(self) -> torch.Tensor:
+        """The parts, in PART_NAMES order, as one detached (4,) fp32 tensor (0 where not computed)."""
+        zero = self.main_ce.new_zeros(())
+        return torch.stack([v.detach().float() if v is not None else zero
+                            for v in (self.total, self.main_ce, self.readout_ce, self.penalty)])
 
 
 def main_head_ce(model: Samba, chunk_outputs, targets: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,4 @@ class SambaObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor):
         parts = samba_loss(self.model, input_ids, targets, self.readout_weight, self.pruning_weight,
                            self.penalty)
-        zero = parts.main_ce.new_zeros(())
-        values = torch.stack([v.detach().float() if v is not None else zero
-                              for v in (parts.total, parts.main_ce, parts.readout_ce, parts.penalty)])
-        return parts.total, values
+        return parts.total, parts.values()
