@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import Params, flatten
+from .io import atomic_file
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "last.pt"
@@ -79,13 +79,8 @@ def differences(saved: dict, current: dict) -> list[str]:
 
 def save(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` atomically: a temporary file, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load(path: Path, current: dict[str, Any]) -> dict[str, Any] | None:

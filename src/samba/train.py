@@ -31,6 +31,7 @@ from .config import ConfigError, Params
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .data import DataError, TokenWindows, check_vocab, load_split, read_meta, tokenizer_files
 from .evaluate import evaluate_model
+from .io import atomic_file
 from .loss import PART_NAMES, SambaObjective
 from .model import Samba
 from .plots import plot_training_curves
@@ -346,10 +347,8 @@ class Trainer:
         if self.t.keep != "best" or step < self.t.sparsity_warmup_steps:
             return best
         if best is None or row["val/ppl"] < best["val_ppl"]:
-            self.best_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.best_path.with_name(f".{self.best_path.name}.tmp")
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, tmp)
-            tmp.replace(self.best_path)
+            with atomic_file(self.best_path) as tmp:
+                save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, tmp)
             best = {"step": step, "val_ppl": row["val/ppl"]}
         return best
 
