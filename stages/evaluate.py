@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     parser.add_argument("--plots", default="metrics/plots")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    require_writable(args.out, f"{args.plots}/x")
+    require_writable(args.out, f"{args.plots}/prune_curve.json")  # a file the plots folder will hold
     metrics = evaluate_pipeline(params, args.data, args.baseline, args.model, args.out, args.plots)
     shown = {k: metrics[k] for k in ("ppl", "readout_ppl", "ppl_ratio", "accuracy")}
     shown["baseline_ppl"] = metrics["baseline"]["ppl"]
