@@ -36,6 +36,11 @@ collect() {  # wait for the queued experiments (until DEADLINE), then the table,
   timeout 30 python3 -m dvc queue status > "$RES/queue_status.txt" 2>&1; cat "$RES/queue_status.txt"
   timeout 60 python3 -m dvc exp show --json > "$RES/exp_show.json" 2> /dev/null
   timeout 30 python3 -m samba.frontier "$RES/sparsity" --from-json "$RES/exp_show.json" --control control 2>&1 | tail -16
+  mkdir -p "$RES/runs"  # each finished experiment's params and eval.json, from its git ref
+  for ref in $(git for-each-ref --format='%(refname)' refs/exps); do
+    git show "$ref:metrics/eval.json" > "$RES/runs/${ref##*/}.eval.json" 2>/dev/null || rm -f "$RES/runs/${ref##*/}.eval.json"
+    git show "$ref:params.yaml" > "$RES/runs/${ref##*/}.params.yaml" 2>/dev/null
+    git show "$ref:metrics/train/metrics.json" > "$RES/runs/${ref##*/}.train.json" 2>/dev/null; done
   for name in $(awk '/Failed/ {print $2}' "$RES/queue_status.txt"); do
     timeout 20 python3 -m dvc queue logs "$name" > "$RES/failed_$name.log" 2>&1; done
   cd "$REPO"; pack
@@ -91,7 +96,7 @@ EOF
   PROCS=1
   if [ "$NGPU" -ge 2 ]; then
     echo "=== scaling"; start=$SECONDS
-    python3 $REPO/benchmarks/scaling.py --params params.yaml --data data/tokenized --init models/init --steps 100 \
+    python3 $REPO/benchmarks/scaling.py --params params.yaml --data data/tokenized --init models/init --steps 60 --timeout 150 \
       --out "$RES/scaling.md" --json "$RES/scaling.json" > "$RES/scaling.log" 2>&1
     tail -8 "$RES/scaling.md"; echo "scaling: $((SECONDS - start)) s"; pack
     grep -q "| 2 | 32 | 16 |" "$RES/scaling.md" && PROCS=2
@@ -100,7 +105,12 @@ EOF
   echo "=== stand-in pretraining (4 epochs, lr 6e-4, from random init, $PROCS GPUs)"; start=$SECONDS
   python3 -m dvc exp run -n standin -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
     -S training.readout_weight=0.0 -S training.pruning_weight=0.0 -S training.eval_every=300 \
-    -S compute.num_processes=$PROCS > "$RES/standin.log" 2>&1 || { tail -30 "$RES/standin.log"; pack; exit 1; }
+    -S compute.num_processes=$PROCS > "$RES/standin.log" 2>&1 || {
+      tail -30 "$RES/standin.log"; [ $PROCS -eq 1 ] && { pack; exit 1; }
+      echo "--- stand-in on $PROCS GPUs failed: again on one"; mv "$RES/standin.log" "$RES/standin_ddp_failed.log"
+      python3 -m dvc exp run -f -n standin -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
+        -S training.readout_weight=0.0 -S training.pruning_weight=0.0 -S training.eval_every=300 \
+        -S compute.num_processes=1 > "$RES/standin.log" 2>&1 || { tail -30 "$RES/standin.log"; pack; exit 1; }; }
   grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/standin.log" | tail -6
   cp -r models/samba /tmp/standin && cp metrics/eval.json "$RES/standin_eval.json"
   mkdir -p "$RES/standin_train" && cp -r metrics/train/plots metrics/train/metrics.json "$RES/standin_train/"

@@ -17,6 +17,7 @@ import csv
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 RUNS = [(1, 16), (2, 32), (1, 32)]  # (processes, global batch)
 
 
-def run(params: dict, processes: int, batch: int, data: str, init: str, work: Path, steps: int) -> dict:
+def run(params: dict, processes: int, batch: int, data: str, init: str, work: Path, steps: int,
+        timeout: float) -> dict:
     p = json.loads(json.dumps(params))
     p["compute"].update(num_processes=processes, device="auto")
     p["training"].update(batch_size=batch, max_steps=steps, log_every=10, eval_every=10 * steps,
@@ -43,13 +45,20 @@ def run(params: dict, processes: int, batch: int, data: str, init: str, work: Pa
            "--init", init, "--out", str(where / "out"), "--metrics", str(where / "metrics"),
            "--checkpoints", str(where / "ckpt")]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hung collective: kill the launcher and its workers
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        return {"processes": processes, "batch": batch, "error": f"no result in {timeout:.0f} s: {stderr[-1200:]}"}
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        return {"processes": processes, "batch": batch, "error": proc.stderr[-1500:]}
+        return {"processes": processes, "batch": batch, "error": stderr[-1500:]}
     with open(where / "metrics/plots/metrics/train/tokens_per_s.tsv") as f:
         values = [float(r["tokens_per_s"]) for r in csv.DictReader(f, delimiter="\t")][1:]
-    graphed = "captured as a CUDA graph" in proc.stderr
+    graphed = "captured as a CUDA graph" in stderr
     return {"processes": processes, "batch": batch, "per_gpu_batch": batch // processes,
             "tokens_per_s": statistics.fmean(values), "windows": len(values), "wall_s": wall, "cuda_graphs": graphed}
 
@@ -60,6 +69,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/tokenized")
     parser.add_argument("--init", default="models/init")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--timeout", type=float, default=240, help="seconds a run may take before it counts as failed")
     parser.add_argument("--out", default="benchmarks/results/scaling.md")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -70,7 +80,7 @@ def main() -> None:
             if processes > torch.cuda.device_count():
                 rows.append({"processes": processes, "batch": batch, "error": "not enough GPUs"})
                 continue
-            rows.append(run(params, processes, batch, args.data, args.init, Path(tmp), args.steps))
+            rows.append(run(params, processes, batch, args.data, args.init, Path(tmp), args.steps, args.timeout))
             print(rows[-1], flush=True)
     by = {(r["processes"], r["batch"]): r for r in rows if "error" not in r}
     lines = [f"# Data-parallel scaling of the train stage ({datetime.datetime.now().isoformat(timespec='seconds')})", "",
