@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true NCCL_NVLS_ENABLE=0 TORCH_S
 exec > >(tee -a "$OUT/session.log") 2>&1  # the log comes back even if the call is cut short
 pack() { tar czf /tmp/results.tar.gz.part -C /tmp results && mv /tmp/results.tar.gz.part "$OUT/results.tar.gz"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl || exit 1
+[ -d /tmp/site/mamba_ssm ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$REPO/src
 mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH  # a wrapper: a symlinked venv python loses its venv
 python3 -c "import torch, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__, 'GPUs', torch.cuda.device_count())"
@@ -94,7 +94,7 @@ EOF
   tail -3 "$RES/setup.log"; echo "set-up: $((SECONDS - start)) s"
 
   PROCS=1
-  if [ "$NGPU" -ge 2 ]; then
+  if [ "$NGPU" -ge 2 ] && [ "${SCALING:-1}" = 1 ]; then  # SCALING=0: scaling.md is already measured
     echo "=== scaling"; start=$SECONDS
     python3 $REPO/benchmarks/scaling.py --params params.yaml --data data/tokenized --init models/init --steps 60 --timeout 150 \
       --out "$RES/scaling.md" --json "$RES/scaling.json" > "$RES/scaling.log" 2>&1
@@ -102,21 +102,26 @@ EOF
     grep -q "| 2 | 32 | 16 |" "$RES/scaling.md" && PROCS=2
   fi
 
+  [ "${SCALING:-1}" = 0 ] && [ "$NGPU" -ge 2 ] && PROCS=2
+  # the stand-in is trained only: every sweep run evaluates it as its baseline
   echo "=== stand-in pretraining (4 epochs, lr 6e-4, from random init, $PROCS GPUs)"; start=$SECONDS
-  python3 -m dvc exp run -n standin -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
+  python3 -m dvc exp run -n standin train -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
     -S training.readout_weight=0.0 -S training.pruning_weight=0.0 -S training.eval_every=300 \
     -S compute.num_processes=$PROCS > "$RES/standin.log" 2>&1 || {
       tail -30 "$RES/standin.log"; [ $PROCS -eq 1 ] && { pack; exit 1; }
       echo "--- stand-in on $PROCS GPUs failed: again on one"; mv "$RES/standin.log" "$RES/standin_ddp_failed.log"
-      python3 -m dvc exp run -f -n standin -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
+      python3 -m dvc exp run -f -n standin train -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
         -S training.readout_weight=0.0 -S training.pruning_weight=0.0 -S training.eval_every=300 \
         -S compute.num_processes=1 > "$RES/standin.log" 2>&1 || { tail -30 "$RES/standin.log"; pack; exit 1; }; }
   grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/standin.log" | tail -6
-  cp -r models/samba /tmp/standin && cp metrics/eval.json "$RES/standin_eval.json"
+  cp -r models/samba /tmp/standin
   mkdir -p "$RES/standin_train" && cp -r metrics/train/plots metrics/train/metrics.json "$RES/standin_train/"
-  echo "--- evaluate stage alone, stand-in vs random init (both models, WikiText-2 test)"
-  ( time python3 stages/evaluate.py --out /tmp/eval_again.json --plots /tmp/plots_again ) > "$RES/evaluate_alone.log" 2>&1
-  grep -E "^real|wrote" "$RES/evaluate_alone.log"; echo "stand-in: $((SECONDS - start)) s"; pack
+  if [ "${TIME_EVALUATE:-1}" = 1 ]; then
+    echo "--- evaluate stage alone, stand-in vs random init (both models, WikiText-2 test)"
+    ( time python3 stages/evaluate.py --out "$RES/standin_eval.json" --plots /tmp/plots_again ) > "$RES/evaluate_alone.log" 2>&1
+    grep -E "^real|wrote" "$RES/evaluate_alone.log"
+  fi
+  echo "stand-in: $((SECONDS - start)) s"; pack
 
   echo "=== the sweep: 1 epoch at lr 1e-4 from the stand-in, queued, several workers per GPU"; start=$SECONDS
   git checkout -q -- params.yaml dvc.lock || exit 1
@@ -127,7 +132,8 @@ p["pretrained"].update(use_pretrained=True, model_name="/tmp/standin")
 p["training"].update(sparsity_warmup_steps=100, pruning_weight=0.0)
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 EOF
-  python3 -m dvc repro convert > "$RES/convert_standin.log" 2>&1; tail -2 "$RES/convert_standin.log"
+  python3 -m dvc repro convert > "$RES/convert_standin.log" 2>&1 || { tail -20 "$RES/convert_standin.log"; pack; exit 1; }
+  tail -2 "$RES/convert_standin.log"
   git add -A && git commit -qm "sweep: from the stand-in" -q
   i=0
   queue() { python3 -m dvc exp run --queue -n "$1" -S compute.device=cuda:$((i % NGPU)) "${@:2}" > /dev/null; i=$((i + 1)); }
@@ -142,7 +148,7 @@ EOF
   queue hoyer-2      -S training.pruning_penalty=hoyer -S training.pruning_weight=2.0
   queue topk90-hoyer -S model.sparsity_target=0.9 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
   queue topk50-hoyer -S model.sparsity_target=0.5 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
-  JOBS=$((2 * NGPU)); [ "$NGPU" -eq 1 ] && JOBS=3  # runs overlap one another's start-up and evaluation
+  JOBS=$((3 * NGPU))  # runs overlap one another's start-up and evaluation
   python3 -m dvc queue start -j $JOBS > /dev/null 2>&1  # daemons: they outlive this call
   collect
   echo "sweep: $((SECONDS - start)) s"

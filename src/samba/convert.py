@@ -21,6 +21,7 @@ from .checkpoint import SAMBA_FORMAT, checkpoint_model_config, model_from_weight
 from .config import Params
 from .io import atomic_dir
 from .model import Samba
+from .ops import kernels
 from .runtime import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,16 @@ def transformers_reference(directory: Path, fmt: str, config, weights, model: Sa
     return hf.eval()
 
 
+def check_device() -> torch.device:
+    """Where the written model is compared with its source (fp32). transformers' Mamba calls
+    causal-conv1d and mamba-ssm whenever they are installed, whatever the tensors' device (on CPU
+    tensors: "Expected x.is_cuda() to be true"), so where they are installed the comparison runs
+    on the GPU, on their kernels; elsewhere on the CPU, on transformers' PyTorch path."""
+    if kernels.kernels_available() and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -86,9 +97,10 @@ def convert(params: Params, out_dir: str | Path) -> dict:
         written = Samba.from_pretrained(tmp, backend="reference").eval()
         ids = torch.randint(0, params.model.vocab_size, CHECK_SHAPE,
                             generator=torch.Generator().manual_seed(params.training.seed))
+        device = check_device()
         with torch.no_grad():
-            expected = reference(ids).logits
-            got = written(ids).logits
+            expected = reference.to(device)(ids.to(device)).logits
+            got = written.to(device)(ids.to(device)).logits
         error = relative_error(got, expected)
         logger.info("logits of the written model vs %s: relative error %.2e",
                     "transformers' MambaForCausalLM" if pre.use_pretrained else "the model in memory", error)
