@@ -29,8 +29,9 @@ install_dvc() {  # once per machine: a second pip run over the same environment 
 }
 collect() {  # wait for the queued experiments (until DEADLINE), then the table, the picture, the logs
   cd /tmp/run || return
-  while [ $SECONDS -lt $DEADLINE ]; do
-    timeout 30 python3 -m dvc queue status 2>/dev/null | grep -qE "Queued|Running" || break
+  while [ $SECONDS -lt $DEADLINE ]; do  # a status that times out (busy CPUs) is no answer: wait on
+    status=$(timeout 60 python3 -m dvc queue status 2>/dev/null) \
+      && ! grep -qE "Queued|Running" <<< "$status" && break
     sleep 10
   done
   timeout 30 python3 -m dvc queue status > "$RES/queue_status.txt" 2>&1; cat "$RES/queue_status.txt"
@@ -85,7 +86,7 @@ p = yaml.safe_load(open("params.yaml"))
 p["dataset"].update(name="/tmp/wt2/wikitext-2-tokenized", tokenizer="/tmp/wt2/tokenizers/gpt-neox-20b")
 p["pretrained"].update(use_pretrained=False)
 p["training"].update(epochs=1, lr=1.0e-4, warmup_steps=30, eval_every=100, checkpoint_every=100)
-p["eval"].update(batch_size=32)
+p["eval"].update(batch_size=32, prune_fractions=[0.0, 0.5, 0.75, 0.9])
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 EOF
   git add -A && git commit -qm "sweep base" && python3 -m dvc repro prepare convert > "$RES/setup.log" 2>&1 \
@@ -148,8 +149,9 @@ EOF
   queue hoyer-2      -S training.pruning_penalty=hoyer -S training.pruning_weight=2.0
   queue topk90-hoyer -S model.sparsity_target=0.9 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
   queue topk50-hoyer -S model.sparsity_target=0.5 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
-  JOBS=$((3 * NGPU))  # runs overlap one another's start-up and evaluation
-  python3 -m dvc queue start -j $JOBS > /dev/null 2>&1  # daemons: they outlive this call
+  JOBS=$((3 * NGPU)); [ "$NGPU" -eq 1 ] && JOBS=4  # runs overlap one another's start-up and evaluation
+  # the workers are daemons, but the device machine ends them with the call: collect in this call
+  python3 -m dvc queue start -j $JOBS > /dev/null 2>&1
   collect
   echo "sweep: $((SECONDS - start)) s"
   cd "$REPO"
