@@ -2,7 +2,8 @@
 # Everything this project runs on the GPU machine (device time is scarce: few, full calls).
 #   bash benchmarks/gpu_session.sh tests,bench,gen     # one H200: kernel tests, step and decoding benchmarks
 #   bash benchmarks/gpu_session.sh sweep               # scaling (2+ GPUs), stand-in model, the sparsity sweep
-#   bash benchmarks/gpu_session.sh collect             # a follow-up call on the same warm machine: the rest of the queue
+#   bash benchmarks/gpu_session.sh collect             # tabulate the sweep again on the same warm machine (its queue workers end with the call that started them)
+#   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes
 # Carry .gpu: the mamba-ssm / causal-conv1d wheels (../shared/wheels), liger-kernel and
 # cut-cross-entropy wheels, .gpu/dvc/*.whl (dvc, dvclive and what they need), .gpu/data/wt2.tar.gz
 # (WikiText-2 tokenized + the GPT-NeoX tokenizer). Results: $RES, packed into $OUT/results.tar.gz
@@ -155,6 +156,29 @@ EOF
   collect
   echo "sweep: $((SECONDS - start)) s"
   cd "$REPO"
+fi
+
+if [[ $PARTS == *evaltime* ]]; then  # the evaluate stage's wall time, start-up included, and where it goes
+  echo "=== evaluate stage timing (WikiText-2 test, random-init model as both models)"; start=$SECONDS
+  mkdir -p /tmp/wt2 /tmp/et && tar xzf .gpu/data/wt2.tar.gz -C /tmp/wt2
+  python3 - <<'EOF2'
+import yaml
+p = yaml.safe_load(open("params.yaml"))
+p["dataset"].update(name="/tmp/wt2/wikitext-2-tokenized", tokenizer="/tmp/wt2/tokenizers/gpt-neox-20b")
+p["pretrained"].update(use_pretrained=False)
+p["eval"].update(batch_size=32)
+yaml.safe_dump(p, open("/tmp/et/params.yaml", "w"), sort_keys=False)
+EOF2
+  python3 stages/prepare.py --params /tmp/et/params.yaml --out /tmp/et/tok > "$RES/evaltime.log" 2>&1 \
+    && python3 stages/convert.py --params /tmp/et/params.yaml --out /tmp/et/init >> "$RES/evaltime.log" 2>&1 \
+    || { tail -5 "$RES/evaltime.log"; pack; exit 1; }
+  ( time python3 -c "import samba.cli, samba.evaluate" ) 2>&1 | grep real | sed 's/^/imports: /' | tee -a "$RES/evaltime.log"
+  for i in 1 2; do  # the second run finds Triton's kernel cache warm, as a run after training does
+    ( time python3 stages/evaluate.py --params /tmp/et/params.yaml --data /tmp/et/tok --baseline /tmp/et/init \
+      --model /tmp/et/init --out /tmp/et/eval.json --plots /tmp/et/plots ) >> "$RES/evaltime.log" 2>&1
+    tr '\r' '\n' < "$RES/evaltime.log" | grep -E "^real|loaded in|written in" | tail -4
+  done
+  echo "evaluate timing: $((SECONDS - start)) s"; pack
 fi
 
 if [[ $PARTS == *collect* ]]; then  # a later call on the same (warm) machine: the rest of the queue

@@ -15,7 +15,9 @@ batch is a replayed CUDA graph (``cuda_graphs``).
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +32,8 @@ from .ops import kernels, linear_nll_and_correct
 from .plots import write_magnitude_histogram, write_per_chunk_sparsity, write_prune_curve
 from .runtime import autocast, autocast_dtype, resolve_device, seed_everything
 from .sparsity import SparsityCounter
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("ppl", "loss", "readout_ppl", "readout_loss", "accuracy", "readout_accuracy", "sparsity",
                 "prune_curve")
@@ -122,14 +126,19 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
     options = dict(max_windows=ev.max_windows, dtype=dtype, graphs=params.compute.cuda_graphs)
     results, counters = {}, {}
     for name, directory in (("trained", model_dir), ("baseline", baseline_dir)):
+        t0 = time.perf_counter()
         # no torch.compile here: forward passes only, whose compile time would exceed their run time
         model = Samba.from_pretrained(directory, backend=params.compute.backend).to(device)
         check_vocab(meta, model.config.vocab_size)
+        t1 = time.perf_counter()
         results[name], counters[name] = evaluate_model(
             model, windows, ev.batch_size, near_zero_eps=ev.near_zero_eps, near_zero_rel=ev.near_zero_rel,
             histogram_bins=ev.histogram_bins, desc=f"evaluate {name}", **options)
+        t2 = time.perf_counter()
         results[name]["prune_curve"] = prune_curve(model, windows, ev.prune_fractions, results[name],
                                                    ev.batch_size, desc=f"prune curve {name}", **options)
+        logger.info("%s model: loaded in %.1f s, evaluated in %.1f s, prune curve in %.1f s", name, t1 - t0,
+                    t2 - t1, time.perf_counter() - t2)
         results[name]["sparsity_target"] = model.config.sparsity_target
         uses_kernels = kernels.use_kernels(params.compute.backend, device.type == "cuda")
         del model
@@ -145,13 +154,14 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
         "backend": "kernels" if uses_kernels else "reference",
         "cuda_graphs": graphs_wanted(params.compute.cuda_graphs, device),
         "sparsity_target": trained["sparsity_target"]}
-    plots_dir = Path(plots_dir)
+    plots_dir, t0 = Path(plots_dir), time.perf_counter()
     centres, trained_hist = counters["trained"].histogram()
     _, baseline_hist = counters["baseline"].histogram()
     write_magnitude_histogram(plots_dir, centres, trained_hist, baseline_hist)
     write_per_chunk_sparsity(plots_dir, trained["sparsity"], baseline["sparsity"])
     write_prune_curve(plots_dir, trained["prune_curve"], baseline["prune_curve"])
     write_json_atomic(out_json, metrics)
+    logger.info("plots and metrics written in %.1f s", time.perf_counter() - t0)
     if ev.max_ppl_increase > 0 and metrics["ppl_ratio"] > 1 + ev.max_ppl_increase:
         raise QualityError(f"test ppl {trained['ppl']:.3f} is {100 * (metrics['ppl_ratio'] - 1):.1f}% above the "
                            f"baseline's {baseline['ppl']:.3f}; eval.max_ppl_increase allows "
