@@ -184,8 +184,8 @@ class TrainingConfig(Section):
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables clipping
     readout_weight: float = 0.5
-    pruning_weight: float = 0.05
-    pruning_penalty: typing.Literal["l1", "hoyer"] = "l1"  # see sparsity.PENALTIES
+    pruning_weight: float = 0.5
+    pruning_penalty: typing.Literal["l1", "hoyer"] = "hoyer"  # see sparsity.PENALTIES; the seed's: l1 at 0.05
     sparsity_warmup_steps: int = 0  # model.sparsity_target is reached linearly over these steps
     keep: typing.Literal["last", "best"] = "last"  # best: lowest validation ppl after the warm-up
     log_every: int = 10
