@@ -4,6 +4,9 @@
 #   bash benchmarks/gpu_session.sh sweep               # scaling (2+ GPUs), stand-in model, the sparsity sweep
 #   bash benchmarks/gpu_session.sh collect             # tabulate the sweep again on the same warm machine (its queue workers end with the call that started them)
 #   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes
+# Knobs: DEADLINE (seconds into the call to stop waiting and pack; default 450), SCALING=0 (skip
+# scaling.py), TIME_EVALUATE=0 (skip timing the evaluate stage on the stand-in). The sweep of
+# benchmarks/results/sparsity: SCALING=0 TIME_EVALUATE=0 DEADLINE=560 ... sweep, on 2 GPUs (6 min).
 # Carry .gpu: the mamba-ssm / causal-conv1d wheels (../shared/wheels), liger-kernel and
 # cut-cross-entropy wheels, .gpu/dvc/*.whl (dvc, dvclive and what they need), .gpu/data/wt2.tar.gz
 # (WikiText-2 tokenized + the GPT-NeoX tokenizer). Results: $RES, packed into $OUT/results.tar.gz
