@@ -33,23 +33,20 @@ class ConversionError(RuntimeError):
     """The converted model does not compute what its source computes."""
 
 
-def transformers_reference(directory: Path, fmt: str, config, weights, model: Samba) -> torch.nn.Module:
+def transformers_reference(directory: Path, fmt: str, weights, model: Samba) -> torch.nn.Module:
     """The source checkpoint in transformers' MambaForCausalLM, independent of our remapping:
     transformers reads its own format from disk itself; mamba-ssm's tensors (``weights``) are
     loaded into it with only the embedding key renamed, by transformers' strict state-dict check;
     a Samba source (no remapping) is ``model``'s backbone exported to it."""
-    from transformers import MambaConfig, MambaForCausalLM
+    from transformers import MambaForCausalLM
+
+    from .export import to_transformers, transformers_config
 
     if fmt == SAMBA_FORMAT:
-        from .export import to_transformers
-
         return to_transformers(model)
     if fmt == "transformers":
         return MambaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    hf = MambaForCausalLM(MambaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
-        state_size=config.d_state, conv_kernel=config.d_conv, expand=config.expand_factor,
-        layer_norm_epsilon=config.norm_eps))
+    hf = MambaForCausalLM(transformers_config(model))
     state = {k.replace("backbone.embedding.", "backbone.embeddings."): v.float() for k, v in weights.items()}
     state.setdefault("lm_head.weight", state["backbone.embeddings.weight"])
     hf.load_state_dict(state, strict=True)
@@ -86,7 +83,7 @@ def convert(params: Params, out_dir: str | Path) -> dict:
                 logger.info("the source zeroes %.0f%% of each chunk output; the baseline written here is dense",
                             100 * model.config.sparsity_target)
                 model.set_sparsity_target(0.0)
-            reference = transformers_reference(source, fmt, config, weights, model)
+            reference = transformers_reference(source, fmt, weights, model)
             logger.info("remapped %s (%s format) into %d chunks of %d layers", pre.model_name, fmt,
                         model.config.n_chunks, model.config.readout_stride)
         else:
