@@ -140,7 +140,6 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
         logger.info("%s model: loaded in %.1f s, evaluated in %.1f s, prune curve in %.1f s", name, t1 - t0,
                     t2 - t1, time.perf_counter() - t2)
         results[name]["sparsity_target"] = model.config.sparsity_target
-        uses_kernels = kernels.use_kernels(params.compute.backend, device.type == "cuda")
         del model
     trained, baseline = results["trained"], results["baseline"]
     metrics = {k: trained[k] for k in SUMMARY_KEYS}
@@ -151,7 +150,7 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
         "near_zero_eps": ev.near_zero_eps, "near_zero_rel": ev.near_zero_rel,
         "precision": "bf16" if dtype is not None else "fp32",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "backend": "kernels" if uses_kernels else "reference",
+        "backend": "kernels" if kernels.use_kernels(params.compute.backend, device.type == "cuda") else "reference",
         "cuda_graphs": graphs_wanted(params.compute.cuda_graphs, device),
         "sparsity_target": trained["sparsity_target"]}
     plots_dir, t0 = Path(plots_dir), time.perf_counter()
