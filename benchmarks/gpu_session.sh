@@ -31,6 +31,23 @@ install_dvc() {  # once per machine: a second pip run over the same environment 
   python3 -m pip install -q --no-index --find-links "$REPO/.gpu/dvc" dvc==3.67.1 dvclive==3.49.1 2>&1 | grep -v WARNING | tail -3
   python3 -c "import yaml, dvc, dvclive" || { echo "dvc / dvclive / yaml do not import"; exit 1; }
 }
+set_params() {  # set_params FILE section.key=value ...: edit a params file, each value read as YAML
+  python3 - "$@" <<'EOF'
+import sys, yaml
+path, *pairs = sys.argv[1:]
+p = yaml.safe_load(open(path))
+for pair in pairs:
+    key, value = pair.split("=", 1)
+    section, name = key.split(".")
+    p[section][name] = yaml.safe_load(value)
+yaml.safe_dump(p, open(path, "w"), sort_keys=False)
+EOF
+}
+wt2_params() {  # wt2_params FILE [section.key=value ...]: WikiText-2 and the GPT-NeoX tokenizer from .gpu/data, random init
+  mkdir -p /tmp/wt2 && tar xzf "$REPO/.gpu/data/wt2.tar.gz" -C /tmp/wt2 \
+    && set_params "$1" dataset.name=/tmp/wt2/wikitext-2-tokenized dataset.tokenizer=/tmp/wt2/tokenizers/gpt-neox-20b \
+      pretrained.use_pretrained=false eval.batch_size=32 "${@:2}"
+}
 collect() {  # wait for the queued experiments (until DEADLINE), then the table, the picture, the logs
   cd /tmp/run || return
   while [ $SECONDS -lt $DEADLINE ]; do  # a status that times out (busy CPUs) is no answer: wait on
@@ -77,22 +94,14 @@ fi
 if [[ $PARTS == *sweep* ]]; then
   echo "=== set-up"; start=$SECONDS
   install_dvc; NGPU=$(nvidia-smi -L | wc -l)
-  mkdir -p /tmp/wt2 && tar xzf .gpu/data/wt2.tar.gz -C /tmp/wt2
   RUN=/tmp/run; rm -rf $RUN && mkdir $RUN
   cp -r dvc.yaml params.yaml stages src .dvcignore .gitignore pyproject.toml $RUN/ && mkdir $RUN/.dvc \
     && cp -r .dvc/config .dvc/plots $RUN/.dvc/
   export PYTHONPATH=/tmp/site:$RUN/src
   cd $RUN && git init -q && git config user.email gpu@example.com && git config user.name gpu || exit 1
-  # The stand-in's recipe on WikiText-2 (wikitext-2-v1 files; the raw train split is not at hand)
-  python3 - <<'EOF'
-import yaml
-p = yaml.safe_load(open("params.yaml"))
-p["dataset"].update(name="/tmp/wt2/wikitext-2-tokenized", tokenizer="/tmp/wt2/tokenizers/gpt-neox-20b")
-p["pretrained"].update(use_pretrained=False)
-p["training"].update(epochs=1, lr=1.0e-4, warmup_steps=30, eval_every=100, checkpoint_every=100)
-p["eval"].update(batch_size=32, prune_fractions=[0.0, 0.5, 0.75, 0.9])
-yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
-EOF
+  # The sweep's schedule on WikiText-2 (wikitext-2-v1 files; the raw train split is not at hand)
+  wt2_params params.yaml training.epochs=1 training.lr=1.0e-4 training.warmup_steps=30 training.eval_every=100 \
+    training.checkpoint_every=100 "eval.prune_fractions=[0.0, 0.5, 0.75, 0.9]" || exit 1
   git add -A && git commit -qm "sweep base" && python3 -m dvc repro prepare convert > "$RES/setup.log" 2>&1 \
     || { tail -20 "$RES/setup.log"; pack; exit 1; }
   git add -A && git commit -qm "prepare, convert (random init)" -q
@@ -110,14 +119,15 @@ EOF
   [ "${SCALING:-1}" = 0 ] && [ "$NGPU" -ge 2 ] && PROCS=2
   # the stand-in is trained only: every sweep run evaluates it as its baseline
   echo "=== stand-in pretraining (4 epochs, lr 6e-4, from random init, $PROCS GPUs)"; start=$SECONDS
-  python3 -m dvc exp run -n standin train -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
-    -S training.readout_weight=0.0 -S training.pruning_weight=0.0 -S training.eval_every=300 \
-    -S compute.num_processes=$PROCS > "$RES/standin.log" 2>&1 || {
-      tail -30 "$RES/standin.log"; [ $PROCS -eq 1 ] && { pack; exit 1; }
-      echo "--- stand-in on $PROCS GPUs failed: again on one"; mv "$RES/standin.log" "$RES/standin_ddp_failed.log"
-      python3 -m dvc exp run -f -n standin train -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
-        -S training.readout_weight=0.0 -S training.pruning_weight=0.0 -S training.eval_every=300 \
-        -S compute.num_processes=1 > "$RES/standin.log" 2>&1 || { tail -30 "$RES/standin.log"; pack; exit 1; }; }
+  standin() {  # standin PROCESSES
+    python3 -m dvc exp run -n standin train -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
+      -S training.readout_weight=0.0 -S training.pruning_weight=0.0 -S training.eval_every=300 \
+      -S compute.num_processes=$1 > "$RES/standin.log" 2>&1
+  }
+  standin $PROCS || {
+    tail -30 "$RES/standin.log"; [ $PROCS -eq 1 ] && { pack; exit 1; }
+    echo "--- stand-in on $PROCS GPUs failed: again on one"; mv "$RES/standin.log" "$RES/standin_ddp_failed.log"
+    standin 1 || { tail -30 "$RES/standin.log"; pack; exit 1; }; }
   grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/standin.log" | tail -6
   cp -r models/samba /tmp/standin
   mkdir -p "$RES/standin_train" && cp -r metrics/train/plots metrics/train/metrics.json "$RES/standin_train/"
@@ -130,13 +140,8 @@ EOF
 
   echo "=== the sweep: 1 epoch at lr 1e-4 from the stand-in, queued, several workers per GPU"; start=$SECONDS
   git checkout -q -- params.yaml dvc.lock || exit 1
-  python3 - <<'EOF'
-import yaml
-p = yaml.safe_load(open("params.yaml"))
-p["pretrained"].update(use_pretrained=True, model_name="/tmp/standin")
-p["training"].update(sparsity_warmup_steps=100, pruning_weight=0.0)
-yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
-EOF
+  set_params params.yaml pretrained.use_pretrained=true pretrained.model_name=/tmp/standin \
+    training.sparsity_warmup_steps=100 training.pruning_weight=0.0 || exit 1
   python3 -m dvc repro convert > "$RES/convert_standin.log" 2>&1 || { tail -20 "$RES/convert_standin.log"; pack; exit 1; }
   tail -2 "$RES/convert_standin.log"
   git add -A && git commit -qm "sweep: from the stand-in" -q
@@ -163,15 +168,7 @@ fi
 
 if [[ $PARTS == *evaltime* ]]; then  # the evaluate stage's wall time, start-up included, and where it goes
   echo "=== evaluate stage timing (WikiText-2 test, random-init model as both models)"; start=$SECONDS
-  mkdir -p /tmp/wt2 /tmp/et && tar xzf .gpu/data/wt2.tar.gz -C /tmp/wt2
-  python3 - <<'EOF2'
-import yaml
-p = yaml.safe_load(open("params.yaml"))
-p["dataset"].update(name="/tmp/wt2/wikitext-2-tokenized", tokenizer="/tmp/wt2/tokenizers/gpt-neox-20b")
-p["pretrained"].update(use_pretrained=False)
-p["eval"].update(batch_size=32)
-yaml.safe_dump(p, open("/tmp/et/params.yaml", "w"), sort_keys=False)
-EOF2
+  mkdir -p /tmp/et && cp params.yaml /tmp/et/params.yaml && wt2_params /tmp/et/params.yaml || exit 1
   python3 stages/prepare.py --params /tmp/et/params.yaml --out /tmp/et/tok > "$RES/evaltime.log" 2>&1 \
     && python3 stages/convert.py --params /tmp/et/params.yaml --out /tmp/et/init >> "$RES/evaltime.log" 2>&1 \
     || { tail -5 "$RES/evaltime.log"; pack; exit 1; }
