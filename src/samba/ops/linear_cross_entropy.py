@@ -15,11 +15,16 @@ approximation (gradient relative error 1.8e-2); full logits 8.2 ms and 4.5 GiB m
 neither library can sit inside the captured CUDA graph of the train stage's step: liger's
 forward reads the number of non-ignored targets with ``.item()``, cut-cross-entropy builds
 its index of valid targets with ``nonzero()``, both host synchronisations.
+
+On CUDA, two matrix products write fp32 straight from bf16 / fp16 operands (``out_dtype``):
+each slice's d(weight) is added to the fp32 sum inside the GEMM (no bf16 product, cast and
+separate add per slice), and evaluation's logits come out in fp32 for the softmax.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Logits of one slice: at most this many elements (128M: 512 MB in fp32).
 MAX_SLICE_ELEMENTS = 1 << 27
@@ -44,7 +49,35 @@ def _slice_nll(logits: torch.Tensor, targets: torch.Tensor, acc: torch.dtype):
     return (torch.logsumexp(x, dim=-1) - x.gather(1, targets[:, None]).squeeze(1)).sum()
 
 
+def _slice_nll_eval(logits: torch.Tensor, targets: torch.Tensor):
+    """The same sum for evaluation, as one fused log-softmax + NLL kernel (logits in ``acc``)."""
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
 _compiled: dict[str, object] = {}
+_wide_output: dict[torch.device, bool] = {}
+
+
+def _fp32_output(a: torch.Tensor, acc: torch.dtype) -> bool:
+    """Whether ``torch.mm`` / ``torch.addmm`` can write ``acc`` (fp32) from ``a``'s narrower dtype
+    on its device: CUDA GEMMs can (``out_dtype``); probed once per device, off any capture."""
+    if a.device.type != "cuda" or a.dtype not in (torch.bfloat16, torch.float16) or acc != torch.float32:
+        return False
+    if a.device not in _wide_output:
+        try:
+            x = torch.ones(2, 2, dtype=a.dtype, device=a.device)
+            ok = torch.addmm(torch.ones(2, 2, device=a.device), x, x, out_dtype=torch.float32)
+            _wide_output[a.device] = ok.dtype == torch.float32 and torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError):  # a torch without out_dtype for these
+            _wide_output[a.device] = False
+    return _wide_output[a.device]
+
+
+def _logits_fp32(h: torch.Tensor, w: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """h @ w.T in ``acc`` precision: written in fp32 by the GEMM where it can, else cast."""
+    if _fp32_output(h, acc):
+        return torch.mm(h, w.t(), out_dtype=acc)
+    return (h @ w.t()).to(acc)
 
 
 def _slice_fns(compiled: bool):
@@ -69,6 +102,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        wide_w = need_w and _fp32_output(h, acc)
         for start in range(0, T, slice_tokens):
             h_s, t_s = h[start:start + slice_tokens], targets[start:start + slice_tokens]
             logits = h_s @ w.t()  # (S, V), compute dtype
@@ -81,7 +115,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_h[start:start + slice_tokens] = g @ w
             if need_w:
-                grad_w += (g.t() @ h_s).to(acc)
+                if wide_w:  # d(weight) += g.T @ h, summed in fp32 by the GEMM itself
+                    grad_w = torch.addmm(grad_w, g.t(), h_s, out_dtype=acc)
+                else:
+                    grad_w += (g.t() @ h_s).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.T = T
         ctx.weight_dtype = weight.dtype
@@ -127,8 +164,8 @@ def linear_nll_and_correct(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], slice_tokens):
             t_s = targets[start:start + slice_tokens]
-            logits = hidden[start:start + slice_tokens].to(compute_dtype) @ w.t()
-            nll += _slice_nll(logits, t_s, acc)
+            logits = _logits_fp32(hidden[start:start + slice_tokens].to(compute_dtype), w, acc)
+            nll += _slice_nll_eval(logits, t_s)
             correct += (logits.argmax(dim=-1) == t_s).sum()
     return nll, correct
 
