@@ -265,13 +265,17 @@ def load_state_strict(model: Samba, state: Mapping[str, torch.Tensor], where: st
 
 # ----------------------------------------------------------------------------- public
 
-def load_model(name_or_path: str | Path, backend: str = "auto", **overrides) -> Samba:
+def load_model(name_or_path: str | Path, backend: str = "auto", device: str | torch.device | None = None,
+               **overrides) -> Samba:
     """See ``Samba.from_pretrained``."""
     directory = resolve_checkpoint_dir(name_or_path)
     if (directory / EXPORT_CONFIG_FILE).is_file():
-        return load_export(directory, backend)
-    fmt, config = checkpoint_model_config(directory, **overrides)
-    return model_from_weights(fmt, config, read_weights(directory), backend, where=str(directory))
+        model = load_export(directory, backend)
+    else:
+        fmt, config = checkpoint_model_config(directory, **overrides)
+        model = model_from_weights(fmt, config, read_weights(directory), backend, where=str(directory),
+                                   device=device if fmt == SAMBA_FORMAT else None)
+    return model.to(device) if device is not None else model
 
 
 def load_export(directory: Path, backend: str = "auto") -> Samba:
@@ -290,9 +294,12 @@ def load_export(directory: Path, backend: str = "auto") -> Samba:
 
 
 def model_from_weights(fmt: str, config: ModelConfig, weights: Mapping[str, torch.Tensor],
-                       backend: str = "auto", where: str = "the checkpoint") -> Samba:
-    """A Samba model holding a checkpoint's tensors (as ``read_weights`` returns them)."""
-    model = Samba(config, backend=backend)
+                       backend: str = "auto", where: str = "the checkpoint",
+                       device: str | torch.device | None = None) -> Samba:
+    """A Samba model holding a checkpoint's tensors (as ``read_weights`` returns them), built on
+    ``device`` (the CPU by default: a Mamba checkpoint's readout keeps the CPU's random init)."""
+    with torch.device(device if device is not None else "cpu"):
+        model = Samba(config, backend=backend)
     if fmt == SAMBA_FORMAT:
         load_state_strict(model, {k: v.float() for k, v in weights.items()}, where)
     else:

@@ -128,7 +128,7 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
     for name, directory in (("trained", model_dir), ("baseline", baseline_dir)):
         t0 = time.perf_counter()
         # no torch.compile here: forward passes only, whose compile time would exceed their run time
-        model = Samba.from_pretrained(directory, backend=params.compute.backend).to(device)
+        model = Samba.from_pretrained(directory, backend=params.compute.backend, device=device)
         check_vocab(meta, model.config.vocab_size)
         t1 = time.perf_counter()
         results[name], counters[name] = evaluate_model(

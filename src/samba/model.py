@@ -386,15 +386,18 @@ class Samba(nn.Module):
 
     # Loading and saving live in checkpoint.py; these are the public entry points.
     @classmethod
-    def from_pretrained(cls, path: str | Path, backend: str = "auto", **overrides) -> "Samba":
+    def from_pretrained(cls, path: str | Path, backend: str = "auto", device: str | torch.device | None = None,
+                        **overrides) -> "Samba":
         """Load a Samba directory, or a transformers / mamba-ssm Mamba checkpoint (dir or Hub id).
 
         ``overrides`` set ModelConfig keys a Mamba checkpoint lacks (readout_stride,
-        readout_hidden_dim); architecture keys must agree with the checkpoint.
+        readout_hidden_dim); architecture keys must agree with the checkpoint. ``device``: where
+        the model is returned (a Samba directory's model is built there directly, no random
+        initialisation on the CPU first, since the file holds every weight).
         """
         from .checkpoint import load_model
 
-        return load_model(path, backend=backend, **overrides)
+        return load_model(path, backend=backend, device=device, **overrides)
 
     def save_pretrained(self, path: str | Path, extra_files: dict[str, Path] | None = None) -> None:
         """Write ``config.json`` and ``model.safetensors`` (and ``extra_files``: name -> source
