@@ -12,8 +12,15 @@ back to the plain-PyTorch reference (``selective_scan.py``) otherwise.
 from __future__ import annotations
 
 import logging
+import os
 
 logger = logging.getLogger(__name__)
+
+# mamba-ssm's Triton RMSNorm is autotuned in every new process, by default: about 2 s at the
+# first batch of each stage on an H200 (benchmarks/results/evaluate_stage.log). Triton keeps the
+# tuned choice on disk, beside its compiled kernels, when this is set before mamba-ssm is
+# imported; a value the user set wins.
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
 try:  # pragma: no cover - exercised on the GPU machine
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
