@@ -99,6 +99,26 @@ def test_greedy_main_head_equals_transformers_generate(tmp_path):
     assert torch.equal(ours, theirs[:, 6:])
 
 
+def test_a_kept_decoder_gives_what_a_fresh_one_gives():
+    model = _model(target=0.5, seed=8)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 264, (2, n), generator=g) for n in (5, 9)]
+    decoder = Decoder(model, 2, "readout")
+    for prompt in prompts:  # the second call starts from the first call's states and must not see them
+        kept = generate(model, prompt, 12, head="readout", temperature=0.0, decoder=decoder)
+        assert torch.equal(kept, generate(model, prompt, 12, head="readout", temperature=0.0))
+    with torch.no_grad():  # new weights after the decoder was made (as after more training)
+        for chunk in model.chunks:
+            for layer in chunk.layers:
+                layer.mixer.A_log.add_(0.3)
+    kept = generate(model, prompts[0], 12, head="readout", temperature=0.0, decoder=decoder)
+    assert torch.equal(kept, generate(model, prompts[0], 12, head="readout", temperature=0.0))
+    with pytest.raises(ValueError, match="made for batch size 2, head 'readout'"):
+        generate(model, prompts[0][:1], 3, head="readout", decoder=decoder)
+    with pytest.raises(ValueError, match="head 'main'"):
+        generate(model, prompts[0], 3, head="main", decoder=decoder)
+
+
 def test_export_refuses_sparsity_unless_dropped_and_says_what_it_costs(sources, tmp_path):
     params = Params.from_dict(tiny_params(sources), require_all=True)
     prepare_tokens(params.dataset, tmp_path / "data")

@@ -32,12 +32,16 @@ HEADS = ("main", "readout")
 
 class Decoder:
     """Recurrent state of a batch of sequences, and the two ways forward: ``prefill`` (a whole
-    prompt, in parallel) and ``step`` (one token each)."""
+    prompt, in parallel) and ``step`` (one token each).
+
+    A decoder can serve many generations of the same batch size (``generate(..., decoder=)``):
+    each prefill overwrites the states, and the step's CUDA graph, captured once, is replayed
+    on (mamba-ssm's ``generate(cg=True)`` keeps its graphs on the model the same way)."""
 
     def __init__(self, model: Samba, batch_size: int, head: str = "main", graphs: bool = False):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        self.model, self.head = model.eval(), head
+        self.model, self.head, self.batch_size = model.eval(), head, batch_size
         device, dtype = model.embedding.weight.device, model.embedding.weight.dtype
         self.dtype = dtype if dtype != torch.float32 else None  # autocast for low-precision weights
         self.states: list[list[MixerState]] = [
@@ -53,6 +57,9 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) prompt -> next-token logits (B, V); the states now follow the prompt."""
+        for chunk, states in zip(self.model.chunks, self.states):  # the weights may have changed since
+            for layer, state in zip(chunk.layers, states):
+                state.A.copy_(layer.mixer.decay())
         with autocast(input_ids.device, self.dtype, cache=False):
             x, outputs = wide(self.model.embedding(input_ids)), []
             for chunk, states in zip(self.model.chunks, self.states):
@@ -87,9 +94,18 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 @torch.no_grad()
 def generate(model: Samba, input_ids: torch.Tensor, max_new_tokens: int, head: str = "main",
              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, graphs: bool = True,
-             on_token=None) -> torch.Tensor:
-    """(B, L) prompt -> (B, max_new_tokens) new tokens; ``on_token(tokens)`` sees each step's."""
-    decoder = Decoder(model, input_ids.shape[0], head, graphs)
+             on_token=None, decoder: Decoder | None = None) -> torch.Tensor:
+    """(B, L) prompt -> (B, max_new_tokens) new tokens; ``on_token(tokens)`` sees each step's.
+
+    ``decoder``: one made for this model, batch size and head, kept across calls so that its
+    step is captured once (else a new one is made, and its graph freed at the end)."""
+    own = decoder is None
+    if own:
+        decoder = Decoder(model, input_ids.shape[0], head, graphs)
+    elif (decoder.model is not model or decoder.batch_size != input_ids.shape[0] or decoder.head != head):
+        raise ValueError(f"the decoder was made for batch size {decoder.batch_size}, head {decoder.head!r} "
+                         f"and {'this' if decoder.model is model else 'another'} model; this call has batch size "
+                         f"{input_ids.shape[0]} and head {head!r}")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -102,7 +118,8 @@ def generate(model: Samba, input_ids: torch.Tensor, max_new_tokens: int, head: s
             on_token(tokens)
         if len(new) < max_new_tokens:
             logits = decoder.step(tokens)
-    decoder.step.release()
+    if own:
+        decoder.step.release()
     return torch.stack(new, dim=1) if new else input_ids.new_zeros(input_ids.shape[0], 0)
 
 
@@ -131,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(ComputeConfig(device=args.device))
     except ConfigError as err:
         raise ConfigError(f"--device {args.device}: {str(err).split(': ', 1)[-1]}") from None
-    model = Samba.from_pretrained(model_dir).to(device)
+    model = Samba.from_pretrained(model_dir, device=device)
     if device.type == "cuda":
         model.to(torch.bfloat16)
     ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids

@@ -119,7 +119,11 @@ class MambaMixer(nn.Module):
     def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MixerState:
         return MixerState(conv=torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
                           ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32),
-                          A=-torch.exp(self.A_log.detach().float()))
+                          A=self.decay())
+
+    def decay(self) -> torch.Tensor:
+        """A = -exp(A_log), fp32: the state's decay rates, fixed while decoding."""
+        return -torch.exp(self.A_log.detach().float())
 
     def step(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
         """One token: (B, d_model) -> (B, d_model), updating ``state`` in place (recurrent form of
