@@ -271,7 +271,7 @@ def test_decode_step_kernels_equal_the_full_forward(dtype, target):
 
 
 def test_graphed_generation_equals_eager():
-    from samba.generate import generate
+    from samba.generate import Decoder, generate
 
     torch.manual_seed(6)
     model = Samba(MIXER_CFG).cuda().eval()
@@ -280,6 +280,11 @@ def test_graphed_generation_equals_eager():
     a = generate(model, prompt, 30, temperature=0.0, graphs=True)
     b = generate(model, prompt, 30, temperature=0.0, graphs=False)
     assert torch.equal(a, b)
+    decoder = Decoder(model, 3, "main", graphs=True)  # kept: its graph, captured once, replayed again
+    for p in (prompt, prompt.flip(1), prompt):
+        assert torch.equal(generate(model, p, 30, temperature=0.0, decoder=decoder),
+                           generate(model, p, 30, temperature=0.0, graphs=False))
+    assert decoder.step.graph is not None
 
 
 # ----------------------------------------------------------------------------- CUDA graphs in the stages
@@ -345,3 +350,71 @@ def test_graphed_evaluation_equals_eager(sources):
     for key in ("ppl", "readout_ppl", "accuracy"):
         assert a[key] == pytest.approx(b[key], rel=1e-6), key
     assert a["sparsity"]["l0"] == b["sparsity"]["l0"] >= 0.5
+
+
+# ----------------------------------------------------------------------------- the heads' cross-entropy on CUDA
+
+def _head_case(T=700, H=96, V=3001, seed=11):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(T, H, device="cuda", generator=g)
+    weight = 0.2 * torch.randn(V, H, device="cuda", generator=g)
+    targets = torch.randint(0, V, (T,), device="cuda", generator=g)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("wide", [True, False], ids=["fp32-output GEMM", "bf16 GEMM then cast"])
+def test_linear_cross_entropy_bf16_matches_full_logits(monkeypatch, wide):
+    """Both ways of summing d(weight) over slices under bf16 autocast (the GEMM writing fp32
+    from bf16, or a bf16 product cast and added) against fp64 full logits of the same
+    bf16-rounded operands."""
+    import importlib
+
+    from samba.ops import linear_cross_entropy
+    lce_module = importlib.import_module("samba.ops.linear_cross_entropy")  # the module (the package exports the function)
+
+    hidden, weight, targets = _head_case()
+    if not wide:
+        monkeypatch.setitem(lce_module._wide_output, hidden.device, False)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        ours = linear_cross_entropy(h, w, targets, slice_tokens=128)  # 6 slices
+    (2.0 * ours).backward()
+    hr = hidden.bfloat16().double().requires_grad_()
+    wr = weight.bfloat16().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(hr @ wr.t(), targets)
+    (2.0 * ref).backward()
+    errs = [relative_error(ours.double(), ref), relative_error(h.grad.double(), hr.grad),
+            relative_error(w.grad.double(), wr.grad)]
+    print(f"linear CE bf16 ({'fp32-output GEMM' if wide else 'cast and add'}): loss, d(hidden), d(weight) rel err "
+          + ", ".join(f"{e:.1e}" for e in errs))
+    assert errs[0] < 1e-3 and errs[1] < 2e-2 and errs[2] < 2e-2
+    if wide:
+        assert lce_module._wide_output[hidden.device], "this torch cannot write fp32 from a bf16 GEMM on CUDA"
+
+
+def test_evaluation_nll_and_top1_bf16_match_full_logits():
+    from samba.ops import linear_nll_and_correct
+
+    hidden, weight, targets = _head_case(seed=12)
+    targets[:50] = (hidden[:50] @ weight.t()).argmax(-1)  # some right answers for sure
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        nll, correct = linear_nll_and_correct(hidden, weight, targets, slice_tokens=128)
+    logits = hidden.bfloat16().double() @ weight.bfloat16().double().t()
+    ref = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    ref_correct = int((logits.argmax(-1) == targets).sum())
+    print(f"evaluation NLL bf16 rel err {relative_error(nll.double(), ref):.1e}; top-1 {int(correct)} vs {ref_correct}")
+    assert relative_error(nll.double(), ref) < 1e-4
+    assert abs(int(correct) - ref_correct) <= 1 and ref_correct >= 50
+
+
+def test_loading_onto_the_gpu_gives_the_same_model(tmp_path):
+    torch.manual_seed(5)
+    model = Samba(MIXER_CFG)
+    perturb_(model, seed=5)
+    model.save_pretrained(tmp_path / "m")
+    direct = Samba.from_pretrained(tmp_path / "m", device="cuda")
+    moved = Samba.from_pretrained(tmp_path / "m").cuda()
+    assert direct.embedding.weight.device.type == "cuda" and direct.sparsity_fraction.device.type == "cuda"
+    a, b = direct.state_dict(), moved.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
