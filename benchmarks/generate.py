@@ -8,9 +8,12 @@ prompt, at batch 1 and 64.
   mamba_ssm      MambaLMHeadModel.generate(..., cg=True): mamba-ssm's own CUDA-graph decoding
   transformers   MambaForCausalLM.generate (its cache, mamba-ssm's kernels when installed)
 
-Median of --repeats timed runs after one warm-up run (which captures the graphs); transformers,
+Median of --repeats timed runs after one warm-up run (which captures the graphs: each samba
+variant keeps one ``Decoder`` across its runs, as mamba-ssm keeps its graphs); transformers,
 some 30 times slower, is timed once without warm-up. Also the
 share of greedy tokens on which samba and mamba_ssm agree (bf16 drifts apart late on).
+``--profile``: the CUDA kernels of 64 decoding steps at batch 1, launched eagerly (the kernels a
+graph replays), for samba, samba_readout and mamba_ssm: GPU time and kernel count per token.
 
   python benchmarks/generate.py --out benchmarks/results/generate.md --json benchmarks/results/generate.json
 """
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from samba import ModelConfig, Samba  # noqa: E402
 from samba.checkpoint import backbone_key_map  # noqa: E402
 from samba.export import to_transformers  # noqa: E402
-from samba.generate import generate  # noqa: E402
+from samba.generate import Decoder, generate  # noqa: E402
 
 PROMPT, NEW = 16, 512
 
@@ -69,12 +72,29 @@ def timed(fn, repeats: int, warm_up: bool = True) -> tuple[float, torch.Tensor]:
     return statistics.median(times), out
 
 
+def decode_profile(fn, tokens: int) -> dict:
+    """GPU-busy time and kernels per token of ``fn`` (eager decoding of ``tokens`` tokens), top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up: Triton kernels compiled
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [(e.key[:90], e.device_time_total / tokens, e.count / tokens) for e in prof.key_averages()
+            if (e.device_time_total or 0) > 0]
+    rows.sort(key=lambda r: -r[1])
+    return {"busy_us_per_token": sum(r[1] for r in rows), "kernels_per_token": sum(r[2] for r in rows),
+            "top": rows[:15]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/generate.md")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true", help="also profile 64 eager decoding steps at batch 1")
     args = parser.parse_args()
     dense = build()
     topk = build(0.75)
@@ -85,10 +105,15 @@ def main() -> None:
     rows = []
     for batch in map(int, args.batches.split(",")):
         prompt = torch.randint(0, 50277, (batch, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        # one decoder per model and head, kept across runs: its step is captured once, as
+        # mamba-ssm's cg=True keeps its graphs on the model
+        dec = {k: Decoder(m, batch, h, graphs=True) for k, (m, h) in
+               {"samba": (ours, "main"), "samba_readout": (ours, "readout"), "samba_topk": (ours_topk, "main")}.items()}
         runs = {
-            "samba": lambda: generate(ours, prompt, NEW, temperature=0.0),
-            "samba_readout": lambda: generate(ours, prompt, NEW, head="readout", temperature=0.0),
-            "samba_topk": lambda: generate(ours_topk, prompt, NEW, temperature=0.0),
+            "samba": lambda: generate(ours, prompt, NEW, temperature=0.0, decoder=dec["samba"]),
+            "samba_readout": lambda: generate(ours, prompt, NEW, head="readout", temperature=0.0,
+                                              decoder=dec["samba_readout"]),
+            "samba_topk": lambda: generate(ours_topk, prompt, NEW, temperature=0.0, decoder=dec["samba_topk"]),
             "mamba_ssm": lambda: theirs.generate(prompt, PROMPT + NEW, cg=True, top_k=1)[:, PROMPT:],
             "transformers": lambda: hf.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                                                 pad_token_id=0)[:, PROMPT:],
@@ -102,11 +127,24 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001
                 rows.append({"key": name, "batch": batch, "error": f"{type(err).__name__}: {str(err)[:200]}"})
             print(rows[-1], flush=True)
+        for d in dec.values():
+            d.step.release()
         if "samba" in outs and "mamba_ssm" in outs:
             agree = (outs["samba"] == outs["mamba_ssm"]).float()
             first = int((agree.prod(0).cumprod(0)).sum())  # leading steps where every sequence agrees
             rows.append({"key": "agreement", "batch": batch, "token_share": agree.mean().item(), "leading_steps": first})
             print(rows[-1], flush=True)
+    profiles = {}
+    if args.profile:
+        prompt = torch.randint(0, 50277, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        n = 64
+        for name, fn in {
+            "samba": lambda: generate(ours, prompt, n, temperature=0.0, graphs=False),
+            "samba_readout": lambda: generate(ours, prompt, n, head="readout", temperature=0.0, graphs=False),
+            "mamba_ssm": lambda: theirs.generate(prompt, PROMPT + n, cg=False, top_k=1),
+        }.items():
+            profiles[name] = decode_profile(fn, n)
+            print(name, {k: v for k, v in profiles[name].items() if k != "top"}, flush=True)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
             "command": "python " + " ".join(sys.argv), "torch": torch.__version__}
     lines = [f"# Decoding benchmark ({meta['date']})", "", f"- machine: {meta['gpu']}, torch {meta['torch']}",
@@ -127,10 +165,15 @@ def main() -> None:
         if r["key"] == "agreement":
             lines.append(f"\nBatch {r['batch']}: samba and mamba_ssm greedy tokens agree on {100 * r['token_share']:.1f}% "
                          f"of positions; all sequences agree for the first {r['leading_steps']} steps.")
+    for name, prof in profiles.items():
+        lines += ["", f"## {name}, batch 1, eager: {prof['busy_us_per_token']:.0f} us of GPU work in "
+                      f"{prof['kernels_per_token']:.0f} kernels per token (prefill included)", "",
+                  "| kernel | us/token | launches/token |", "|---|---|---|"]
+        lines += [f"| `{k}` | {t:.1f} | {c:.1f} |" for k, t, c in prof["top"]]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows, "profiles": profiles}, indent=1))
     print("\n".join(lines))
 
 

@@ -18,6 +18,10 @@ RES=/tmp/results; mkdir -p $RES
 REPO=$(pwd)
 DEADLINE=${DEADLINE:-450}   # seconds: stop waiting on the sweep and pack what is done (a call ends at 600)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# The machine's site-packages hold no bytecode and get none written, so every process compiled
+# ~1,800 modules (transformers, torch.distributed, sympy) from source: 6-14 s of each stage's
+# start-up (evaluate_stage.log). A normal install has its bytecode; here it is kept in /tmp.
+export PYTHONPYCACHEPREFIX=/tmp/pycache
 exec > >(tee -a "$OUT/session.log") 2>&1  # the log comes back even if the call is cut short
 pack() { tar czf /tmp/results.tar.gz.part -C /tmp results && mv /tmp/results.tar.gz.part "$OUT/results.tar.gz"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -86,8 +90,8 @@ fi
 
 if [[ $PARTS == *gen* ]]; then
   echo "=== decoding benchmark"; start=$SECONDS
-  python3 benchmarks/generate.py --out "$RES/generate.md" --json "$RES/generate.json" > "$RES/generate.log" 2>&1
-  tail -16 "$RES/generate.md"; grep -iE "error|Traceback" "$RES/generate.log" | head -5
+  python3 benchmarks/generate.py --profile --out "$RES/generate.md" --json "$RES/generate.json" > "$RES/generate.log" 2>&1
+  sed -n '/^| batch/,/^## samba, /p' "$RES/generate.md"; grep -E "^## " "$RES/generate.md"; grep -iE "error|Traceback" "$RES/generate.log" | head -5
   echo "decoding: $((SECONDS - start)) s"; pack
 fi
 
@@ -172,12 +176,27 @@ if [[ $PARTS == *evaltime* ]]; then  # the evaluate stage's wall time, start-up 
   python3 stages/prepare.py --params /tmp/et/params.yaml --out /tmp/et/tok > "$RES/evaltime.log" 2>&1 \
     && python3 stages/convert.py --params /tmp/et/params.yaml --out /tmp/et/init >> "$RES/evaltime.log" 2>&1 \
     || { tail -5 "$RES/evaltime.log"; pack; exit 1; }
+  grep -n "TRITON_CACHE_AUTOTUNING" "$(python3 -c 'import triton, os; print(os.path.dirname(triton.__file__))')/knobs.py" | head -2
+  ( time python3 -c "import torch; torch.zeros(1, device='cuda')" ) 2>&1 | grep real | sed 's/^/torch + CUDA context: /' | tee -a "$RES/evaltime.log"
   ( time python3 -c "import samba.cli, samba.evaluate" ) 2>&1 | grep real | sed 's/^/imports: /' | tee -a "$RES/evaltime.log"
+  python3 -X importtime -c "import samba.cli, samba.evaluate" 2> "$RES/importtime.txt"  # per module, microseconds
+  python3 - "$RES/importtime.txt" <<'EOF2' | tee -a "$RES/evaltime.log"
+import sys
+rows = [l.split("|") for l in open(sys.argv[1]) if l.startswith("import time:") and "cumulative" not in l]
+rows = [(int(c), int(a.split(":")[1]), n.rstrip()) for a, c, n in rows]
+print("import profile: top modules by cumulative time (s; self time in brackets)")
+for cum, own, name in sorted(rows, reverse=True)[:30]:
+    print(f"  {cum / 1e6:6.2f} ({own / 1e6:5.2f}) {name}")
+EOF2
+  evaluate() { python3 "$@" stages/evaluate.py --params /tmp/et/params.yaml --data /tmp/et/tok --baseline /tmp/et/init \
+      --model /tmp/et/init --out /tmp/et/eval.json --plots /tmp/et/plots; }
   for i in 1 2; do  # the second run finds Triton's kernel cache warm, as a run after training does
-    ( time python3 stages/evaluate.py --params /tmp/et/params.yaml --data /tmp/et/tok --baseline /tmp/et/init \
-      --model /tmp/et/init --out /tmp/et/eval.json --plots /tmp/et/plots ) >> "$RES/evaltime.log" 2>&1
+    ( time evaluate ) >> "$RES/evaltime.log" 2>&1
     tr '\r' '\n' < "$RES/evaltime.log" | grep -E "^real|loaded in|written in" | tail -4
   done
+  evaluate -m cProfile -o "$RES/evaluate.prof" > /dev/null 2>&1  # a third run, profiled: where the rest goes
+  python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(45)" \
+    "$RES/evaluate.prof" > "$RES/evaluate_profile.txt" 2>&1; grep -A50 "ncalls" "$RES/evaluate_profile.txt" | cut -c1-160 | head -50
   echo "evaluate timing: $((SECONDS - start)) s"; pack
 fi
 

@@ -9,6 +9,8 @@ bf16 autocast, fused AdamW; at batch 16 and at batch 32. Median of interleaved r
   a_eager     the same step launched eagerly (compute.cuda_graphs: false)
   a_topk      a with model.sparsity_target 0.75 (exact top-k zeros in every chunk output)
   a_nocompile a without torch.compile (compute.compile: false)
+  a_noreadout a without the readout head (readout_weight 0, its CE not computed): Samba's chunks,
+              penalty and main head alone, to tell the readout's cost from the rest
   c           mamba-ssm MambaLMHeadModel + plain cross-entropy, eager (what a user would write)
   c_graphed   the same, whole step captured as a CUDA graph: the best a mamba-ssm user can do
 
@@ -53,14 +55,17 @@ DEVICE = torch.device("cuda")
 TRAINING = TrainingConfig(lr=1e-4, readout_weight=0.5, pruning_weight=0.05, pruning_penalty="l1", grad_clip=1.0)
 
 
-def samba_variant(graphs: bool, target: float = 0.0, compiled: bool = True):
+def samba_variant(graphs: bool, target: float = 0.0, compiled: bool = True, readout: bool = True):
     def build():
         model = Samba(ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layers=N_LAYERS, sparsity_target=target),
                       backend="kernels").to(DEVICE).train()
         if compiled:
             model.compile_parts()
+        if not readout:  # as the train stage does at readout_weight 0
+            model.readout.requires_grad_(False)
         optimizer = make_optimizer(model, TRAINING, DEVICE, graphs)
-        objective = SambaObjective(model, TRAINING.readout_weight, TRAINING.pruning_weight, TRAINING.pruning_penalty)
+        objective = SambaObjective(model, TRAINING.readout_weight if readout else 0.0, TRAINING.pruning_weight,
+                                   TRAINING.pruning_penalty, report_all=readout)
         trainable = [p for p in model.parameters() if p.requires_grad]
         step = training_step(objective, optimizer, trainable, TRAINING.grad_clip, DEVICE, torch.bfloat16)
         return model, GraphedCallable(step, enabled=graphs, name="a")
@@ -97,6 +102,8 @@ VARIANTS = {
     "a_eager": ("Samba, the same step launched eagerly", lambda: samba_variant(False)),
     "a_topk": ("Samba, sparsity_target 0.75 (top-k), compiled, CUDA graph", lambda: samba_variant(True, 0.75)),
     "a_nocompile": ("Samba, compute.compile false, CUDA graph", lambda: samba_variant(True, compiled=False)),
+    "a_noreadout": ("Samba without the readout head (readout_weight 0, not computed)",
+                    lambda: samba_variant(True, readout=False)),
     "c": ("mamba-ssm MambaLMHeadModel + CE, eager", lambda: mamba_ssm_variant(False)),
     "c_graphed": ("mamba-ssm MambaLMHeadModel + CE, CUDA graph", lambda: mamba_ssm_variant(True)),
 }
@@ -283,6 +290,11 @@ def report(data: dict) -> str:
             t = a["tokens_per_s"] / cg["tokens_per_s"]
             lines.append(f"- a vs c_graphed tokens/s: {t:.3f}x (target >= 1.0: "
                          f"{'met' if t >= 1 else f'missed by {100 * (1 - t):.1f}%'})")
+        if rows.get("a_noreadout") and cg:
+            t = rows["a_noreadout"]["tokens_per_s"] / cg["tokens_per_s"]
+            lines.append(f"- a_noreadout vs c_graphed tokens/s: {t:.3f}x (Samba without its readout head; "
+                         f"the readout's share of a's step: {100 * (1 - a['tokens_per_s'] / rows['a_noreadout']['tokens_per_s']):.1f}%)"
+                         if a else f"- a_noreadout vs c_graphed tokens/s: {t:.3f}x")
         if a and rows.get("a_topk"):
             t = rows["a_topk"]["tokens_per_s"] / a["tokens_per_s"]
             lines.append(f"- a_topk vs a tokens/s: {t:.3f}x (target >= 0.95: {'met' if t >= 0.95 else 'missed'})")
@@ -312,7 +324,7 @@ def report(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="16,32")
-    parser.add_argument("--only", default="c,c_graphed,a_eager,a,a_topk,a_nocompile")
+    parser.add_argument("--only", default="c,c_graphed,a_eager,a,a_topk,a_nocompile,a_noreadout")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
@@ -361,7 +373,7 @@ def main() -> None:
                                                       for k, r in runners.items()), flush=True)
         data["results"] += [r.result() for r in runners.values()]
         if batch == args.profile_batch:
-            for key in ("a_eager", "c", "a", "c_graphed"):
+            for key in ("a", "a_noreadout", "c_graphed"):
                 if key in runners:
                     data["profiles"][f"{key} at batch {batch}"] = profile(runners[key])
         for runner in runners.values():

@@ -76,14 +76,17 @@ class SambaObjective(nn.Module):
 
     forward(inputs, targets) -> a (4,) fp32 tensor: total, main CE, readout CE, penalty
     (0 where a part is not computed), plus the total with its graph for backward.
+    ``report_all`` as in ``samba_loss``.
     """
 
-    def __init__(self, model: Samba, readout_weight: float, pruning_weight: float, penalty: str):
+    def __init__(self, model: Samba, readout_weight: float, pruning_weight: float, penalty: str,
+                 report_all: bool = True):
         super().__init__()
         self.model = model
         self.readout_weight, self.pruning_weight, self.penalty = readout_weight, pruning_weight, penalty
+        self.report_all = report_all
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor):
         parts = samba_loss(self.model, input_ids, targets, self.readout_weight, self.pruning_weight,
-                           self.penalty)
+                           self.penalty, self.report_all)
         return parts.total, parts.values()
