@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh sweep               # scaling (2+ GPUs), stand-in model, the sparsity sweep
 #   bash benchmarks/gpu_session.sh collect             # tabulate the sweep again on the same warm machine (its queue workers end with the call that started them)
 #   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes
+#   bash benchmarks/gpu_session.sh bench,stage         # the train stage itself against the benchmark's a, one call
 # Knobs: DEADLINE (seconds into the call to stop waiting and pack; default 450), SCALING=0 (skip
 # scaling.py), TIME_EVALUATE=0 (skip timing the evaluate stage on the stand-in). The sweep of
 # benchmarks/results/sparsity: SCALING=0 TIME_EVALUATE=0 DEADLINE=560 ... sweep, on 2 GPUs (6 min).
@@ -86,6 +87,20 @@ if [[ $PARTS == *bench* ]]; then
     > "$RES/bench.log" 2>&1
   grep -E "^---|ready|failed|round" "$RES/bench.log" | tail -30; sed -n '/^## Batch/,/^## Profile/p' "$RES/train_step.md" | head -40
   echo "benchmark: $((SECONDS - start)) s"; pack
+fi
+
+if [[ $PARTS == *stage* ]]; then  # after bench: the train stage itself against this call's benchmark a
+  echo "=== the train stage against the benchmark's step a"; start=$SECONDS
+  install_dvc; mkdir -p /tmp/st && cp params.yaml /tmp/st/params.yaml
+  wt2_params /tmp/st/params.yaml training.pruning_penalty=l1 training.pruning_weight=0.05 \
+    training.readout_weight=0.5 || exit 1  # the benchmark's step (train_step.py's TRAINING)
+  python3 stages/prepare.py --params /tmp/st/params.yaml --out /tmp/st/tok > "$RES/stage.log" 2>&1 \
+    && python3 stages/convert.py --params /tmp/st/params.yaml --out /tmp/st/init >> "$RES/stage.log" 2>&1 \
+    || { tail -5 "$RES/stage.log"; pack; exit 1; }
+  python3 benchmarks/scaling.py --params /tmp/st/params.yaml --data /tmp/st/tok --init /tmp/st/init --steps 60 \
+    --timeout 240 --bench-json "$RES/train_step.json" --out "$RES/stage_vs_benchmark.md" \
+    --json "$RES/stage_vs_benchmark.json" >> "$RES/stage.log" 2>&1
+  tail -8 "$RES/stage_vs_benchmark.md"; echo "stage: $((SECONDS - start)) s"; pack
 fi
 
 if [[ $PARTS == *gen* ]]; then

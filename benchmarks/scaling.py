@@ -4,7 +4,9 @@ Runs ``stages/train.py`` as ``dvc repro`` would, with the params file given, at:
   1 GPU  x batch 16   and   2 GPUs x batch 32 (16 each): the same per-GPU batch
   1 GPU  x batch 32   and   2 GPUs x batch 32 (16 each): the same global batch
 and reads each run's tokens/s from its dvclive log (the mean over logged windows, the first
-window, with the warm-up and capture, left out). Writes Markdown and JSON.
+window, with the warm-up and capture, left out). Writes Markdown and JSON. With ``--bench-json``
+(a ``train_step.py`` JSON of the same call), each one-GPU run is also set against the benchmark's
+step a at its batch size (target: within 5%). On one GPU only the one-GPU runs are made.
 
   python benchmarks/scaling.py --params params.yaml --data data/tokenized --init models/init \
       --out benchmarks/results/scaling.md --json benchmarks/results/scaling.json
@@ -72,8 +74,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=240, help="seconds a run may take before it counts as failed")
     parser.add_argument("--out", default="benchmarks/results/scaling.md")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--bench-json", default=None, help="train_step.py's JSON: the one-GPU runs against its a")
     args = parser.parse_args()
     params = yaml.safe_load(Path(args.params).read_text())
+    bench = {}
+    if args.bench_json:
+        bench = {r["batch"]: r["tokens_per_s"] for r in json.loads(Path(args.bench_json).read_text())["results"]
+                 if r["key"] == "a" and "error" not in r}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for processes, batch in RUNS:
@@ -102,6 +109,12 @@ def main() -> None:
     if (1, 32) in by and (2, 32) in by:
         s = by[(2, 32)]["tokens_per_s"] / by[(1, 32)]["tokens_per_s"]
         lines.append(f"Same global batch (32): 2 GPUs give {s:.2f}x one GPU's tokens/s.")
+    for (processes, batch), r in sorted(by.items()):
+        if processes == 1 and batch in bench:
+            r["x_benchmark_a"] = ratio = r["tokens_per_s"] / bench[batch]
+            lines.append(f"\nThe stage on one GPU at batch {batch}: {r['tokens_per_s']:,.0f} tokens/s against the benchmark's "
+                         f"a {bench[batch]:,.0f} ({args.bench_json}): {ratio:.3f}x (target: within 5%: "
+                         f"{'met' if ratio >= 0.95 else 'missed'}).")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     if args.json:
