@@ -45,13 +45,8 @@ def _slice_nll_and_grad(logits: torch.Tensor, targets: torch.Tensor, acc: torch.
 
 
 def _slice_nll(logits: torch.Tensor, targets: torch.Tensor, acc: torch.dtype):
-    x = logits.to(acc)
-    return (torch.logsumexp(x, dim=-1) - x.gather(1, targets[:, None]).squeeze(1)).sum()
-
-
-def _slice_nll_eval(logits: torch.Tensor, targets: torch.Tensor):
-    """The same sum for evaluation, as one fused log-softmax + NLL kernel (logits in ``acc``)."""
-    return F.cross_entropy(logits, targets, reduction="sum")
+    """Summed NLL of one slice, the softmax in ``acc`` (one fused log-softmax + NLL kernel)."""
+    return F.cross_entropy(logits.to(acc), targets, reduction="sum")
 
 
 _compiled: dict[str, object] = {}
@@ -66,8 +61,9 @@ def _fp32_output(a: torch.Tensor, acc: torch.dtype) -> bool:
     if a.device not in _wide_output:
         try:
             x = torch.ones(2, 2, dtype=a.dtype, device=a.device)
-            ok = torch.addmm(torch.ones(2, 2, device=a.device), x, x, out_dtype=torch.float32)
-            _wide_output[a.device] = ok.dtype == torch.float32 and torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+            summed = torch.addmm(torch.ones(2, 2, device=a.device), x, x, out_dtype=torch.float32)
+            product = torch.mm(x, x, out_dtype=torch.float32)
+            _wide_output[a.device] = summed.dtype == product.dtype == torch.float32
         except (RuntimeError, TypeError):  # a torch without out_dtype for these
             _wide_output[a.device] = False
     return _wide_output[a.device]
@@ -165,7 +161,7 @@ def linear_nll_and_correct(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         for start in range(0, hidden.shape[0], slice_tokens):
             t_s = targets[start:start + slice_tokens]
             logits = _logits_fp32(hidden[start:start + slice_tokens].to(compute_dtype), w, acc)
-            nll += _slice_nll_eval(logits, t_s)
+            nll += _slice_nll(logits, t_s, acc)
             correct += (logits.argmax(dim=-1) == t_s).sum()
     return nll, correct
 
