@@ -40,7 +40,7 @@ class MixerState:
 
     conv: torch.Tensor  # (B, d_inner, d_conv): the last d_conv inputs of the convolution
     ssm: torch.Tensor  # (B, d_inner, d_state), fp32
-    A: torch.Tensor  # (d_inner, d_state) = -exp(A_log), fp32: fixed while decoding, computed once
+    A: torch.Tensor  # (d_inner, d_state) = -exp(A_log), fp32: fixed while decoding, set at each prefill
 
 
 class MambaMixer(nn.Module):
@@ -82,7 +82,7 @@ class MambaMixer(nn.Module):
         #    (L contiguous), as mamba-ssm does: W @ h^T, then a view.
         xz = self.in_proj.weight @ hidden_states.reshape(Bsz * L, -1).t()  # (2*d_inner, B*L)
         xz = xz.view(-1, Bsz, L).permute(1, 0, 2)  # (B, 2*d_inner, L)
-        A = -torch.exp(self.A_log.float())  # (d_inner, N)
+        A = self.decay()  # (d_inner, N)
 
         if fast and torch.is_grad_enabled() and state is None:
             # 2-5 fused, with conv and delta recomputed in backward to save memory.
@@ -119,11 +119,11 @@ class MambaMixer(nn.Module):
     def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MixerState:
         return MixerState(conv=torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
                           ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32),
-                          A=self.decay())
+                          A=self.decay().detach())
 
     def decay(self) -> torch.Tensor:
-        """A = -exp(A_log), fp32: the state's decay rates, fixed while decoding."""
-        return -torch.exp(self.A_log.detach().float())
+        """A = -exp(A_log), fp32 (d_inner, d_state): the state's decay rates."""
+        return -torch.exp(self.A_log.float())
 
     def step(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
         """One token: (B, d_model) -> (B, d_model), updating ``state`` in place (recurrent form of
