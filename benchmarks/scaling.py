@@ -15,7 +15,6 @@ step a at its batch size (target: within 5%). On one GPU only the one-GPU runs a
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from stage_throughput import benchmark_a, stage_tokens_per_s  # noqa: E402  (beside this script)
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = [(1, 16), (2, 32), (1, 32)]  # (processes, global batch)
@@ -58,8 +59,7 @@ def run(params: dict, processes: int, batch: int, data: str, init: str, work: Pa
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"processes": processes, "batch": batch, "error": stderr[-1500:]}
-    with open(where / "metrics/plots/metrics/train/tokens_per_s.tsv") as f:
-        values = [float(r["tokens_per_s"]) for r in csv.DictReader(f, delimiter="\t")][1:]
+    values = stage_tokens_per_s(where / "metrics")
     graphed = "captured as a CUDA graph" in stderr
     return {"processes": processes, "batch": batch, "per_gpu_batch": batch // processes,
             "tokens_per_s": statistics.fmean(values), "windows": len(values), "wall_s": wall, "cuda_graphs": graphed}
@@ -77,10 +77,7 @@ def main() -> None:
     parser.add_argument("--bench-json", default=None, help="train_step.py's JSON: the one-GPU runs against its a")
     args = parser.parse_args()
     params = yaml.safe_load(Path(args.params).read_text())
-    bench = {}
-    if args.bench_json:
-        bench = {r["batch"]: r["tokens_per_s"] for r in json.loads(Path(args.bench_json).read_text())["results"]
-                 if r["key"] == "a" and "error" not in r}
+    bench = benchmark_a(args.bench_json) if args.bench_json else {}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for processes, batch in RUNS:
