@@ -53,6 +53,12 @@ wt2_params() {  # wt2_params FILE [section.key=value ...]: WikiText-2 and the GP
     && set_params "$1" dataset.name=/tmp/wt2/wikitext-2-tokenized dataset.tokenizer=/tmp/wt2/tokenizers/gpt-neox-20b \
       pretrained.use_pretrained=false eval.batch_size=32 "${@:2}"
 }
+wt2_project() {  # wt2_project DIR LOG [section.key=value ...]: DIR/params.yaml (wt2_params), DIR/tok, DIR/init
+  mkdir -p "$1" && cp params.yaml "$1/params.yaml" && wt2_params "$1/params.yaml" "${@:3}" \
+    && python3 stages/prepare.py --params "$1/params.yaml" --out "$1/tok" > "$2" 2>&1 \
+    && python3 stages/convert.py --params "$1/params.yaml" --out "$1/init" >> "$2" 2>&1 \
+    || { tail -5 "$2"; pack; exit 1; }
+}
 collect() {  # wait for the queued experiments (until DEADLINE), then the table, the picture, the logs
   cd /tmp/run || return
   while [ $SECONDS -lt $DEADLINE ]; do  # a status that times out (busy CPUs) is no answer: wait on
@@ -91,12 +97,8 @@ fi
 
 if [[ $PARTS == *stage* ]]; then  # after bench: the train stage itself against this call's benchmark a
   echo "=== the train stage against the benchmark's step a"; start=$SECONDS
-  install_dvc; mkdir -p /tmp/st && cp params.yaml /tmp/st/params.yaml
-  wt2_params /tmp/st/params.yaml training.pruning_penalty=l1 training.pruning_weight=0.05 \
-    training.readout_weight=0.5 || exit 1  # the benchmark's step (train_step.py's TRAINING)
-  python3 stages/prepare.py --params /tmp/st/params.yaml --out /tmp/st/tok > "$RES/stage.log" 2>&1 \
-    && python3 stages/convert.py --params /tmp/st/params.yaml --out /tmp/st/init >> "$RES/stage.log" 2>&1 \
-    || { tail -5 "$RES/stage.log"; pack; exit 1; }
+  install_dvc  # the benchmark's step (train_step.py's TRAINING):
+  wt2_project /tmp/st "$RES/stage.log" training.pruning_penalty=l1 training.pruning_weight=0.05 training.readout_weight=0.5
   python3 benchmarks/scaling.py --params /tmp/st/params.yaml --data /tmp/st/tok --init /tmp/st/init --steps 60 \
     --timeout 240 --bench-json "$RES/train_step.json" --out "$RES/stage_vs_benchmark.md" \
     --json "$RES/stage_vs_benchmark.json" >> "$RES/stage.log" 2>&1
@@ -187,10 +189,7 @@ fi
 
 if [[ $PARTS == *evaltime* ]]; then  # the evaluate stage's wall time, start-up included, and where it goes
   echo "=== evaluate stage timing (WikiText-2 test, random-init model as both models)"; start=$SECONDS
-  mkdir -p /tmp/et && cp params.yaml /tmp/et/params.yaml && wt2_params /tmp/et/params.yaml || exit 1
-  python3 stages/prepare.py --params /tmp/et/params.yaml --out /tmp/et/tok > "$RES/evaltime.log" 2>&1 \
-    && python3 stages/convert.py --params /tmp/et/params.yaml --out /tmp/et/init >> "$RES/evaltime.log" 2>&1 \
-    || { tail -5 "$RES/evaltime.log"; pack; exit 1; }
+  wt2_project /tmp/et "$RES/evaltime.log"
   grep -n "TRITON_CACHE_AUTOTUNING" "$(python3 -c 'import triton, os; print(os.path.dirname(triton.__file__))')/knobs.py" | head -2
   ( time python3 -c "import torch; torch.zeros(1, device='cuda')" ) 2>&1 | grep real | sed 's/^/torch + CUDA context: /' | tee -a "$RES/evaltime.log"
   ( time python3 -c "import samba.cli, samba.evaluate" ) 2>&1 | grep real | sed 's/^/imports: /' | tee -a "$RES/evaltime.log"
