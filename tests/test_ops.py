@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,3 +111,47 @@ def test_nll_and_top1_for_evaluation_match_full_logits(slice_tokens):
     logits = (hidden @ weight.t()).view(-1, 41)
     torch.testing.assert_close(nll, F.cross_entropy(logits, targets.view(-1), reduction="sum"), rtol=1e-12, atol=1e-12)
     assert int(correct) == int((logits.argmax(-1) == targets.view(-1)).sum()) >= 4
+
+
+def _package(root, name, init):
+    (root / name).mkdir()
+    (root / name / "__init__.py").write_text(init)
+    (root / name / "sub.py").write_text("VALUE = 41\n")
+
+
+def test_deferred_package_init_runs_on_first_use_of_the_package(tmp_path, monkeypatch):
+    """mamba-ssm's submodules import without its slow __init__; the package still works after."""
+    from samba.ops.kernels import defer_package_init
+
+    log = types.ModuleType("_samba_init_log")
+    log.runs = 0
+    monkeypatch.setitem(sys.modules, "_samba_init_log", log)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _package(tmp_path, "deferpkg", "import _samba_init_log\n_samba_init_log.runs += 1\n"
+                                    "from deferpkg.sub import VALUE\nTOP = VALUE + 1\n")
+    _package(tmp_path, "brokenpkg", "raise RuntimeError('broken __init__')\n")
+    for name in ("deferpkg", "deferpkg.sub", "brokenpkg", "brokenpkg.sub"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+    defer_package_init("deferpkg")
+    from deferpkg.sub import VALUE
+
+    assert VALUE == 41 and log.runs == 0
+    from deferpkg import TOP  # a name of the package itself: its __init__ runs now
+
+    assert TOP == 42 and log.runs == 1
+    assert sys.modules["deferpkg"].TOP == 42 and sys.modules["deferpkg"].sub.VALUE == 41
+    with pytest.raises(AttributeError):
+        sys.modules["deferpkg"].missing
+    defer_package_init("deferpkg")  # imported already: nothing changes
+    assert log.runs == 1
+
+    defer_package_init("brokenpkg")
+    importlib.import_module("brokenpkg.sub")
+
+    for _ in range(2):  # a failing __init__ fails at each use, as a normal import would
+        with pytest.raises(RuntimeError, match="broken"):
+            sys.modules["brokenpkg"].anything
+
+    defer_package_init("no_such_package_here")
+    assert "no_such_package_here" not in sys.modules

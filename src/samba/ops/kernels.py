@@ -11,8 +11,10 @@ back to the plain-PyTorch reference (``selective_scan.py``) otherwise.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +23,38 @@ logger = logging.getLogger(__name__)
 # tuned choice on disk, beside its compiled kernels, when this is set before mamba-ssm is
 # imported; a value the user set wins.
 os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+
+
+
+def defer_package_init(name: str) -> None:
+    """Let ``name``'s submodules import without running the package's ``__init__`` first; the
+    first attribute looked up on the package itself (``from name import X``, ``name.__version__``)
+    runs it then, once. Does nothing if ``name`` is imported already or is not a package here.
+
+    Why: mamba-ssm's ``__init__`` imports its models, and through them transformers' generation
+    utilities and scikit-learn: 3.2 of the 3.8 s its import took on the H200, every process
+    (benchmarks/results/evaluate_stage.log), for none of the kernels used here."""
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return  # not installed (the import below says so) or not a package: import as usual
+    package = importlib.util.module_from_spec(spec)  # __path__ and __spec__ set, __init__ not run
+
+    def run_init(attr: str):
+        del package.__getattr__
+        try:
+            spec.loader.exec_module(package)
+        except BaseException:
+            package.__getattr__ = run_init
+            raise
+        return getattr(package, attr)
+
+    package.__getattr__ = run_init  # PEP 562: called for names the module does not have (yet)
+    sys.modules[name] = package
+
+
+defer_package_init("mamba_ssm")
 
 try:  # pragma: no cover - exercised on the GPU machine
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
