@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh tests,bench,gen     # one H200: kernel tests, step and decoding benchmarks
 #   bash benchmarks/gpu_session.sh sweep               # scaling (2+ GPUs), stand-in model, the sparsity sweep
 #   bash benchmarks/gpu_session.sh collect             # tabulate the sweep again on the same warm machine (its queue workers end with the call that started them)
-#   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes
+#   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes (+ evaluate_passes.py)
 #   bash benchmarks/gpu_session.sh bench,stage         # the train stage itself against the benchmark's a, one call
 # Knobs: DEADLINE (seconds into the call to stop waiting and pack; default 450), SCALING=0 (skip
 # scaling.py), TIME_EVALUATE=0 (skip timing the evaluate stage on the stand-in). The sweep of
@@ -51,7 +51,7 @@ EOF
 wt2_params() {  # wt2_params FILE [section.key=value ...]: WikiText-2 and the GPT-NeoX tokenizer from .gpu/data, random init
   mkdir -p /tmp/wt2 && tar xzf "$REPO/.gpu/data/wt2.tar.gz" -C /tmp/wt2 \
     && set_params "$1" dataset.name=/tmp/wt2/wikitext-2-tokenized dataset.tokenizer=/tmp/wt2/tokenizers/gpt-neox-20b \
-      pretrained.use_pretrained=false eval.batch_size=32 "${@:2}"
+      pretrained.use_pretrained=false "${@:2}"
 }
 wt2_project() {  # wt2_project DIR LOG [section.key=value ...]: DIR/params.yaml (wt2_params), DIR/tok, DIR/init
   mkdir -p "$1" && cp params.yaml "$1/params.yaml" && wt2_params "$1/params.yaml" "${@:3}" \
@@ -211,6 +211,8 @@ EOF2
   evaluate -m cProfile -o "$RES/evaluate.prof" > /dev/null 2>&1  # a third run, profiled: where the rest goes
   python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(45)" \
     "$RES/evaluate.prof" > "$RES/evaluate_profile.txt" 2>&1; grep -A50 "ncalls" "$RES/evaluate_profile.txt" | cut -c1-160 | head -50
+  python3 benchmarks/evaluate_passes.py --out "$RES/evaluate_passes.md" --json "$RES/evaluate_passes.json" \
+    > "$RES/evaluate_passes.log" 2>&1; sed -n '/^| pass/,/^## main/p' "$RES/evaluate_passes.md"; tail -3 "$RES/evaluate_passes.log"
   echo "evaluate timing: $((SECONDS - start)) s"; pack
 fi
 

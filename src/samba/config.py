@@ -226,7 +226,7 @@ class ComputeConfig(Section):
 
 @dataclass(frozen=True)
 class EvalConfig(Section):
-    batch_size: int = 8
+    batch_size: int = 32
     max_windows: int = 0  # 0: every window of the test split
     near_zero_eps: float = 1e-2
     near_zero_rel: float = 1e-2

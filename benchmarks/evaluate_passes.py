@@ -1,0 +1,146 @@
+"""The evaluate stage's GPU passes, timed and profiled on the 130m shape (random init, bf16
+autocast, CUDA graphs), over a WikiText-2-test-sized stream of random tokens (576 windows of
+512, batch 32, as benchmarks/gpu_session.sh times the stage):
+
+  main pass     evaluate_model with the sparsity counter (each model's first pass in the stage)
+  prune curve   prune_curve over the stage's five non-zero fractions: one captured graph for all
+                (Samba.sparsity_sweep), against one graph per fraction (each with its warm-up
+                and capture, as the stage did before), and the two curves' largest difference
+  per batch     GPU time of one replayed batch: dense, dense + counter, the top-k path at 0.5
+                (a fixed fraction), the sweep's sort path at 0.5 (fraction in a device tensor)
+  kernels       the CUDA kernels of one eager batch: main pass and a sweep pass
+
+  python benchmarks/evaluate_passes.py --out benchmarks/results/evaluate_passes.md --json benchmarks/results/evaluate_passes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from samba import ModelConfig, Samba  # noqa: E402
+from samba.cuda_graphs import GraphedCallable  # noqa: E402
+from samba.data import TokenWindows  # noqa: E402
+from samba.evaluate import _batch_stats, evaluate_model, prune_curve  # noqa: E402
+from samba.sparsity import SparsityCounter  # noqa: E402
+
+FRACTIONS = (0.25, 0.5, 0.6, 0.75, 0.9)  # params.yaml's eval.prune_fractions without 0
+SEQ, BATCH, WINDOWS = 512, 32, 576
+DTYPE = torch.bfloat16
+
+
+def wall(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def per_graph_fraction(model: Samba, windows: TokenWindows, main: dict) -> dict:
+    """The prune curve as the stage ran it before: a fixed fraction per pass, a graph each."""
+    curve = {}
+    try:
+        for f in FRACTIONS:
+            model.set_sparsity(f)
+            m, _ = evaluate_model(model, windows, BATCH, dtype=DTYPE, graphs=True, count_sparsity=False, desc=None)
+            curve[f"{f:g}"] = {"fraction": f, "ppl": m["ppl"], "readout_ppl": m["readout_ppl"]}
+    finally:
+        model.set_sparsity(None)
+    return curve
+
+
+def replay_ms(model: Samba, counter: SparsityCounter | None, inputs, targets, repeats: int = 20) -> float:
+    step = GraphedCallable(_batch_stats(model, counter, DTYPE), enabled=True, warmup=2, name="benchmark batch")
+    for _ in range(3):  # two warm-ups and the capture
+        step(inputs, targets)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        step(inputs, targets)
+    end.record()
+    torch.cuda.synchronize()
+    step.release()
+    return start.elapsed_time(end) / repeats
+
+
+def kernels(model: Samba, counter: SparsityCounter | None, inputs, targets) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = _batch_stats(model, counter, DTYPE)
+    fn(inputs, targets)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(inputs, targets)
+        torch.cuda.synchronize()
+    rows = [(e.key[:90], e.device_time_total / 1e3, e.count) for e in prof.key_averages() if (e.device_time_total or 0) > 0]
+    rows.sort(key=lambda r: -r[1])
+    return {"busy_ms": sum(r[1] for r in rows), "kernels": sum(r[2] for r in rows), "top": rows[:15]}
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/evaluate_passes.md")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = Samba(ModelConfig()).to("cuda").eval()  # fp32 weights under bf16 autocast, as the stage loads them
+    tokens = torch.randint(0, 50277, (WINDOWS * SEQ + 1,), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    windows = TokenWindows(tokens, SEQ)
+    cfg = model.config
+    counter = lambda: SparsityCounter(cfg.n_chunks, cfg.d_model, 1e-2, 1e-2, 80, torch.device("cuda"))  # noqa: E731
+    rows = {}
+    for i in (1, 2):  # the first pays the process's one-off costs (cuBLAS, Triton kernels)
+        rows[f"main pass {i}"], (main, _) = wall(lambda: evaluate_model(model, windows, BATCH, dtype=DTYPE, graphs=True,
+                                                                       desc=None))
+    rows["prune curve, one graph"], one = wall(lambda: prune_curve(model, windows, FRACTIONS, main, BATCH, dtype=DTYPE,
+                                                                    graphs=True, desc=None))
+    rows["prune curve, a graph per fraction"], each = wall(lambda: per_graph_fraction(model, windows, main))
+    rows["prune curve, one graph (again)"], _ = wall(lambda: prune_curve(model, windows, FRACTIONS, main, BATCH,
+                                                                          dtype=DTYPE, graphs=True, desc=None))
+    worst = max(abs(one[k][h] / each[k][h] - 1) for k in one for h in ("ppl", "readout_ppl"))
+    inputs, targets = next(iter(windows.batches(BATCH)))
+    per_batch = {"dense": replay_ms(model, None, inputs, targets),
+                 "dense + counter (main pass)": replay_ms(model, counter(), inputs, targets)}
+    model.set_sparsity(0.5)
+    per_batch["top-k path, 0.5"] = replay_ms(model, None, inputs, targets)
+    model.set_sparsity(None)
+    with model.sparsity_sweep():
+        model.set_sparsity(0.5)
+        per_batch["sweep (sort) path, 0.5"] = replay_ms(model, None, inputs, targets)
+        profiles = {"sweep pass": kernels(model, None, inputs, targets)}
+    profiles["main pass"] = kernels(model, counter(), inputs, targets)
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
+            "command": "python " + " ".join(sys.argv), "torch": torch.__version__}
+    lines = [f"# The evaluate stage's passes ({meta['date']})", "", f"- machine: {meta['gpu']}, torch {meta['torch']}",
+             f"- 130m shape, random init, bf16 autocast, CUDA graphs; {WINDOWS} windows of {SEQ} random tokens, batch "
+             f"{BATCH}; prune fractions {FRACTIONS}; command `{meta['command']}`", "",
+             "| pass | wall s |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in rows.items()]
+    lines += ["", f"The two prune curves differ by at most {worst:.1e} (relative, ppl and readout ppl).", "",
+              "| one batch, replayed | GPU ms |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in per_batch.items()]
+    for name, prof in profiles.items():
+        lines += ["", f"## {name}, one eager batch: {prof['busy_ms']:.1f} ms of GPU work in {prof['kernels']} kernels",
+                  "", "| kernel | ms | launches |", "|---|---|---|"]
+        lines += [f"| `{k}` | {t:.2f} | {c} |" for k, t, c in prof["top"]]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "wall_s": rows, "curve_max_rel_diff": worst,
+                                               "per_batch_ms": per_batch, "profiles": profiles}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
