@@ -2,13 +2,12 @@
 autocast, CUDA graphs), over a WikiText-2-test-sized stream of random tokens (576 windows of
 512, batch 32, as benchmarks/gpu_session.sh times the stage):
 
-  main pass     evaluate_model with the sparsity counter (each model's first pass in the stage)
-  prune curve   prune_curve over the stage's five non-zero fractions: one captured graph for all
-                (Samba.sparsity_sweep), against one graph per fraction (each with its warm-up
-                and capture, as the stage did before), and the two curves' largest difference
-  per batch     GPU time of one replayed batch: dense, dense + counter, the top-k path at 0.5
-                (a fixed fraction), the sweep's sort path at 0.5 (fraction in a device tensor)
-  kernels       the CUDA kernels of one eager batch: main pass and a sweep pass
+  main pass     evaluate_model with the sparsity counter (each model's first pass in the stage;
+                the process's first pass also pays its one-off costs)
+  prune curve   prune_curve over the stage's five non-zero fractions (five more passes)
+  per batch     GPU time of one replayed batch: dense, dense + counter, pruned at 0.5; against
+                the passes' wall time this says whether the stage waits on the GPU or the host
+  kernels       the CUDA kernels of one eager batch: main pass and a pruned pass
 
   python benchmarks/evaluate_passes.py --out benchmarks/results/evaluate_passes.md --json benchmarks/results/evaluate_passes.json
 """
@@ -43,19 +42,6 @@ def wall(fn):
     out = fn()
     torch.cuda.synchronize()
     return time.perf_counter() - t0, out
-
-
-def per_graph_fraction(model: Samba, windows: TokenWindows, main: dict) -> dict:
-    """The prune curve as the stage ran it before: a fixed fraction per pass, a graph each."""
-    curve = {}
-    try:
-        for f in FRACTIONS:
-            model.set_sparsity(f)
-            m, _ = evaluate_model(model, windows, BATCH, dtype=DTYPE, graphs=True, count_sparsity=False, desc=None)
-            curve[f"{f:g}"] = {"fraction": f, "ppl": m["ppl"], "readout_ppl": m["readout_ppl"]}
-    finally:
-        model.set_sparsity(None)
-    return curve
 
 
 def replay_ms(model: Samba, counter: SparsityCounter | None, inputs, targets, repeats: int = 20) -> float:
@@ -103,23 +89,17 @@ def main() -> None:
     for i in (1, 2):  # the first pays the process's one-off costs (cuBLAS, Triton kernels)
         rows[f"main pass {i}"], (main, _) = wall(lambda: evaluate_model(model, windows, BATCH, dtype=DTYPE, graphs=True,
                                                                        desc=None))
-    rows["prune curve, one graph"], one = wall(lambda: prune_curve(model, windows, FRACTIONS, main, BATCH, dtype=DTYPE,
-                                                                    graphs=True, desc=None))
-    rows["prune curve, a graph per fraction"], each = wall(lambda: per_graph_fraction(model, windows, main))
-    rows["prune curve, one graph (again)"], _ = wall(lambda: prune_curve(model, windows, FRACTIONS, main, BATCH,
-                                                                          dtype=DTYPE, graphs=True, desc=None))
-    worst = max(abs(one[k][h] / each[k][h] - 1) for k in one for h in ("ppl", "readout_ppl"))
+    rows["prune curve"], _ = wall(lambda: prune_curve(model, windows, FRACTIONS, main, BATCH, dtype=DTYPE, graphs=True,
+                                                      desc=None))
     inputs, targets = next(iter(windows.batches(BATCH)))
     per_batch = {"dense": replay_ms(model, None, inputs, targets),
                  "dense + counter (main pass)": replay_ms(model, counter(), inputs, targets)}
     model.set_sparsity(0.5)
-    per_batch["top-k path, 0.5"] = replay_ms(model, None, inputs, targets)
+    per_batch["pruned at 0.5 (prune curve pass)"] = replay_ms(model, None, inputs, targets)
+    profiles = {"pruned pass (0.5)": kernels(model, None, inputs, targets)}
     model.set_sparsity(None)
-    with model.sparsity_sweep():
-        model.set_sparsity(0.5)
-        per_batch["sweep (sort) path, 0.5"] = replay_ms(model, None, inputs, targets)
-        profiles = {"sweep pass": kernels(model, None, inputs, targets)}
     profiles["main pass"] = kernels(model, counter(), inputs, targets)
+    batches = -(-WINDOWS // BATCH)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
             "command": "python " + " ".join(sys.argv), "torch": torch.__version__}
     lines = [f"# The evaluate stage's passes ({meta['date']})", "", f"- machine: {meta['gpu']}, torch {meta['torch']}",
@@ -127,9 +107,8 @@ def main() -> None:
              f"{BATCH}; prune fractions {FRACTIONS}; command `{meta['command']}`", "",
              "| pass | wall s |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in rows.items()]
-    lines += ["", f"The two prune curves differ by at most {worst:.1e} (relative, ppl and readout ppl).", "",
-              "| one batch, replayed | GPU ms |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in per_batch.items()]
+    lines += ["", "| one batch, replayed | GPU ms | x batches per pass (s) |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.2f} | {v * batches / 1e3:.2f} |" for k, v in per_batch.items()]
     for name, prof in profiles.items():
         lines += ["", f"## {name}, one eager batch: {prof['busy_ms']:.1f} ms of GPU work in {prof['kernels']} kernels",
                   "", "| kernel | ms | launches |", "|---|---|---|"]
@@ -137,8 +116,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "wall_s": rows, "curve_max_rel_diff": worst,
-                                               "per_batch_ms": per_batch, "profiles": profiles}, indent=1))
+        Path(args.json).write_text(json.dumps({"meta": meta, "wall_s": rows, "per_batch_ms": per_batch,
+                                               "profiles": profiles}, indent=1))
     print("\n".join(lines))
 
 

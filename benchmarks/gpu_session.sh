@@ -208,9 +208,10 @@ EOF2
     ( time evaluate ) >> "$RES/evaltime.log" 2>&1
     tr '\r' '\n' < "$RES/evaltime.log" | grep -E "^real|loaded in|written in" | tail -4
   done
-  evaluate -m cProfile -o "$RES/evaluate.prof" > /dev/null 2>&1  # a third run, profiled: where the rest goes
-  python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(45)" \
-    "$RES/evaluate.prof" > "$RES/evaluate_profile.txt" 2>&1; grep -A50 "ncalls" "$RES/evaluate_profile.txt" | cut -c1-160 | head -50
+  # a third run, traced: who imports the heavy modules and when; is bytecode cached
+  ( time evaluate benchmarks/trace_imports.py ) > "$RES/evaluate_imports.log" 2>&1
+  ( time evaluate benchmarks/trace_imports.py --import mamba_ssm ) >> "$RES/evaluate_imports.log" 2>&1  # as before e386ca2
+  tr '\r' '\n' < "$RES/evaluate_imports.log" | grep -E "trace_imports|^real|loaded in|written in"; du -sh /tmp/pycache
   python3 benchmarks/evaluate_passes.py --out "$RES/evaluate_passes.md" --json "$RES/evaluate_passes.json" \
     > "$RES/evaluate_passes.log" 2>&1; sed -n '/^| pass/,/^## main/p' "$RES/evaluate_passes.md"; tail -3 "$RES/evaluate_passes.log"
   echo "evaluate timing: $((SECONDS - start)) s"; pack

@@ -352,31 +352,6 @@ def test_graphed_evaluation_equals_eager(sources):
     assert a["sparsity"]["l0"] == b["sparsity"]["l0"] >= 0.5
 
 
-def test_graphed_prune_curve_one_graph_for_every_fraction_equals_eager(sources):
-    """The sweep replays one graph while the fraction changes in its device tensor: each point
-    must be that fraction's, as eager evaluation at a fixed fraction (the top-k path) gives."""
-    from samba.data import TokenWindows
-    from samba.evaluate import evaluate_model, prune_curve
-
-    torch.manual_seed(8)
-    model = Samba(MIXER_CFG).cuda()
-    perturb_(model, seed=8)
-    windows = TokenWindows(torch.randint(0, MIXER_CFG.vocab_size, (5000,), device="cuda"), 64)
-    fractions = (0.0, 0.25, 0.5, 0.75)
-    main, _ = evaluate_model(model, windows, 8, dtype=torch.bfloat16, graphs=True, count_sparsity=False, desc=None)
-    curve = prune_curve(model, windows, fractions, main, 8, dtype=torch.bfloat16, graphs=True, desc=None)
-    assert not model.sparse and not model.sweeping
-    for f in fractions:
-        model.set_sparsity(f)
-        eager, _ = evaluate_model(model, windows, 8, dtype=torch.bfloat16, graphs=False, count_sparsity=False,
-                                  desc=None)
-        for key in ("ppl", "readout_ppl"):
-            assert curve[f"{f:g}"][key] == pytest.approx(eager[key], rel=1e-5), (f, key)
-    model.set_sparsity(None)
-    assert len({p["ppl"] for p in curve.values()}) == len(fractions)  # every pass saw its own fraction
-    print(f"prune curve, one graph: {curve}")
-
-
 # ----------------------------------------------------------------------------- the heads' cross-entropy on CUDA
 
 def _head_case(T=700, H=96, V=3001, seed=11):

@@ -57,29 +57,6 @@ def _batch_stats(model: Samba, counter: SparsityCounter | None, dtype):
     return stats
 
 
-def _passes(model: Samba, counter: SparsityCounter | None, dtype, graphs: bool, device) -> GraphedCallable:
-    """One evaluation batch as a callable, captured as a CUDA graph on CUDA when ``graphs``."""
-    return GraphedCallable(_batch_stats(model, counter, dtype), enabled=graphs_wanted(graphs, device), warmup=2,
-                           name="evaluation batch")
-
-
-@torch.no_grad()
-def _evaluate(step: GraphedCallable, windows: TokenWindows, batch_size: int, max_windows: int,
-              desc: str | None) -> dict:
-    """Loss, ppl and accuracy of both heads over ``windows``, one ``step`` per batch."""
-    windows.require_one("evaluated")
-    n_windows = len(windows) if max_windows <= 0 else min(len(windows), max_windows)
-    totals = torch.zeros(4, dtype=torch.float64, device=windows.tokens.device)
-    tokens = 0
-    for inputs, targets in tqdm(windows.batches(batch_size, max_windows), total=math.ceil(n_windows / batch_size),
-                                desc=desc, unit="batch", disable=desc is None, leave=False):
-        totals += step(inputs, targets)
-        tokens += targets.numel()
-    nll, hits, r_nll, r_hits = (totals / tokens).tolist()
-    return {"loss": nll, "ppl": math.exp(nll), "readout_loss": r_nll, "readout_ppl": math.exp(r_nll),
-            "accuracy": hits, "readout_accuracy": r_hits, "windows": n_windows, "tokens": tokens}
-
-
 @torch.no_grad()
 def evaluate_model(model: Samba, windows: TokenWindows, batch_size: int, *, max_windows: int = 0,
                    dtype: torch.dtype | None = None, near_zero_eps: float = 1e-2,
@@ -89,48 +66,47 @@ def evaluate_model(model: Samba, windows: TokenWindows, batch_size: int, *, max_
     was_training = model.training
     model.eval()
     device = windows.tokens.device
+    windows.require_one("evaluated")
+    n_windows = len(windows) if max_windows <= 0 else min(len(windows), max_windows)
     cfg = model.config
     counter = (SparsityCounter(cfg.n_chunks, cfg.d_model, near_zero_eps, near_zero_rel, histogram_bins, device)
                if count_sparsity else None)
-    step = _passes(model, counter, dtype, graphs, device)
-    try:
-        metrics = _evaluate(step, windows, batch_size, max_windows, desc)
-    finally:
-        step.release()
-        model.train(was_training)
+    step = GraphedCallable(_batch_stats(model, counter, dtype), enabled=graphs_wanted(graphs, device),
+                           warmup=2, name="evaluation batch")
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    tokens = 0
+    for inputs, targets in tqdm(windows.batches(batch_size, max_windows), total=math.ceil(n_windows / batch_size),
+                                desc=desc, unit="batch", disable=desc is None, leave=False):
+        totals += step(inputs, targets)
+        tokens += targets.numel()
+    step.release()
+    model.train(was_training)
+    nll, hits, r_nll, r_hits = (totals / tokens).tolist()
+    metrics = {"loss": nll, "ppl": math.exp(nll), "readout_loss": r_nll, "readout_ppl": math.exp(r_nll),
+               "accuracy": hits, "readout_accuracy": r_hits, "windows": n_windows, "tokens": tokens}
     if counter is not None:
         metrics["sparsity"] = counter.result()
     return metrics, counter
 
 
-@torch.no_grad()
-def prune_curve(model: Samba, windows: TokenWindows, fractions, main: dict, batch_size: int, *,
-                max_windows: int = 0, dtype: torch.dtype | None = None, graphs: bool = False,
-                desc: str | None = "prune curve") -> dict[str, dict[str, float]]:
-    """ppl and readout ppl per inference-time fraction f (the model's own target is a floor).
-
-    The fractions are swept through the model's device tensor (``Samba.sparsity_sweep``), so
-    on CUDA one captured graph serves every pass: a graph per fraction cost a warm-up and a
-    capture each (benchmarks/results/evaluate_stage.log)."""
+def prune_curve(model: Samba, windows: TokenWindows, fractions, main: dict, batch_size: int,
+                **kwargs) -> dict[str, dict[str, float]]:
+    """ppl and readout ppl per inference-time fraction f (the model's own target is a floor)."""
     target = model.config.sparsity_target
     by_effective = {target: main}
-    was_training = model.training
-    model.eval()
-    step = None
+    curve = {}
     try:
-        with model.sparsity_sweep():
-            for f in fractions:
-                effective = max(f, target)
-                if effective not in by_effective:
-                    step = step or _passes(model, None, dtype, graphs, windows.tokens.device)
-                    model.set_sparsity(effective)
-                    by_effective[effective] = _evaluate(step, windows, batch_size, max_windows, desc)
+        for f in fractions:
+            effective = max(f, target)
+            if effective not in by_effective:
+                model.set_sparsity(effective)
+                by_effective[effective], _ = evaluate_model(model, windows, batch_size, count_sparsity=False,
+                                                            **kwargs)
+            m = by_effective[effective]
+            curve[f"{f:g}"] = {"fraction": f, "ppl": m["ppl"], "readout_ppl": m["readout_ppl"]}
     finally:
-        if step is not None:
-            step.release()
-        model.train(was_training)
-    return {f"{f:g}": {"fraction": f, "ppl": by_effective[max(f, target)]["ppl"],
-                       "readout_ppl": by_effective[max(f, target)]["readout_ppl"]} for f in fractions}
+        model.set_sparsity(None)
+    return curve
 
 
 def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots_dir) -> dict:

@@ -18,7 +18,6 @@ weights load with a renaming of layer indices only (see ``checkpoint.py``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -293,7 +292,6 @@ class Samba(nn.Module):
                              persistent=False)
         self.sparsity_value = float(config.sparsity_target)  # the same, on the host
         self.sparse = config.sparsity_target > 0
-        self.sweeping = False  # see sparsity_sweep()
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.chunks = nn.ModuleList(Chunk(config, backend) for _ in range(config.n_chunks))
         self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
@@ -346,29 +344,17 @@ class Samba(nn.Module):
             raise ValueError(f"sparsity fraction must be in [0, 1), got {fraction}")
         self.sparsity_fraction.fill_(fraction)
         self.sparsity_value = float(fraction)
-        self.sparse = self.sweeping or fraction > 0 or self.config.sparsity_target > 0
-
-    @contextlib.contextmanager
-    def sparsity_sweep(self):
-        """Inside, inference reads the fraction from the device tensor, as training does, and
-        applies it even at 0: one captured CUDA graph then serves every ``set_sparsity`` of a
-        sweep (the prune curve). On leaving, the model's own target is back."""
-        self.sweeping, self.sparse = True, True
-        try:
-            yield self
-        finally:
-            self.sweeping = False
-            self.set_sparsity(None)
+        self.sparse = fraction > 0 or self.config.sparsity_target > 0
 
     def sparsify(self, x: torch.Tensor) -> torch.Tensor:
         """A chunk output as it flows on: x itself, or x with its smallest entries zeroed.
 
-        Training and a sparsity sweep read the fraction from the device tensor (it changes
-        while a captured CUDA graph stays valid); evaluation and decoding, with a fixed
-        fraction, pass it as a number (``keep_largest`` then takes the cheaper top-k path)."""
+        Training reads the fraction from the device tensor (it ramps while a captured CUDA
+        graph stays valid); evaluation and decoding, with a fixed fraction, pass it as a number
+        (``keep_largest`` then takes the cheaper top-k path)."""
         if not self.sparse:
             return x
-        fraction = self.sparsity_fraction if self.training or self.sweeping else self.sparsity_value
+        fraction = self.sparsity_fraction if self.training else self.sparsity_value
         return keep_largest(x, zero_count(fraction, x.shape[-1]))
 
     def chunk_outputs(self, input_ids: torch.Tensor, return_dense: bool = False):
