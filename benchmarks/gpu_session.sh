@@ -19,9 +19,11 @@ RES=/tmp/results; mkdir -p $RES
 REPO=$(pwd)
 DEADLINE=${DEADLINE:-450}   # seconds: stop waiting on the sweep and pack what is done (a call ends at 600)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# The machine's site-packages hold no bytecode and get none written, so every process compiled
-# ~1,800 modules (transformers, torch.distributed, sympy) from source: 6-14 s of each stage's
-# start-up (evaluate_stage.log). A normal install has its bytecode; here it is kept in /tmp.
+# The machine's site-packages hold no bytecode, and its environment sets PYTHONDONTWRITEBYTECODE,
+# so every process compiled ~2,000 modules (torch._dynamo, sympy, transformers) from source:
+# 6-14 s of each stage's start-up (evaluate_stage_no_bytecode.log). A normal install has its
+# bytecode; here it is written to /tmp once and read by every later process.
+unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=/tmp/pycache
 exec > >(tee -a "$OUT/session.log") 2>&1  # the log comes back even if the call is cut short
 pack() { tar czf /tmp/results.tar.gz.part -C /tmp results && mv /tmp/results.tar.gz.part "$OUT/results.tar.gz"; }
