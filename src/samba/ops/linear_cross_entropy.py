@@ -51,21 +51,30 @@ def _slice_nll(logits: torch.Tensor, targets: torch.Tensor, acc: torch.dtype):
 
 _compiled: dict[str, object] = {}
 _wide_output: dict[torch.device, bool] = {}
+_sums_in_place: dict[torch.device, bool] = {}
 
 
 def _fp32_output(a: torch.Tensor, acc: torch.dtype) -> bool:
     """Whether ``torch.mm`` / ``torch.addmm`` can write ``acc`` (fp32) from ``a``'s narrower dtype
-    on its device: CUDA GEMMs can (``out_dtype``); probed once per device, off any capture."""
+    on its device: CUDA GEMMs can (``out_dtype``); probed once per device, off any capture.
+    Also probes whether ``addmm`` can write that sum into its own input (``out=`` the input):
+    then the fp32 d(weight) is not written anew for every slice."""
     if a.device.type != "cuda" or a.dtype not in (torch.bfloat16, torch.float16) or acc != torch.float32:
         return False
     if a.device not in _wide_output:
+        x = torch.ones(2, 2, dtype=a.dtype, device=a.device)
         try:
-            x = torch.ones(2, 2, dtype=a.dtype, device=a.device)
             summed = torch.addmm(torch.ones(2, 2, device=a.device), x, x, out_dtype=torch.float32)
             product = torch.mm(x, x, out_dtype=torch.float32)
             _wide_output[a.device] = summed.dtype == product.dtype == torch.float32
         except (RuntimeError, TypeError):  # a torch without out_dtype for these
             _wide_output[a.device] = False
+        try:
+            total = torch.ones(2, 2, device=a.device)
+            written = torch.addmm(total, x, x, out_dtype=torch.float32, out=total)
+            _sums_in_place[a.device] = written.data_ptr() == total.data_ptr() and bool((total == 3).all())
+        except (RuntimeError, TypeError):
+            _sums_in_place[a.device] = False
     return _wide_output[a.device]
 
 
@@ -111,7 +120,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_h[start:start + slice_tokens] = g @ w
             if need_w:
-                if wide_w:  # d(weight) += g.T @ h, summed in fp32 by the GEMM itself
+                if wide_w and _sums_in_place[h.device]:  # d(weight) += g.T @ h, summed in fp32 by the GEMM
+                    torch.addmm(grad_w, g.t(), h_s, out_dtype=acc, out=grad_w)
+                elif wide_w:
                     grad_w = torch.addmm(grad_w, g.t(), h_s, out_dtype=acc)
                 else:
                     grad_w += (g.t() @ h_s).to(acc)
