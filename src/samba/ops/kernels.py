@@ -25,15 +25,15 @@ logger = logging.getLogger(__name__)
 os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
 
-
 def defer_package_init(name: str) -> None:
     """Let ``name``'s submodules import without running the package's ``__init__`` first; the
     first attribute looked up on the package itself (``from name import X``, ``name.__version__``)
     runs it then, once. Does nothing if ``name`` is imported already or is not a package here.
 
     Why: mamba-ssm's ``__init__`` imports its models, and through them transformers' generation
-    utilities and scikit-learn: 3.2 of the 3.8 s its import took on the H200, every process
-    (benchmarks/results/evaluate_stage.log), for none of the kernels used here."""
+    utilities, torch.distributed, sympy and scikit-learn, for none of the kernels used here. On
+    an H200 the evaluate stage took 22.6 s with it and 15.3 s without, in one call
+    (benchmarks/results/evaluate_imports.log)."""
     if name in sys.modules:
         return
     spec = importlib.util.find_spec(name)
