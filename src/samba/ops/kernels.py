@@ -19,9 +19,9 @@ import sys
 logger = logging.getLogger(__name__)
 
 # mamba-ssm's Triton RMSNorm is autotuned in every new process, by default: about 2 s at the
-# first batch of each stage on an H200 (benchmarks/results/evaluate_stage.log). Triton keeps the
-# tuned choice on disk, beside its compiled kernels, when this is set before mamba-ssm is
-# imported; a value the user set wins.
+# first batch of each stage on an H200 (benchmarks/results/gpu_session_2026-11-29b.log). Triton
+# keeps the tuned choice on disk, beside its compiled kernels, when this is set before mamba-ssm
+# is imported; a value the user set wins.
 os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
 
