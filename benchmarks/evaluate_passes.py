@@ -15,7 +15,6 @@ autocast, CUDA graphs), over a WikiText-2-test-sized stream of random tokens (57
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -30,6 +29,8 @@ from samba.cuda_graphs import GraphedCallable  # noqa: E402
 from samba.data import TokenWindows  # noqa: E402
 from samba.evaluate import _batch_stats, evaluate_model, prune_curve  # noqa: E402
 from samba.sparsity import SparsityCounter  # noqa: E402
+
+from report import cuda_kernels, run_meta  # noqa: E402  (benchmarks/report.py)
 
 FRACTIONS = (0.25, 0.5, 0.6, 0.75, 0.9)  # params.yaml's eval.prune_fractions without 0
 SEQ, BATCH, WINDOWS = 512, 32, 576
@@ -60,16 +61,10 @@ def replay_ms(model: Samba, counter: SparsityCounter | None, inputs, targets, re
 
 
 def kernels(model: Samba, counter: SparsityCounter | None, inputs, targets) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     fn = _batch_stats(model, counter, DTYPE)
     fn(inputs, targets)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn(inputs, targets)
-        torch.cuda.synchronize()
-    rows = [(e.key[:90], e.device_time_total / 1e3, e.count) for e in prof.key_averages() if (e.device_time_total or 0) > 0]
-    rows.sort(key=lambda r: -r[1])
+    rows = [(k, t / 1e3, c) for k, t, c in cuda_kernels(lambda: fn(inputs, targets))]
     return {"busy_ms": sum(r[1] for r in rows), "kernels": sum(r[2] for r in rows), "top": rows[:15]}
 
 
@@ -100,8 +95,7 @@ def main() -> None:
     model.set_sparsity(None)
     profiles["main pass"] = kernels(model, counter(), inputs, targets)
     batches = -(-WINDOWS // BATCH)
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
-            "command": "python " + " ".join(sys.argv), "torch": torch.__version__}
+    meta = run_meta()
     lines = [f"# The evaluate stage's passes ({meta['date']})", "", f"- machine: {meta['gpu']}, torch {meta['torch']}",
              f"- 130m shape, random init, bf16 autocast, CUDA graphs; {WINDOWS} windows of {SEQ} random tokens, batch "
              f"{BATCH}; prune fractions {FRACTIONS}; command `{meta['command']}`", "",

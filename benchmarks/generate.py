@@ -21,7 +21,6 @@ graph replays), for samba, samba_readout and mamba_ssm: GPU time and kernel coun
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -36,6 +35,8 @@ from samba import ModelConfig, Samba  # noqa: E402
 from samba.checkpoint import backbone_key_map  # noqa: E402
 from samba.export import to_transformers  # noqa: E402
 from samba.generate import Decoder, generate  # noqa: E402
+
+from report import cuda_kernels, run_meta  # noqa: E402  (benchmarks/report.py)
 
 PROMPT, NEW = 16, 512
 
@@ -74,16 +75,9 @@ def timed(fn, repeats: int, warm_up: bool = True) -> tuple[float, torch.Tensor]:
 
 def decode_profile(fn, tokens: int) -> dict:
     """GPU-busy time and kernels per token of ``fn`` (eager decoding of ``tokens`` tokens), top kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
     fn()  # warm-up: Triton kernels compiled
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    rows = [(e.key[:90], e.device_time_total / tokens, e.count / tokens) for e in prof.key_averages()
-            if (e.device_time_total or 0) > 0]
-    rows.sort(key=lambda r: -r[1])
+    rows = [(k, t / tokens, c / tokens) for k, t, c in cuda_kernels(fn)]
     return {"busy_us_per_token": sum(r[1] for r in rows), "kernels_per_token": sum(r[2] for r in rows),
             "top": rows[:15]}
 
@@ -145,8 +139,7 @@ def main() -> None:
         }.items():
             profiles[name] = decode_profile(fn, n)
             print(name, {k: v for k, v in profiles[name].items() if k != "top"}, flush=True)
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
-            "command": "python " + " ".join(sys.argv), "torch": torch.__version__}
+    meta = run_meta()
     lines = [f"# Decoding benchmark ({meta['date']})", "", f"- machine: {meta['gpu']}, torch {meta['torch']}",
              f"- 130m shape, random init, bf16 weights, greedy; prompt {PROMPT} tokens, {NEW} new tokens; median of "
              f"{args.repeats} runs after a warm-up run; command `{meta['command']}`", "",

@@ -25,7 +25,6 @@ Writes Markdown and JSON (``results`` entries: key, batch, tokens_per_s, peak_gi
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import platform
@@ -47,6 +46,8 @@ from samba.cuda_graphs import GraphedCallable  # noqa: E402
 from samba.loss import SambaObjective  # noqa: E402
 from samba.ops import linear_cross_entropy  # noqa: E402
 from samba.train import make_optimizer, training_step  # noqa: E402
+
+from report import cuda_kernels, run_meta  # noqa: E402  (benchmarks/report.py)
 
 L, VOCAB, D_MODEL, N_LAYERS = 512, 50280, 768, 24
 GiB = 1 << 30
@@ -161,22 +162,9 @@ class Runner:
 
 def profile(runner: Runner, n: int = 3) -> dict:
     """Top CUDA kernels (ms per step) and the GPU-busy time per step."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            runner.run_once()
-        torch.cuda.synchronize()
-    rows, busy, count = [], 0.0, 0
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", 0) or 0
-        if t <= 0:
-            continue
-        rows.append((evt.key[:100], t / 1e3 / n))
-        busy += t / 1e3 / n
-        count += evt.count / n
-    rows.sort(key=lambda r: -r[1])
-    return {"kernels": rows[:25], "gpu_busy_ms": busy, "kernels_per_step": count}
+    rows = cuda_kernels(runner.run_once, calls=n, width=100)
+    return {"kernels": [(k, t / 1e3 / n) for k, t, _ in rows[:25]], "gpu_busy_ms": sum(r[1] for r in rows) / 1e3 / n,
+            "kernels_per_step": sum(r[2] for r in rows) / n}
 
 
 # ----------------------------------------------------------------------------- the CE on its own
@@ -340,8 +328,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                             capture_output=True, text=True).stdout.strip().splitlines()[0]
-    data = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
-                     "driver": driver, "versions": versions(), "command": "python " + " ".join(sys.argv),
+    data = {"meta": {**run_meta(), "driver": driver, "versions": versions(),
                      "protocol": f"median of {args.rounds} x {args.steps} timed steps per variant, the variants of a batch "
                                  f"size timed in interleaved rounds after {args.warmup} eager warm-up steps and the capture"},
             "results": [], "profiles": {}}
