@@ -37,6 +37,8 @@ def _hook(event: str, args) -> None:
 def main() -> None:
     print(f"[trace_imports] pycache_prefix={sys.pycache_prefix} dont_write_bytecode={sys.flags.dont_write_bytecode}",
           file=sys.stderr)
+    if len(sys.argv) < 2 or (sys.argv[1] == "--import" and len(sys.argv) < 4):
+        sys.exit(f"usage: python {sys.argv[0]} [--import MODULE] SCRIPT [ARGS...]\n{__doc__}")
     sys.addaudithook(_hook)
     if sys.argv[1] == "--import":
         importlib.import_module(sys.argv[2])
