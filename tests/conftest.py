@@ -18,6 +18,8 @@ import yaml
 from samba.convert import relative_error  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
+# Commands the tests start (python -m samba.*, torchrun) import this checkout's src/ too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
 SHARED_DATA = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent  # the test environment's python, dvc, torchrun
 WORDS = ("the cat sat on a mat and dog ran to big red house in town where people live with many "
