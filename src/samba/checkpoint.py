@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
+from .errors import UserError
 from .io import atomic_dir
 from .model import Samba
 
@@ -43,7 +44,7 @@ MIXER_PARAMS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight
                 "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be read as, or does not fit, the model asked for."""
 
 

@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import SAMBA_FORMAT, checkpoint_model_config, model_from_weights, read_weights, resolve_checkpoint_dir
 from .config import Params
+from .errors import UserError
 from .io import atomic_dir
 from .model import Samba
 from .ops import kernels
@@ -29,7 +30,7 @@ CHECK_SHAPE = (2, 64)  # token ids compared between source and converted model
 CHECK_TOLERANCE = 1e-4  # relative error of logits, fp32
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError, RuntimeError):
     """The converted model does not compute what its source computes."""
 
 

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import DatasetConfig
+from .errors import UserError
 from .hub import download_file, require_hub
 from .io import atomic_dir
 
@@ -33,7 +34,7 @@ META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"  # a copy of the tokenizer, beside the token arrays
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data cannot be read or does not fit what is asked of it."""
 
 

@@ -25,13 +25,14 @@ from safetensors.torch import save_file
 
 from .checkpoint import EXPORT_CONFIG_FILE, READOUT_FILE, WEIGHTS_FILE, backbone_key_map, require_model_dir
 from .data import TOKENIZER_FILE
+from .errors import UserError
 from .io import atomic_dir
 from .model import Samba
 
 logger = logging.getLogger(__name__)
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The model computes something plain Mamba cannot represent."""
 
 

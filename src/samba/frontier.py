@@ -26,10 +26,11 @@ import sys
 from pathlib import Path
 
 from .config import flatten
+from .errors import UserError
 from .io import write_json_atomic
 
 
-class FrontierError(ValueError):
+class FrontierError(UserError, ValueError):
     """The experiments cannot give a table (none has metrics, an unknown control...)."""
 
 

@@ -10,6 +10,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .errors import UserError
+
 OFFLINE_HINT = (
     "To work offline, point params.yaml at local files: dataset.name at a directory holding "
     "train.txt, validation.txt and test.txt (or WikiText's wiki.{train,valid,test}.{raw,tokens}); "
@@ -18,7 +20,7 @@ OFFLINE_HINT = (
     "what the Hugging Face cache already holds.")
 
 
-class HubUnavailableError(RuntimeError):
+class HubUnavailableError(UserError, RuntimeError):
     """A Hub id was given but the Hub cannot be reached."""
 
 

@@ -10,8 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import UserError
 
-class OutputError(ValueError):
+
+class OutputError(UserError, ValueError):
     """An output cannot be written where it is asked for."""
 
 

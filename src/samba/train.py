@@ -30,6 +30,7 @@ from .checkpoint import require_model_dir
 from .config import ConfigError, Params
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .data import DataError, TokenWindows, check_vocab, load_split, read_meta, tokenizer_files
+from .errors import TrainingInterrupted
 from .evaluate import evaluate_model
 from .io import atomic_file
 from .loss import PART_NAMES, SambaObjective
@@ -40,10 +41,6 @@ from .sparsity import ramp
 from .tracking import MetricsLogger
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingInterrupted(Exception):
-    """Stopped on request after saving a checkpoint of every completed step."""
 
 
 def check_params(params: Params) -> None:
