@@ -79,7 +79,7 @@ def convert(params: Params, out_dir: str | Path) -> dict:
             source = resolve_checkpoint_dir(pre.model_name)
             fmt, config = checkpoint_model_config(source, **model_overrides)
             weights = read_weights(source)  # read once, for both the model and the reference
-            model = model_from_weights(fmt, config, weights, backend="reference", where=str(source))
+            model = model_from_weights(Samba, fmt, config, weights, backend="reference", where=str(source))
             if model.config.sparsity_target:
                 logger.info("the source zeroes %.0f%% of each chunk output; the baseline written here is dense",
                             100 * model.config.sparsity_target)

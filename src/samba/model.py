@@ -13,7 +13,8 @@ token's chunk-output vector is set to exactly 0 (``sparsity.keep_largest``), and
 tensor is what flows on: into the next chunk, the readout and (last chunk) the main head.
 
 The mixer keeps mamba-ssm's parameter names, shapes and initialisation, so pretrained
-weights load with a renaming of layer indices only (see ``checkpoint.py``).
+weights load with a renaming of layer indices only (see ``checkpoint.py``, which builds the
+model through the class it is given and never imports this module).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import load_model, save_model
 from .config import ModelConfig
 from .ops import kernels
 from .ops.selective_scan import selective_scan_reference
@@ -388,7 +390,8 @@ class Samba(nn.Module):
         readout_logits = self.readout(chunk_outputs).float()
         return SambaOutput(logits=logits, readout_logits=readout_logits, chunk_outputs=chunk_outputs)
 
-    # Loading and saving live in checkpoint.py; these are the public entry points.
+    # Loading and saving live in checkpoint.py (which is handed this class, so that it never
+    # imports this module); these are the public entry points.
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "auto", device: str | torch.device | None = None,
                         **overrides) -> "Samba":
@@ -399,13 +402,9 @@ class Samba(nn.Module):
         the model is returned (a Samba directory's model is built there directly, no random
         initialisation on the CPU first, since the file holds every weight).
         """
-        from .checkpoint import load_model
-
-        return load_model(path, backend=backend, device=device, **overrides)
+        return load_model(cls, path, backend=backend, device=device, **overrides)
 
     def save_pretrained(self, path: str | Path, extra_files: dict[str, Path] | None = None) -> None:
         """Write ``config.json`` and ``model.safetensors`` (and ``extra_files``: name -> source
         file, e.g. the tokenizer) to ``path``, replacing it only once complete."""
-        from .checkpoint import save_model
-
         save_model(self, path, extra_files)
