@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .data import TOKENIZER_FILE, DataError, load_tokenizer
-from .model import MixerState, Samba, wide
+from .model import MixerState, Samba
 from .config import ComputeConfig, ConfigError
 from .runtime import autocast, resolve_device
 
@@ -61,21 +61,14 @@ class Decoder:
             for layer, state in zip(chunk.layers, states):
                 state.A.copy_(layer.mixer.decay())
         with autocast(input_ids.device, self.dtype, cache=False):
-            x, outputs = wide(self.model.embedding(input_ids)), []
-            for chunk, states in zip(self.model.chunks, self.states):
-                x = self.model.sparsify(chunk(x, states))
-                outputs.append(x[:, -1])
-            return self._logits(outputs)
+            outputs = self.model.chunk_outputs(input_ids, states=self.states)
+            return self._logits([x[:, -1] for x in outputs])
 
     @torch.no_grad()
     def _step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(B,) tokens -> next-token logits (B, V), advancing every state by one token."""
         with autocast(token_ids.device, self.dtype, cache=False):
-            x, outputs = wide(self.model.embedding(token_ids)), []
-            for chunk, states in zip(self.model.chunks, self.states):
-                x = self.model.sparsify(chunk.step(x, states))
-                outputs.append(x)
-            return self._logits(outputs)
+            return self._logits(self.model.chunk_outputs(token_ids, states=self.states, step=True))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -359,16 +359,25 @@ class Samba(nn.Module):
         fraction = self.sparsity_fraction if self.training else self.sparsity_value
         return keep_largest(x, zero_count(fraction, x.shape[-1]))
 
-    def chunk_outputs(self, input_ids: torch.Tensor, return_dense: bool = False):
+    def chunk_outputs(self, input_ids: torch.Tensor, return_dense: bool = False,
+                      states: Sequence[Sequence[MixerState]] | None = None, step: bool = False):
         """(B, L) token ids -> C residual-stream tensors (B, L, d_model), fp32, as they flow on
-        (sparsified). With ``return_dense`` also the same C tensors before sparsification."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        (sparsified). With ``return_dense`` also the same C tensors before sparsification.
+
+        Decoding (``generate.Decoder``) passes ``states``, one list of layer states per chunk: the
+        chunks read (B, L) ids in parallel and leave each layer's state after the last token
+        there (the prefill); with ``step`` the ids are (B,), one token each, every state advances
+        by that token, and the C tensors are (B, d_model)."""
+        if input_ids.dim() != (1 if step else 2):
+            raise ValueError(f"input_ids must be {'(batch,)' if step else '(batch, length)'}, "
+                             f"got shape {tuple(input_ids.shape)}")
+        if step and states is None:
+            raise ValueError("a step needs the decoding states")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-            x = wide(self.embedding(input_ids))  # (B, L, D)
+            x = wide(self.embedding(input_ids))  # (B, L, D), or (B, D) for a step
             outputs, dense = [], []
-            for chunk in self.chunks:
-                dense.append(chunk(x))
+            for chunk, chunk_states in zip(self.chunks, states or [None] * len(self.chunks)):
+                dense.append(chunk.step(x, chunk_states) if step else chunk(x, chunk_states))
                 x = self.sparsify(dense[-1])
                 outputs.append(x)
         return (tuple(outputs), tuple(dense)) if return_dense else tuple(outputs)
