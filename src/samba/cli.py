@@ -22,7 +22,9 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     try:
         main()
     except USER_ERRORS as err:
-        print(f"[{name}] error: {err}", file=sys.stderr)
+        # one line, whatever a library's message (quoted into ours) spreads over
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"[{name}] error: {message}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except TrainingInterrupted as err:
         print(f"[{name}] {err}", file=sys.stderr)

@@ -268,6 +268,23 @@ class Params(Section):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+def describe_yaml_error(err: yaml.YAMLError) -> str:
+    """PyYAML's message (several lines, with a quote of the text) as one line that still says
+    where and what: 'at line 2, column 6: expected ',' or ']', but got ':' (while parsing a flow
+    sequence started at line 1, column 11)'. Lines and columns count from 1, as editors do."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem is None:
+        return ": " + " ".join(str(err).split())
+    where = f"at {at(err.problem_mark)}: " if err.problem_mark is not None else ": "
+    context = ""
+    if err.context:
+        started = f" started at {at(err.context_mark)}" if err.context_mark is not None else ""
+        context = f" ({err.context}{started})"
+    return where + " ".join(err.problem.split()) + context
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and check ``params.yaml``; every section must be present and every key known."""
     path = Path(path)
@@ -276,7 +293,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML {describe_yaml_error(err)}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: must hold a mapping of sections")
     missing = [f.name for f in dataclasses.fields(Params) if f.name not in data]

@@ -105,7 +105,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def encode_lines(tokenizer, lines: list[str], desc: str, batch_lines: int = 4096) -> np.ndarray:
     """Batch-encode lines (in parallel inside tokenizers) and concatenate the ids."""
     pieces = []
-    for start in tqdm(range(0, len(lines), batch_lines), desc=desc, unit="batch", leave=False):
+    # disable=None: a bar on a terminal only, not in a log or a pipe
+    for start in tqdm(range(0, len(lines), batch_lines), desc=desc, unit="batch", leave=False, disable=None):
         encodings = tokenizer.encode_batch(lines[start:start + batch_lines], add_special_tokens=False)
         pieces.extend(np.asarray(e.ids, dtype=np.int64) for e in encodings)
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
@@ -120,14 +121,17 @@ def prepare_tokens(dataset: DatasetConfig, out_dir: str | Path) -> dict:
     meta = {"dtype": dtype.name, "vocab_size": vocab_size, "tokenizer": dataset.tokenizer,
             "dataset": dataset.name, "config_name": dataset.config_name, "source": source,
             "tokens": {}}
+    # every split checked before the first log line, so that a refusal is the only line printed
+    ids = {split: encode_lines(tokenizer, lines[split], desc=f"tokenize {split}").astype(dtype) for split in SPLITS}
+    empty = [split for split in SPLITS if len(ids[split]) == 0]
+    if empty:
+        are = "splits are" if len(empty) > 1 else "split is"
+        raise DataError(f"the {' and '.join(empty)} {are} empty after tokenization")
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
-            ids = encode_lines(tokenizer, lines[split], desc=f"tokenize {split}")
-            if len(ids) == 0:
-                raise DataError(f"the {split} split is empty after tokenization")
-            ids.astype(dtype).tofile(tmp / f"{split}.bin")
-            meta["tokens"][split] = int(len(ids))
-            logger.info("%s: %d lines -> %d tokens", split, len(lines[split]), len(ids))
+            ids[split].tofile(tmp / f"{split}.bin")
+            meta["tokens"][split] = int(len(ids[split]))
+            logger.info("%s: %d lines -> %d tokens", split, len(lines[split]), len(ids[split]))
         tokenizer.save(str(tmp / TOKENIZER_FILE))  # travels with the data into the trained model
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
