@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -104,6 +105,7 @@ def test_a_kept_decoder_gives_what_a_fresh_one_gives():
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, 264, (2, n), generator=g) for n in (5, 9)]
     decoder = Decoder(model, 2, "readout")
+    decoder.warm_up()  # steps on placeholder tokens, whose states the prefill must overwrite
     for prompt in prompts:  # the second call starts from the first call's states and must not see them
         kept = generate(model, prompt, 12, head="readout", temperature=0.0, decoder=decoder)
         assert torch.equal(kept, generate(model, prompt, 12, head="readout", temperature=0.0))
@@ -154,10 +156,25 @@ def test_generate_command_streams_the_greedy_text(sources, tmp_path):
         prompt = torch.tensor([tok.encode("the cat").ids])
         want = generate(model, prompt, 12, head=head, temperature=0.0)
         assert proc.stdout == "the cat" + tok.decode(want[0].tolist()) + "\n"
+        # stdout is the text alone (above); the log is on stderr, whole before the text starts
+        assert re.fullmatch(r"(\[generate\] [^\n]*\n)+", proc.stderr), proc.stderr
+        assert "[generate] Mamba mixer: plain-PyTorch reference scan" in proc.stderr
+        merged = subprocess.run([sys.executable, "-m", "samba.generate", str(tmp_path / "m"), "--prompt", "the cat",
+                                 "--max-new-tokens", "12", "--temperature", "0", "--head", head, "--device", "cpu"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tool_env())
+        assert merged.stdout == proc.stderr + proc.stdout  # unbuffered (tool_env), as on a terminal
     bad = subprocess.run([sys.executable, "-m", "samba.generate", str(tmp_path / "init"), "--prompt", "x"],
                          capture_output=True, text=True, env=tool_env())
-    assert bad.returncode == 2 and "records no tokenizer" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "records no tokenizer" in bad.stderr
     assert json.loads((tmp_path / "m/config.json").read_text())["format"] == "samba"
+
+
+def test_generate_says_there_is_no_model_where_there_is_none(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "samba.generate", str(tmp_path / "nonexistent"), "--prompt", "x"],
+                          capture_output=True, text=True, env=tool_env())
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (f"[generate] error: {tmp_path / 'nonexistent'}: no model there; run the train stage "
+                           "first (dvc repro train)\n")
 
 
 def test_export_command_refuses_in_one_line(tmp_path):

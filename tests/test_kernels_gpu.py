@@ -287,6 +287,33 @@ def test_graphed_generation_equals_eager():
     assert decoder.step.graph is not None
 
 
+def test_generate_command_logs_before_the_text(tmp_path):
+    """On CUDA the mixer's path and the step's capture are logged; all of it before the prompt is
+    written, so that stderr and stdout never interleave on a terminal."""
+    import subprocess
+    import sys
+
+    from conftest import make_corpus, make_tokenizer, tool_env
+
+    torch.manual_seed(7)
+    model = Samba(MIXER_CFG)
+    perturb_(model, seed=7)
+    make_corpus(tmp_path / "corpus")
+    make_tokenizer(tmp_path / "corpus", tmp_path / "tok")
+    model.save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": tmp_path / "tok/tokenizer.json"})
+    command = [sys.executable, "-m", "samba.generate", str(tmp_path / "m"), "--prompt", "the cat",
+               "--max-new-tokens", "24", "--temperature", "0", "--device", "cuda"]
+    apart = subprocess.run(command, capture_output=True, text=True, env=tool_env())
+    assert apart.returncode == 0, apart.stderr
+    print(apart.stderr)
+    assert "Mamba mixer: mamba-ssm CUDA kernels" in apart.stderr
+    assert "decoding step captured as a CUDA graph" in apart.stderr
+    assert apart.stdout.startswith("the cat") and len(apart.stdout) > len("the cat\n")
+    merged = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tool_env())
+    # unbuffered (tool_env), as on a terminal: the text comes last and whole, after every log line
+    assert merged.stdout.endswith(apart.stdout) and "captured as a CUDA graph" in merged.stdout[:-len(apart.stdout)]
+
+
 # ----------------------------------------------------------------------------- CUDA graphs in the stages
 
 def _gpu_params(tmp_path, sources, **training):
