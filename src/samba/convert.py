@@ -28,6 +28,10 @@ from .runtime import seed_everything
 logger = logging.getLogger(__name__)
 CHECK_SHAPE = (2, 64)  # token ids compared between source and converted model
 CHECK_TOLERANCE = 1e-4  # relative error of logits, fp32
+# Why the models built here take the plain-PyTorch path whatever compute.backend says (the log says it)
+REFERENCE_WHY = ("convert checks the written model's logits on it, whatever compute.backend says: the check "
+                 "is of the weights, which are the same on either path, and this path is independent of the "
+                 "mamba-ssm kernels that transformers' MambaForCausalLM calls on the GPU")
 
 
 class ConversionError(UserError, RuntimeError):
@@ -74,7 +78,7 @@ def convert(params: Params, out_dir: str | Path) -> dict:
     pre = params.pretrained
     # the architecture; the baseline is dense, so sparsity_target is not the checkpoint's business
     model_overrides = {k: v for k, v in params.model.to_dict().items() if k != "sparsity_target"}
-    with atomic_dir(out_dir) as tmp:
+    with kernels.reference_forced_by(REFERENCE_WHY), atomic_dir(out_dir) as tmp:
         if pre.use_pretrained:
             source = resolve_checkpoint_dir(pre.model_name)
             fmt, config = checkpoint_model_config(source, **model_overrides)

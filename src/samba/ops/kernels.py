@@ -11,6 +11,7 @@ back to the plain-PyTorch reference (``selective_scan.py``) otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -70,6 +71,18 @@ except Exception as err:  # ImportError, or a CUDA extension that fails to load
 
 BACKENDS = ("auto", "kernels", "reference")
 _announced: set[str] = set()
+_why_reference = ["forced by backend='reference'"]  # what the log says of a forced reference path
+
+
+@contextlib.contextmanager
+def reference_forced_by(why: str):
+    """Within, a model built with backend='reference' gives ``why`` in the log line of its path:
+    said by code that forces that path whatever compute.backend says (convert's logits check)."""
+    _why_reference.append(why)
+    try:
+        yield
+    finally:
+        _why_reference.pop()
 
 
 def kernels_available() -> bool:
@@ -85,7 +98,7 @@ def use_kernels(backend: str, is_cuda: bool) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
-        choice, why = False, "forced by backend='reference'"
+        choice, why = False, _why_reference[-1]
     elif not is_cuda:
         if backend == "kernels":
             raise RuntimeError("backend='kernels' needs CUDA tensors; the model is on the CPU")
