@@ -189,3 +189,17 @@ def test_export_command_refuses_in_one_line(tmp_path):
                          "--drop-sparsity"], capture_output=True, text=True, env=tool_env())
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "hf/config.json").is_file() and (tmp_path / "hf/readout.safetensors").is_file()
+
+
+def test_export_refuses_to_replace_a_directory_unless_forced(tmp_path):
+    _model().save_pretrained(tmp_path / "samba")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf/mine.txt").write_text("the user's")
+    command = [sys.executable, "-m", "samba.export", str(tmp_path / "samba"), str(tmp_path / "hf")]
+    proc = subprocess.run(command, capture_output=True, text=True, env=tool_env())
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"[export] error: {tmp_path / 'hf'} exists already; pass --force to replace it\n"
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["mine.txt"]
+    forced = subprocess.run(command + ["--force"], capture_output=True, text=True, env=tool_env())
+    assert forced.returncode == 0, forced.stderr
+    assert (tmp_path / "hf/config.json").is_file() and not (tmp_path / "hf/mine.txt").exists()

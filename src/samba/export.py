@@ -1,6 +1,6 @@
 """Export a Samba model to a transformers ``MambaForCausalLM`` directory.
 
-    python -m samba.export MODEL_DIR OUT_DIR [--drop-sparsity] [--data data/tokenized]
+    python -m samba.export MODEL_DIR OUT_DIR [--drop-sparsity] [--data data/tokenized] [--force]
 
 OUT_DIR holds what transformers reads (``config.json``, ``model.safetensors``, and the
 tokenizer files when the model recorded its tokenizer), so ``MambaForCausalLM.from_pretrained``
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 class ExportError(UserError, ValueError):
-    """The model computes something plain Mamba cannot represent."""
+    """The model computes something plain Mamba cannot represent, or the output exists already."""
 
 
 def transformers_config(model: Samba):
@@ -84,10 +84,13 @@ def sparsity_cost(model: Samba, data_dir: Path, seq_len: int = 512, max_windows:
 
 
 def export(model_dir: str | Path, out_dir: str | Path, drop_sparsity: bool = False,
-           data_dir: str | Path | None = None) -> dict:
-    """Write ``out_dir`` (replaced only when complete). Returns what was written and measured."""
+           data_dir: str | Path | None = None, force: bool = False) -> dict:
+    """Write ``out_dir``; an existing one is refused unless ``force``, and then replaced only
+    when the new one is complete. Returns what was written and measured."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     require_model_dir(model_dir, "train")
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} exists already; pass --force to replace it")
     model = Samba.from_pretrained(model_dir, backend="reference").eval()
     report: dict = {"sparsity_target": model.config.sparsity_target}
     if model.config.sparsity_target > 0:
@@ -127,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="export a model trained with model.sparsity_target > 0 without its sparsity")
     parser.add_argument("--data", default="data/tokenized",
                         help="tokenized data, to measure what dropping the sparsity costs (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     args = parser.parse_args(argv)
-    report = export(args.model_dir, args.out_dir, args.drop_sparsity, args.data)
+    report = export(args.model_dir, args.out_dir, args.drop_sparsity, args.data, force=args.force)
     print(f"wrote {args.out_dir}: {json.dumps(report)}")
 
 
