@@ -177,14 +177,15 @@ def test_generate_says_there_is_no_model_where_there_is_none(tmp_path):
                            "first (dvc repro train)\n")
 
 
-def test_export_command_refuses_in_one_line(tmp_path):
+def test_export_command_refuses_in_one_line(project, tmp_path):
     model = _model()
     model.set_sparsity_target(0.5)
     model.save_pretrained(tmp_path / "sparse")
-    proc = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "sparse"), str(tmp_path / "hf")],
-                          capture_output=True, text=True, env=tool_env())
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "[export] error:" in proc.stderr and "--drop-sparsity" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "sparse"), str(tmp_path / "hf"),
+                           "--data", str(project / "data")], capture_output=True, text=True, env=tool_env())
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr  # the cost measured, quietly
+    assert re.fullmatch(r"\[export\] error: .* \(test ppl [\d.]+ with it, [\d.]+ without, .*--drop-sparsity .*\n",
+                        proc.stderr), proc.stderr
     ok = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "sparse"), str(tmp_path / "hf"),
                          "--drop-sparsity"], capture_output=True, text=True, env=tool_env())
     assert ok.returncode == 0, ok.stderr

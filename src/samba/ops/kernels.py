@@ -72,6 +72,7 @@ except Exception as err:  # ImportError, or a CUDA extension that fails to load
 BACKENDS = ("auto", "kernels", "reference")
 _announced: set[str] = set()
 _why_reference = ["forced by backend='reference'"]  # what the log says of a forced reference path
+_quiet = [False]
 
 
 @contextlib.contextmanager
@@ -83,6 +84,17 @@ def reference_forced_by(why: str):
         yield
     finally:
         _why_reference.pop()
+
+
+@contextlib.contextmanager
+def unannounced():
+    """Within, the path is chosen without its log line (said at the next call outside): for a
+    measurement whose path is no news, before a refusal that must be the only line printed."""
+    _quiet.append(True)
+    try:
+        yield
+    finally:
+        _quiet.pop()
 
 
 def kernels_available() -> bool:
@@ -114,7 +126,7 @@ def use_kernels(backend: str, is_cuda: bool) -> bool:
         choice, why = True, "CUDA tensors and kernels available"
     message = ("Mamba mixer: mamba-ssm CUDA kernels" if choice
                else "Mamba mixer: plain-PyTorch reference scan") + f" ({why})"
-    if message not in _announced:
+    if message not in _announced and not _quiet[-1]:
         _announced.add(message)
         logger.info(message)
     return choice
