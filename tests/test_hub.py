@@ -1,15 +1,82 @@
-"""The reachability check of the Hugging Face Hub, through a proxy."""
+"""The Hugging Face route: the cache the libraries read offline, one token stream from local
+files and from the Hub's rows, and the reachability check through a proxy."""
 
 from __future__ import annotations
 
+import json
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from samba.config import DatasetConfig
+from samba.data import load_split, prepare_tokens, read_split_lines
 from samba.hub import HubUnavailableError, hub_reachable, require_hub
+
+from conftest import WIKITEXT_FILES, tool_env
+
+
+def test_the_hub_cache_is_what_huggingface_hub_reads(hf_cache):
+    # the layout add_to_hub_cache writes by hand, read back by huggingface_hub itself
+    from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download
+
+    hub, local, defaults = hf_cache["hf_home"] / "hub", hf_cache["local"], hf_cache["defaults"]
+    scanned = {repo.repo_id: repo for repo in scan_cache_dir(hub).repos}
+    tokenizer_id, model_id = defaults["dataset"]["tokenizer"], defaults["pretrained"]["model_name"]
+    assert set(scanned) == {tokenizer_id, model_id}
+    assert all(r.repo_type == "model" and {"main"} == {ref for rev in r.revisions for ref in rev.refs}
+               for r in scanned.values())
+    got = hf_hub_download(tokenizer_id, "tokenizer.json", cache_dir=hub, local_files_only=True)
+    assert Path(got).read_bytes() == (local / "tokenizer/tokenizer.json").read_bytes()
+    snapshot = Path(snapshot_download(model_id, cache_dir=hub, local_files_only=True,
+                                      allow_patterns=["config.json", "*.safetensors"]))
+    for name in ("config.json", "model.safetensors"):
+        assert (snapshot / name).read_bytes() == (local / "mamba" / name).read_bytes()
+
+
+HUB_ROUTE = """
+import json, sys
+from samba.config import DatasetConfig
+from samba.data import prepare_tokens, read_split_lines
+dataset = DatasetConfig(**json.loads(sys.argv[1]))
+lines, source = read_split_lines(dataset)
+prepare_tokens(dataset, sys.argv[2])
+print(json.dumps({"lines": lines, "source": source}))
+"""
+
+
+def test_local_files_and_hub_rows_give_one_token_stream(hf_cache, tmp_path):
+    # The Hub route (datasets.load_dataset("wikitext", ...) and the tokenizer from the hub cache,
+    # offline, in a process of its own as the stage runs it) against the local route over the
+    # raw files the cached rows were made from: the same lines, the same token ids.
+    local = hf_cache["local"]
+    proc = subprocess.run([sys.executable, "-c", HUB_ROUTE, json.dumps(hf_cache["defaults"]["dataset"]),
+                           str(tmp_path / "hub")], capture_output=True, text=True, timeout=300,
+                          env=tool_env(**hf_cache["env"], HF_ENDPOINT="http://127.0.0.1:9"))
+    assert proc.returncode == 0, proc.stderr
+    hub = json.loads(proc.stdout.splitlines()[-1])
+    assert hub["source"] == "hub:wikitext/wikitext-2-raw-v1"
+    assert hub["lines"] == hf_cache["rows"]  # what the datasets cache holds, unchanged
+    dataset = DatasetConfig(name=str(local / "corpus"), tokenizer=str(local / "tokenizer"))
+    lines, _ = read_split_lines(dataset)
+    assert lines == hub["lines"]
+    prepare_tokens(dataset, tmp_path / "local")
+    for split in ("train", "validation", "test"):
+        ids = load_split(tmp_path / "local", split)
+        assert np.array_equal(ids, load_split(tmp_path / "hub", split)), split
+    # the files do hold WikiText's blank lines, which tokenize to something when kept as " \n"
+    from tokenizers import Tokenizer
+
+    raw = (local / "corpus" / WIKITEXT_FILES["test"]).read_text()
+    tok = Tokenizer.from_file(str(local / "tokenizer/tokenizer.json"))
+    kept = sum(len(e.ids) for e in tok.encode_batch(raw.splitlines(keepends=True), add_special_tokens=False))
+    assert raw.count(" \n \n") > 5 and kept > len(load_split(tmp_path / "local", "test"))
 
 
 # ----------------------------------------------------------------------------- proxies
