@@ -1,5 +1,5 @@
 """The pipeline as users run it, under DVC: on the default Hub ids, served offline from a
-Hugging Face cache."""
+Hugging Face cache; and with relative local paths in a `dvc exp run --temp` workspace."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from samba.config import Params
 from samba.convert import convert
 from samba.data import prepare_tokens
 
-from conftest import dvc, make_pipeline_repo, tiny_params, tool_env
+from conftest import dvc, make_pipeline_repo, sh, tiny_params, tool_env
 
 pytestmark = pytest.mark.e2e
 SPLITS = ("train", "validation", "test")
@@ -52,3 +52,22 @@ def test_repro_on_the_default_hub_ids_from_the_cache(hf_cache, tmp_path):
     prepare_tokens(local_params.dataset, tmp_path / "data")
     convert(local_params, tmp_path / "init")
     assert_same_outputs(repo / "data/tokenized", repo / "models/init", tmp_path / "data", tmp_path / "init")
+
+
+def test_relative_paths_in_a_temp_experiment(sources, project, tmp_path_factory):
+    # dvc exp run --temp runs the stages in <repo>/.dvc/tmp/exps/...; paths written relative to
+    # the repository (../sources/corpus) must still name the files beside the repository.
+    root = tmp_path_factory.mktemp("relative")
+    repo_dir = root / "repo"
+    (root / "sources").symlink_to(sources)
+    params = tiny_params(sources)
+    params["dataset"].update(name="../sources/corpus", tokenizer="../sources/tokenizer")
+    params["pretrained"]["model_name"] = "../sources/mamba"
+    repo = make_pipeline_repo(repo_dir, params)
+    dvc("exp", "run", "--temp", "-n", "relative", "prepare", "convert", cwd=repo)
+    assert not (repo / "data").exists()  # it ran elsewhere, not in the workspace
+    dvc("exp", "branch", "relative", "relative-branch", cwd=repo)  # its prepare and convert outputs
+    sh("git", "checkout", "-q", "relative-branch", cwd=repo)
+    dvc("checkout", "prepare", "convert", cwd=repo)
+    assert_same_outputs(repo / "data/tokenized", repo / "models/init", project / "data", project / "init")
+    assert json.loads((repo / "data/tokenized/meta.json").read_text())["dataset"] == "../sources/corpus"

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .config import DatasetConfig
 from .hub import download_file, require_hub
 from .io import atomic_dir
+from .paths import resolve_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +76,13 @@ def read_text_lines(path: Path) -> list[str]:
 def read_split_lines(dataset: DatasetConfig) -> tuple[dict[str, list[str]], str]:
     """Lines of text per split, in the Hub's convention (``hub_line_convention``), and a
     description of the source."""
-    path = Path(dataset.name).expanduser()
+    path = resolve_local_path(dataset.name)
     if path.is_dir():
         files = local_split_files(path)
         lines = {s: hub_line_convention(read_text_lines(f)) for s, f in files.items()}
         return lines, ", ".join(f"{s}={f}" for s, f in files.items())
     if path.exists() or _path_like(dataset.name):
-        raise DataError(f"dataset.name: {dataset.name} is not a directory; a local dataset is a "
+        raise DataError(f"dataset.name: {path} is not a directory; a local dataset is a "
                         f"directory holding {[n[0] for n in LOCAL_FILES.values()]}")
     require_hub(dataset.name, "dataset")
     import datasets
@@ -102,14 +103,14 @@ def load_tokenizer(spec: str):
     """A ``tokenizers.Tokenizer`` from a tokenizer.json file, a directory holding one, or a Hub id."""
     from tokenizers import Tokenizer
 
-    path = Path(spec).expanduser()
+    path = resolve_local_path(spec)
     if path.is_dir():
         path = path / "tokenizer.json"
         if not path.is_file():
             raise DataError(f"dataset.tokenizer: {spec} has no tokenizer.json")
     elif not path.is_file():
         if _path_like(spec):
-            raise DataError(f"dataset.tokenizer: {spec} does not exist")
+            raise DataError(f"dataset.tokenizer: {path} does not exist")
         path = download_file(spec, "tokenizer.json", "tokenizer")
     try:
         return Tokenizer.from_file(str(path))
