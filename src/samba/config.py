@@ -162,6 +162,16 @@ class DatasetConfig(Section):
     name: str = "wikitext"
     config_name: str = "wikitext-2-raw-v1"
     tokenizer: str = "EleutherAI/gpt-neox-20b"
+    # [start, end): the part of the train split to keep, as fractions of its tokens, cut at
+    # article boundaries (data.cut_articles); validation and test are never cut.
+    train_range: tuple[float, ...] = (0.0, 1.0)
+
+    def __post_init__(self):
+        _require(len(self.train_range) == 2, "train_range",
+                 f"must be [start, end], two fractions, got {list(self.train_range)}")
+        start, end = self.train_range
+        _require(0 <= start < end <= 1, "train_range",
+                 f"must be [start, end] with 0 <= start < end <= 1, got {list(self.train_range)}")
 
 
 @dataclass(frozen=True)
