@@ -12,7 +12,7 @@ from samba.config import DatasetConfig
 from samba.data import DataError, TokenWindows, load_split, prepare_tokens, token_dtype
 from samba.hub import HubUnavailableError
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, wiki_corpus
 
 
 def test_windows_follow_the_protocol():
@@ -101,26 +101,6 @@ def test_real_wikitext2_with_the_mamba_tokenizer(tmp_path):
     ids = load_split(tmp_path / "out", "test")
     assert tok.decode(ids.tolist()) == (SHARED_DATA / "wikitext-2-raw/wiki.test.raw").read_text()
     assert ids.max() < 50277
-
-
-def wiki_corpus(directory, articles: int = 9, seed: int = 0):
-    """A WikiText-shaped corpus: articles opened by ' = Title = ' lines, with sections and blank lines."""
-    import random
-
-    from conftest import make_corpus
-
-    make_corpus(directory, seed)
-    rng = random.Random(seed)
-    words = (directory / "train.txt").read_text().split()
-    lines = [" \n"]
-    for a in range(articles):
-        lines += [f" = Article {a} = \n", " \n"]
-        for s in range(rng.randint(1, 3)):
-            lines += [f" = = Section {s} = = \n", " \n"]
-            lines += [" " + " ".join(rng.choice(words) for _ in range(rng.randint(8, 60))) + " \n"
-                      for _ in range(rng.randint(1, 4))]
-    (directory / "train.txt").write_text("".join(lines))
-    return directory
 
 
 def test_train_range_cuts_between_articles(sources, tmp_path):
