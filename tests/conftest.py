@@ -95,6 +95,22 @@ def make_corpus(directory: Path, seed: int = 0, lines: tuple[int, int, int] = (6
     return directory
 
 
+def wiki_corpus(directory, articles: int = 9, seed: int = 0):
+    """A WikiText-shaped corpus: articles opened by ' = Title = ' lines, with sections and blank lines."""
+    make_corpus(directory, seed)
+    rng = random.Random(seed)
+    words = (directory / "train.txt").read_text().split()
+    lines = [" \n"]
+    for a in range(articles):
+        lines += [f" = Article {a} = \n", " \n"]
+        for s in range(rng.randint(1, 3)):
+            lines += [f" = = Section {s} = = \n", " \n"]
+            lines += [" " + " ".join(rng.choice(words) for _ in range(rng.randint(8, 60))) + " \n"
+                      for _ in range(rng.randint(1, 4))]
+    (directory / "train.txt").write_text("".join(lines))
+    return directory
+
+
 def make_tokenizer(corpus: Path, directory: Path, vocab_size: int = 200, train_file: str = "train.txt") -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

@@ -335,6 +335,69 @@ def test_graphed_training_equals_eager(sources, tmp_path, target):
     assert la == pytest.approx(lb, rel=1e-3)
 
 
+def test_graphed_distillation_equals_eager(sources, tmp_path, caplog):
+    """Distillation (KL and chunk MSE to a teacher, the teacher's forward without gradients)
+    inside the captured training step: captured, and the same weights and curves as eager."""
+    import csv
+    import logging
+
+    from safetensors.torch import load_file
+
+    from samba.config import Params
+    from samba.convert import convert
+    from samba.data import prepare_tokens
+    from samba.train import train
+
+    data = _gpu_params(tmp_path, sources, lr=2.0e-3, distill_weight=1.0, distill_chunk_weight=0.5)
+    data["compute"]["precision"] = "fp32"
+    data["model"]["sparsity_target"] = 0.5
+    params = Params.from_dict(data, require_all=True)
+    prepare_tokens(params.dataset, tmp_path / "data")
+    convert(params, tmp_path / "init")
+    data["training"]["teacher"] = str(tmp_path / "teacher")
+    convert(Params.from_dict({**data, "training": {**data["training"], "seed": 9}}, require_all=True),
+            tmp_path / "teacher")  # another random init: a teacher that disagrees
+    results = {}
+    for graphs in (True, False):
+        data["compute"]["cuda_graphs"] = graphs
+        where = tmp_path / str(graphs)
+        with caplog.at_level(logging.INFO, logger="samba"):
+            caplog.clear()
+            train(Params.from_dict(data, require_all=True), tmp_path / "data", tmp_path / "init", where / "out",
+                  where / "metrics", where / "ckpt")
+        if graphs:
+            assert "training step captured as a CUDA graph" in caplog.text and "capture failed" not in caplog.text
+        with open(where / "metrics/plots/metrics/train/distill.tsv") as f:
+            kl = [float(r["distill"]) for r in csv.DictReader(f, delimiter="\t")]
+        results[graphs] = load_file(where / "out/model.safetensors"), kl
+    (wa, ka), (wb, kb) = results[True], results[False]
+    worst = max(relative_error(wa[k], wb[k]) for k in wa if wb[k].norm() > 0)
+    print(f"graphed vs eager distillation: worst weight rel err {worst:.2e}; KL {ka[0]:.4f} -> {ka[-1]:.4f}")
+    assert worst < 1e-3
+    assert ka == pytest.approx(kb, rel=1e-3) and ka[-1] < ka[0]  # the student moves towards its teacher
+
+
+def test_linear_kl_divergence_bf16_matches_full_logits():
+    """The sliced KL under bf16 autocast against fp64 full logits of the same bf16-rounded operands."""
+    from samba.ops import linear_kl_divergence
+
+    hidden, weight, _ = _head_case(seed=13)
+    t_hidden, t_weight, _ = _head_case(seed=14)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        ours = linear_kl_divergence(h, w, t_hidden, t_weight, slice_tokens=128)
+    (2.0 * ours).backward()
+    hr, wr = hidden.bfloat16().double().requires_grad_(), weight.bfloat16().double().requires_grad_()
+    log_ps = torch.log_softmax(hr @ wr.t(), -1)
+    log_pt = torch.log_softmax(t_hidden.bfloat16().double() @ t_weight.bfloat16().double().t(), -1)
+    ref = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    (2.0 * ref).backward()
+    errs = [relative_error(ours.double(), ref), relative_error(h.grad.double(), hr.grad),
+            relative_error(w.grad.double(), wr.grad)]
+    print("linear KL bf16: loss, d(hidden), d(weight) rel err " + ", ".join(f"{e:.1e}" for e in errs))
+    assert errs[0] < 1e-3 and errs[1] < 2e-2 and errs[2] < 2e-2
+
+
 def test_graphed_evaluation_equals_eager(sources):
     from samba.data import TokenWindows
     from samba.evaluate import evaluate_model

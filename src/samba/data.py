@@ -6,12 +6,17 @@ the tokenizer's batch encoder and the ids concatenated in order; no extra tokens
 Lines follow the Hub's WikiText rows whatever the source (``read_split_lines``): a line of
 only whitespace is empty (no tokens), every other line keeps its newline; so local files and
 the Hub's rows of the same text give one token stream.
+
+``dataset.train_range`` keeps part of the train split, cut between articles (WikiText's
+`` = Title = `` heading lines), never inside one: a model pretrained on one part can then be
+fine-tuned on text it has never seen. Validation and test are never cut.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,13 +127,45 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def encode_lines(tokenizer, lines: list[str], desc: str, batch_lines: int = 4096) -> np.ndarray:
-    """Batch-encode lines (in parallel inside tokenizers) and concatenate the ids."""
+def encode_lines(tokenizer, lines: list[str], desc: str, batch_lines: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Batch-encode lines (in parallel inside tokenizers) and concatenate the ids. Also returns
+    where each line starts in the ids: (len(lines) + 1,) offsets, the last one len(ids)."""
     pieces = []
     for start in tqdm(range(0, len(lines), batch_lines), desc=desc, unit="batch", leave=False):
         encodings = tokenizer.encode_batch(lines[start:start + batch_lines], add_special_tokens=False)
         pieces.extend(np.asarray(e.ids, dtype=np.int64) for e in encodings)
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum([len(p) for p in pieces], dtype=np.int64)])
+    return (np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)), starts
+
+
+# A WikiText article opens with a level-1 heading line, " = Title = "; sections are " = = ... = = ".
+ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+def article_starts(lines: list[str]) -> list[int]:
+    """Indices of the lines that open an article; 0 always (text before the first heading
+    belongs to the first article)."""
+    heads = [i for i, line in enumerate(lines) if ARTICLE_HEADING.match(line.rstrip("\r\n"))]
+    return [0] + heads[1:]
+
+
+def split_articles(lines: list[str]) -> list[str]:
+    """The text of each article (its lines joined), in order."""
+    bounds = article_starts(lines) + [len(lines)]
+    return ["".join(lines[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def cut_articles(line_starts: np.ndarray, lines: list[str], train_range) -> tuple[int, int]:
+    """The token span [lo, hi) of the split that ``train_range`` (fractions of its tokens) keeps,
+    each end moved to the article boundary nearest to it. The same fraction always gives the
+    same boundary, so [0, f] and [f, 1] are contiguous, disjoint and together the whole split."""
+    bounds = np.unique(np.concatenate([line_starts[article_starts(lines)], [line_starts[-1]]]))
+    total = int(line_starts[-1])
+    lo, hi = (int(bounds[np.abs(bounds - f * total).argmin()]) for f in train_range)
+    if hi <= lo:
+        raise DataError(f"dataset.train_range: {list(train_range)} keeps no whole article of the train split "
+                        f"({len(bounds) - 1} article(s), {total} tokens; articles open with ' = Title = ' lines)")
+    return lo, hi
 
 
 def prepare_tokens(dataset: DatasetConfig, out_dir: str | Path) -> dict:
@@ -142,7 +179,14 @@ def prepare_tokens(dataset: DatasetConfig, out_dir: str | Path) -> dict:
             "tokens": {}}
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
-            ids = encode_lines(tokenizer, lines[split], desc=f"tokenize {split}")
+            ids, line_starts = encode_lines(tokenizer, lines[split], desc=f"tokenize {split}")
+            if split == "train" and tuple(dataset.train_range) != (0.0, 1.0):
+                lo, hi = cut_articles(line_starts, lines[split], dataset.train_range)
+                meta["train_range"] = {"fractions": list(dataset.train_range), "tokens": [lo, hi],
+                                       "of": len(ids)}
+                logger.info("train: tokens [%d, %d) of %d kept (train_range %s, cut between articles)",
+                            lo, hi, len(ids), list(dataset.train_range))
+                ids = ids[lo:hi]
             if len(ids) == 0:
                 raise DataError(f"the {split} split is empty after tokenization")
             ids.astype(dtype).tofile(tmp / f"{split}.bin")
