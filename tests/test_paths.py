@@ -54,3 +54,12 @@ def test_a_dataset_outside_the_repository_is_found_from_a_workspace(workspace, s
     assert "/repo/../shared/corpus/test.txt" in description
     with pytest.raises(DataError, match=r"dataset.name: .*/repo/\.\./shared/nowhere is not a directory"):
         read_split_lines(DatasetConfig(name="../shared/nowhere"))
+
+
+def test_a_teacher_outside_the_repository_is_found_from_a_workspace(workspace):
+    from samba.distill import require_teacher
+
+    teacher = workspace.parents[5] / "shared/teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    assert require_teacher("../shared/teacher").resolve() == teacher

@@ -26,6 +26,7 @@ import torch
 from .checkpoint import SAMBA_FORMAT, CheckpointError, detect_format, read_config
 from .config import ConfigError, ModelConfig
 from .model import Samba
+from .paths import resolve_local_path
 
 PART_NAMES = ("distill", "distill_chunk")
 
@@ -74,8 +75,9 @@ def distilling(training) -> bool:
 
 
 def require_teacher(path: str | Path) -> Path:
-    """``training.teacher`` must be a model directory (checked before any work)."""
-    path = Path(path)
+    """``training.teacher`` must be a model directory (checked before any work); a relative one
+    read as ``paths.resolve_local_path`` says. Returns the directory."""
+    path = resolve_local_path(str(path))
     if not path.is_dir():
         raise CheckpointError(f"training.teacher: {path} is not a directory (a model directory: "
                               "models/init for the baseline, a Samba directory, or a Mamba checkpoint)")
