@@ -3,6 +3,7 @@ and pipeline repositories, all made on the spot (nothing is downloaded)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -36,6 +37,19 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.device))
+
+
+def count_slice_calls(monkeypatch) -> dict[str, int]:
+    """Count the sliced cross-entropy's per-slice calls: 'grad' (loss and d(logits), the work
+    that builds d(hidden) and d(weight)) and 'nll' (loss only)."""
+    module = importlib.import_module("samba.ops.linear_cross_entropy")  # the package exports the function
+    calls = {"grad": 0, "nll": 0}
+    for key, name in (("grad", "_slice_nll_and_grad"), ("nll", "_slice_nll")):
+        def counted(*args, _key=key, _real=getattr(module, name)):
+            calls[_key] += 1
+            return _real(*args)
+        monkeypatch.setattr(module, name, counted)
+    return calls
 
 
 def make_transformers_mamba(seed: int = 0, **overrides):

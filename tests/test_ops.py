@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from samba.ops import linear_cross_entropy, linear_kl_divergence, linear_nll_and_correct, selective_scan_reference
 from samba.ops.selective_scan import _prefix_scan
 
+from conftest import count_slice_calls
+
 
 def naive_selective_scan(u, delta, A, B, C, D, z, delta_bias):
     """One token at a time, straight from the recurrence (Mamba paper, Algorithm 2)."""
@@ -119,6 +121,24 @@ def test_linear_kl_divergence_of_a_model_to_itself_is_zero_and_refuses_mismatche
         linear_kl_divergence(hidden, weight, hidden[:5], weight)
     with pytest.raises(ValueError, match="do not match"):
         linear_kl_divergence(hidden, weight, hidden, weight[:10])
+
+
+def test_linear_cross_entropy_computes_gradients_only_when_autograd_uses_them(monkeypatch):
+    # Under no_grad the inputs still require grad (ctx.needs_input_grad stays True), yet
+    # nothing will call backward: every slice must take the loss-only path, same value.
+    calls = count_slice_calls(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 11, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 37, (2, 11), generator=g)
+    ref = F.cross_entropy((hidden @ weight.t()).view(-1, 37), targets.view(-1)).detach()
+    with torch.no_grad():
+        ours = linear_cross_entropy(hidden, weight, targets, slice_tokens=5)  # 5 slices
+    assert calls == {"grad": 0, "nll": 5} and not ours.requires_grad
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    calls.update(grad=0, nll=0)  # grad mode on: every slice gives its share of the gradient
+    linear_cross_entropy(hidden, weight, targets, slice_tokens=5).backward()
+    assert calls == {"grad": 5, "nll": 0} and hidden.grad is not None and weight.grad is not None
 
 
 def test_linear_cross_entropy_rejects_mismatched_targets():

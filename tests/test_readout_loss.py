@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from samba import ModelConfig, Samba
-from samba.loss import samba_loss
+from samba.loss import PART_NAMES, SambaObjective, samba_loss
+from samba.train import training_step
 
-from conftest import perturb_
+from conftest import count_slice_calls, perturb_
 
 CFG = ModelConfig(vocab_size=50, d_model=16, n_layers=6, d_state=4, d_conv=4, expand_factor=2,
                   readout_hidden_dim=12, readout_stride=2)
@@ -109,6 +110,28 @@ def test_zero_weights_give_plain_next_token_cross_entropy(model):
             assert n not in grads or grads[n].abs().max() == 0
         else:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_zero_weight_term_is_reported_without_gradient_work(model, monkeypatch):
+    # readout_weight 0 and pruning_weight 0 in a training step, the readout left trainable (the
+    # train stage also freezes it): its CE and the penalty are computed for the log only, so the
+    # sliced CE makes the main head's gradient and no other; the reported values are exact.
+    calls = count_slice_calls(monkeypatch)
+    ids, targets = _batch(seed=4)
+    with torch.no_grad():
+        out = model(ids)
+    expected = {"main_ce": F.cross_entropy(out.logits.reshape(-1, 50), targets.reshape(-1)),
+                "readout_ce": F.cross_entropy(out.readout_logits.reshape(-1, 50), targets.reshape(-1)),
+                "penalty": _hand_penalty(out.chunk_outputs, "hoyer")}
+    expected["loss"] = expected["main_ce"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = training_step(SambaObjective(model, 0.0, 0.0, "hoyer"), optimizer, list(model.parameters()),
+                         1.0, torch.device("cpu"), None)
+    values = step(ids, targets)
+    assert calls == {"grad": 1, "nll": 1}  # main head: loss and gradient; readout: loss only
+    for name, value in zip(PART_NAMES, values):
+        torch.testing.assert_close(value, expected[name].float(), rtol=1e-5, atol=1e-6, msg=name)
+    assert all(p.grad is None for p in model.readout.parameters())
 
 
 def test_gradients_reach_every_trainable_parameter(model):

@@ -2,7 +2,7 @@
 
 A 16 x 512 batch over a 50,280-token vocabulary has 412M logits: 1.6 GB in fp32, and the
 same again for their gradient. Here the tokens are processed in slices; each slice's logits
-live only long enough to give its loss and, when gradients are needed, its share of
+live only long enough to give its loss and, when autograd will use them, its share of
 d(hidden) and d(weight), which are computed right away (so backward costs no recompute).
 On CUDA the train stage compiles each slice's softmax work (``compute.compile``, the default)
 into two fused passes; the CPU runs the same code eagerly.
@@ -262,6 +262,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     compute_dtype = _compute_dtype(hidden, weight)
     if slice_tokens is None:
         slice_tokens = max(1, MAX_SLICE_ELEMENTS // weight.shape[0])
+    if not torch.is_grad_enabled():
+        # forward picks its work from ctx.needs_input_grad, which says whether an input requires
+        # grad, not whether autograd will use it: under no_grad (a term computed only to be
+        # reported) it stays True, and d(hidden) and d(weight) would be made for nothing.
+        hidden, weight = hidden.detach(), weight.detach()
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, slice_tokens, compiled)
 
