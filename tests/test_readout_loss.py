@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from samba import ModelConfig, Samba
 from samba.loss import PART_NAMES, SambaObjective, samba_loss
+from samba.sparsity import PENALTIES
 from samba.train import training_step
 
 from conftest import count_slice_calls, perturb_
@@ -110,6 +111,45 @@ def test_zero_weights_give_plain_next_token_cross_entropy(model):
             assert n not in grads or grads[n].abs().max() == 0
         else:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("penalty", ["l1", "hoyer"])
+def test_penalty_is_taken_on_the_dense_chunk_outputs_before_top_k(model, penalty):
+    # The penalty sees each chunk's output before top-k zeroes its smallest entries, so that it
+    # pushes exactly those entries towards 0. Taken after top-k it would see other numbers, and
+    # no gradient would reach the dropped entries (d/dx of x * mask is the mask).
+    model.set_sparsity_target(0.5)  # 8 of 16 entries zeroed per token, training's device-tensor path
+    ids, targets = _batch()
+    seen = []  # each chunk's output as the model made it, its gradient kept
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        seen.append(out)
+
+    hooks = [chunk.register_forward_hook(keep) for chunk in model.chunks]
+    parts = samba_loss(model, ids, targets, readout_weight=0.0, pruning_weight=1.0, penalty=penalty)
+    for hook in hooks:
+        hook.remove()
+    parts.penalty.backward()
+    # by hand: chunk by chunk, the 8 smallest |x| zeroed by sorting before the next chunk
+    with torch.no_grad():
+        x, dense, sparse = model.embedding(ids).float(), [], []
+        for chunk in model.chunks:
+            x = chunk(x)
+            dense.append(x)
+            x = x.scatter(-1, x.abs().argsort(dim=-1, stable=True)[..., :8], 0.0)
+            sparse.append(x)
+    on_dense, on_sparse = PENALTIES[penalty](dense), PENALTIES[penalty](sparse)
+    torch.testing.assert_close(parts.penalty.detach(), on_dense, rtol=1e-6, atol=0)
+    assert (on_dense - on_sparse).abs() > 0.05 * on_dense  # the two places give different numbers
+    # a dropped entry's gradient is the penalty's own (nothing downstream sees it): not 0
+    leaves = [d.clone().requires_grad_() for d in dense]
+    direct = torch.autograd.grad(PENALTIES[penalty](leaves), leaves)
+    for c, (out, s, d) in enumerate(zip(seen, sparse, direct)):
+        dropped = s == 0
+        assert int(dropped.sum()) == 8 * s.shape[0] * s.shape[1], c
+        assert (d[dropped] != 0).all(), c
+        torch.testing.assert_close(out.grad[dropped], d[dropped], rtol=1e-5, atol=1e-12, msg=f"chunk {c}")
 
 
 def test_a_zero_weight_term_is_reported_without_gradient_work(model, monkeypatch):
