@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from samba import ModelConfig, Samba
 from samba.loss import PART_NAMES, SambaObjective, samba_loss
 from samba.sparsity import PENALTIES
-from samba.train import training_step
+from samba.config import TrainingConfig
+from samba.train import training_objective, training_step
 
 from conftest import count_slice_calls, perturb_
 
@@ -172,6 +173,22 @@ def test_a_zero_weight_term_is_reported_without_gradient_work(model, monkeypatch
     for name, value in zip(PART_NAMES, values):
         torch.testing.assert_close(value, expected[name].float(), rtol=1e-5, atol=1e-6, msg=name)
     assert all(p.grad is None for p in model.readout.parameters())
+
+
+def test_the_stage_objective_freezes_an_unweighted_readout_and_still_reports_it(model):
+    # train.training_objective (what the train stage and benchmarks/train_step.py build)
+    ids, targets = _batch(seed=5)
+    with torch.no_grad():
+        readout = F.cross_entropy(model(ids).readout_logits.reshape(-1, 50), targets.reshape(-1))
+    training_objective(model, TrainingConfig(readout_weight=0.5))
+    assert all(p.requires_grad for p in model.parameters())
+    objective = training_objective(model, TrainingConfig(readout_weight=0.0, pruning_weight=0.05,
+                                                         pruning_penalty="l1"))
+    assert (objective.readout_weight, objective.pruning_weight, objective.penalty) == (0.0, 0.05, "l1")
+    for name, p in model.named_parameters():
+        assert p.requires_grad != name.startswith("readout."), name
+    total, values = objective(ids, targets)
+    torch.testing.assert_close(values[2], readout, rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_reach_every_trainable_parameter(model):

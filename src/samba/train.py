@@ -82,6 +82,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def training_objective(model: Samba, t, teacher: Teacher | None = None) -> SambaObjective:
+    """The train stage's objective for ``model`` under the training section ``t`` and ``teacher``
+    (``load_teacher``); the benchmark builds its step from it too. At readout_weight 0 nothing
+    trains the readout: it is frozen (no gradient, no weight decay), and its CE is still
+    computed, forward only, for the log. Call it before making the optimizer."""
+    if t.readout_weight == 0:
+        model.readout.requires_grad_(False)
+    return SambaObjective(model, t.readout_weight, t.pruning_weight, t.pruning_penalty, teacher=teacher,
+                          distill_weight=t.distill_weight, distill_chunk_weight=t.distill_chunk_weight)
+
+
 def make_optimizer(model: Samba, t, device: torch.device, graphs: bool) -> torch.optim.AdamW:
     """AdamW (fused on CUDA); under CUDA graphs ``capturable`` with a device-tensor learning rate
     that the captured step reads and the host sets before each replay."""
@@ -184,8 +195,6 @@ class Trainer:
         check_vocab(meta, self.model.config.vocab_size)
         if params.pretrained.freeze_backbone:
             self.model.freeze_backbone()
-        if t.readout_weight == 0:  # nothing trains the readout: no gradient, no weight decay
-            self.model.readout.requires_grad_(False)
         self.model.to(device).train()
         if params.compute.compile and device.type == "cuda":  # Inductor on the CPU is slow to build, for little
             self.model.compile_parts()
@@ -204,14 +213,12 @@ class Trainer:
             self.total_steps = min(self.total_steps, t.max_steps)
 
         self.graphs = graphs_wanted(params.compute.cuda_graphs, device)
+        # before the optimizer: at readout_weight 0 it freezes the readout
+        self.objective = training_objective(self.model, t, load_teacher(params, device))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, t, device, self.graphs)
-        teacher = load_teacher(params, device)
-        self.objective = SambaObjective(self.model, t.readout_weight, t.pruning_weight, t.pruning_penalty,
-                                        teacher=teacher, distill_weight=t.distill_weight,
-                                        distill_chunk_weight=t.distill_chunk_weight)
-        objective = self._data_parallel(self.objective)
-        step = training_step(objective, self.optimizer, self.trainable, t.grad_clip, device, self.dtype)
+        step = training_step(self._data_parallel(self.objective), self.optimizer, self.trainable, t.grad_clip,
+                             device, self.dtype)
         # DDP must have run 11 eager iterations before its backward is captured.
         self.step_fn = GraphedCallable(step, enabled=self.graphs, warmup=11 if ctx.distributed else 3,
                                        name="training step")
