@@ -39,12 +39,12 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
             p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.device))
 
 
-def count_slice_calls(monkeypatch) -> dict[str, int]:
-    """Count the sliced cross-entropy's per-slice calls: 'grad' (loss and d(logits), the work
-    that builds d(hidden) and d(weight)) and 'nll' (loss only)."""
+def count_slice_calls(monkeypatch, kind: str = "nll") -> dict[str, int]:
+    """Count the per-slice calls of a sliced head loss, ``kind`` nll (cross-entropy) or kl:
+    'grad' (loss and d(logits), the work that builds d(hidden) and d(weight)) and 'loss' (only)."""
     module = importlib.import_module("samba.ops.linear_cross_entropy")  # the package exports the function
-    calls = {"grad": 0, "nll": 0}
-    for key, name in (("grad", "_slice_nll_and_grad"), ("nll", "_slice_nll")):
+    calls = {"grad": 0, "loss": 0}
+    for key, name in (("grad", f"_slice_{kind}_and_grad"), ("loss", f"_slice_{kind}")):
         def counted(*args, _key=key, _real=getattr(module, name)):
             calls[_key] += 1
             return _real(*args)

@@ -134,11 +134,30 @@ def test_linear_cross_entropy_computes_gradients_only_when_autograd_uses_them(mo
     ref = F.cross_entropy((hidden @ weight.t()).view(-1, 37), targets.view(-1)).detach()
     with torch.no_grad():
         ours = linear_cross_entropy(hidden, weight, targets, slice_tokens=5)  # 5 slices
-    assert calls == {"grad": 0, "nll": 5} and not ours.requires_grad
+    assert calls == {"grad": 0, "loss": 5} and not ours.requires_grad
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
-    calls.update(grad=0, nll=0)  # grad mode on: every slice gives its share of the gradient
+    calls.update(grad=0, loss=0)  # grad mode on: every slice gives its share of the gradient
     linear_cross_entropy(hidden, weight, targets, slice_tokens=5).backward()
-    assert calls == {"grad": 5, "nll": 0} and hidden.grad is not None and weight.grad is not None
+    assert calls == {"grad": 5, "loss": 0} and hidden.grad is not None and weight.grad is not None
+
+
+def test_linear_kl_divergence_computes_gradients_only_when_autograd_uses_them(monkeypatch):
+    # as for the cross-entropy: a KL computed under no_grad (distill_weight 0 with a teacher,
+    # reported only) takes the loss-only path in every slice, same value
+    calls = count_slice_calls(monkeypatch, "kl")
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 11, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(2, 11, 6, generator=g, dtype=torch.float64)
+    teacher_weight = torch.randn(37, 6, generator=g, dtype=torch.float64)
+    ref = _kl_reference(hidden.detach(), weight.detach(), teacher_hidden, teacher_weight)
+    with torch.no_grad():
+        ours = linear_kl_divergence(hidden, weight, teacher_hidden, teacher_weight, slice_tokens=5)
+    assert calls == {"grad": 0, "loss": 5} and not ours.requires_grad
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    calls.update(grad=0, loss=0)
+    linear_kl_divergence(hidden, weight, teacher_hidden, teacher_weight, slice_tokens=5).backward()
+    assert calls == {"grad": 5, "loss": 0} and hidden.grad is not None and weight.grad is not None
 
 
 def test_linear_cross_entropy_rejects_mismatched_targets():

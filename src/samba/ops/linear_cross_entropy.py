@@ -220,6 +220,17 @@ def _flatten(hidden: torch.Tensor, targets: torch.Tensor):
     return hidden, targets
 
 
+def _tracked(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden and weight as the sliced losses should see them: detached unless grad mode is on.
+
+    Their forward picks its work from ctx.needs_input_grad, which says whether an input requires
+    grad, not whether autograd will use it: under no_grad (a term computed only to be reported)
+    it stays True, and d(hidden) and d(weight) would be made for nothing."""
+    if torch.is_grad_enabled():
+        return hidden, weight
+    return hidden.detach(), weight.detach()
+
+
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -262,11 +273,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     compute_dtype = _compute_dtype(hidden, weight)
     if slice_tokens is None:
         slice_tokens = max(1, MAX_SLICE_ELEMENTS // weight.shape[0])
-    if not torch.is_grad_enabled():
-        # forward picks its work from ctx.needs_input_grad, which says whether an input requires
-        # grad, not whether autograd will use it: under no_grad (a term computed only to be
-        # reported) it stays True, and d(hidden) and d(weight) would be made for nothing.
-        hidden, weight = hidden.detach(), weight.detach()
+    hidden, weight = _tracked(hidden, weight)
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, slice_tokens, compiled)
 
@@ -288,6 +295,7 @@ def linear_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, teacher_hid
     compute_dtype = _compute_dtype(hidden, weight)
     if slice_tokens is None:
         slice_tokens = max(1, MAX_SLICE_ELEMENTS // (2 * weight.shape[0]))  # two logits tensors a slice
+    hidden, weight = _tracked(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearKL.apply(hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), compute_dtype,
                                slice_tokens, compiled)
