@@ -106,7 +106,7 @@ def test_queued_sweep_runs(pipeline_repo):
     # the sweep's picture, from the experiments themselves
     out = sh(sys.executable, "-m", "samba.frontier", "frontier", cwd=repo).stdout
     table = json.loads((repo / "frontier/frontier.json").read_text())
-    assert table["control"] is not None and "Control:" in out
+    assert table["control"] is not None and "Best control:" in out
     weights = {r["params"].get("training.pruning_weight") for r in table["rows"]}
     assert {0.0, 0.05} <= weights and (repo / "frontier/frontier.png").is_file()
 
