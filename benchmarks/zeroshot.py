@@ -115,11 +115,9 @@ def speed_model(args, work: Path, tokenizer: Path) -> tuple[Samba, Path]:
     return model, work / "speed_hf"
 
 
-def task_requests(args, group: str) -> tuple[str, list]:
+def task_requests(args, manager, group: str) -> tuple[str, list]:
     """lm-eval's requests for the task of a local group (0-shot), as simple_evaluate builds them."""
-    from lm_eval.tasks import TaskManager
-
-    tasks = TaskManager(include_path=args.include_path).load(group)["tasks"]
+    tasks = manager.load(group)["tasks"]
     (name, task), = tasks.items()
     task.set_config(key="num_fewshot", value=0)
     task.build_all_requests(limit=args.speed_limit or args.limit, rank=0, world_size=1)
@@ -155,13 +153,15 @@ def timed_call(lm, requests) -> tuple[float, list[float]]:
 
 def run_speed(args, report: dict, tokenizer: Path) -> None:
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
+    manager = TaskManager(include_path=args.include_path)  # indexing lm-eval's tasks takes seconds: once
     work = Path(tempfile.mkdtemp(prefix="zeroshot_speed_"))
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     model, hf_dir = speed_model(args, work, tokenizer)
     model.to(device)
     for group, rows in SPEED_TASKS.items():
-        name, requests = task_requests(args, group)
+        name, requests = task_requests(args, manager, group)
         ours = {"graphs": SambaLM(model, str(tokenizer), batch_size=rows, device=device),
                 "eager": SambaLM(model, str(tokenizer), batch_size=rows, device=device, cuda_graphs=False)}
         theirs = HFLM(pretrained=str(hf_dir), backend="causal", device=device, batch_size=rows, max_length=2048,
