@@ -6,11 +6,14 @@
 #   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes (+ evaluate_passes.py)
 #   bash benchmarks/gpu_session.sh bench,stage         # the train stage itself against the benchmark's a, one call
 #   bash benchmarks/gpu_session.sh scaling             # data-parallel scaling of the train stage (2+ GPUs)
+#   ZS_MODELS="standin=/tmp/standin sparse=DIR" COMMIT=abc1234 bash benchmarks/gpu_session.sh zeroshot
+#                                                      # lm-eval: wikitext + offline zero-shot tasks of those models, speed vs HFLM
 # Knob: DEADLINE (seconds into the call to stop waiting on the sweep's queue and pack; default 450).
-# The sweep of benchmarks/results/sparsity: DEADLINE=560 ... sweep on 2 GPUs, then `collect` at once.
+# The sweep of benchmarks/results/sparsity: DEADLINE=560 ... sweep on 2 GPUs, then `collect,zeroshot` at once.
 # Carry .gpu: the mamba-ssm / causal-conv1d wheels (../shared/wheels), liger-kernel and
 # cut-cross-entropy wheels, .gpu/dvc/*.whl (dvc, dvclive and what they need), .gpu/data/wt2.tar.gz
-# (WikiText-2 tokenized + the GPT-NeoX tokenizer). Results: $RES, packed into $OUT/results.tar.gz
+# (WikiText-2 tokenized + the GPT-NeoX tokenizer); for zeroshot, .gpu/lmeval/*.whl (lm-eval and what it needs)
+# and .gpu/zeroshot/ (benchmarks/zeroshot_data.py). Results: $RES, packed into $OUT/results.tar.gz
 # after every part, so that a call cut short still brings back what finished.
 set -uo pipefail
 PARTS=${1:-tests,bench,gen}
@@ -211,6 +214,23 @@ EOF2
   python3 benchmarks/evaluate_passes.py --out "$RES/evaluate_passes.md" --json "$RES/evaluate_passes.json" \
     > "$RES/evaluate_passes.log" 2>&1; sed -n '/^| pass/,/^## main/p' "$RES/evaluate_passes.md"; tail -3 "$RES/evaluate_passes.log"
   echo "evaluate timing: $((SECONDS - start)) s"; pack
+fi
+
+if [[ $PARTS == *zeroshot* ]]; then  # after sweep: its stand-in and sparse runs, named in ZS_MODELS (NAME=DIR ...)
+  echo "=== zero-shot: lm-evaluation-harness on ${ZS_MODELS:-no models (speed only)}"; start=$SECONDS
+  cd "$REPO"; export PYTHONPATH=/tmp/site:$REPO/src
+  python3 -c "import lm_eval" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --upgrade \
+    --target /tmp/site .gpu/lmeval/*.whl 2>&1 | grep -v WARNING | tail -3
+  python3 -c "import lm_eval, datasets, pyarrow, fsspec; from importlib.metadata import version as v; \
+print(*(f'{n} {v(n)}' for n in ('lm_eval', 'datasets', 'pyarrow', 'fsspec', 'huggingface_hub')))" || { pack; exit 1; }
+  (cd .gpu/zeroshot && sha256sum --check --quiet SHA256SUMS) || { echo ".gpu/zeroshot: files missing or changed"; pack; exit 1; }
+  left=$((DEADLINE + 120 - SECONDS)); [ $left -lt 60 ] && left=60  # the script writes its report after each part
+  timeout $left python3 benchmarks/zeroshot.py --models ${ZS_MODELS:-} --parts "${ZS_PARTS:-eval,speed}" \
+    --commit "${COMMIT:-unknown}" --res "$RES" \
+    --out "$RES/zeroshot.md" --json "$RES/zeroshot.json" > "$RES/zeroshot.log" 2>&1
+  echo "exit $?"; grep -E "^(eval|speed) " "$RES/zeroshot.log"; grep -iE "error|Traceback" "$RES/zeroshot.log" | head -5
+  sed -n '/^## Results/,$p' "$RES/zeroshot.md" | head -60
+  echo "zero-shot: $((SECONDS - start)) s"; pack
 fi
 
 if [[ $PARTS == *collect* ]]; then  # a later call on the same (warm) machine: the rest of the queue

@@ -486,3 +486,45 @@ def test_loading_onto_the_gpu_gives_the_same_model(tmp_path):
     assert direct.embedding.weight.device.type == "cuda" and direct.sparsity_fraction.device.type == "cuda"
     a, b = direct.state_dict(), moved.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- lm-eval's log-likelihoods on CUDA
+
+@pytest.mark.parametrize("head", ["main", "readout"])
+def test_zeroshot_loglikelihoods_graphed_equal_eager_and_the_full_logits(head, caplog):
+    """samba.zeroshot's scorer: CUDA-graph batches (captured: 12 batches of one shape) against
+    eager ones, and against one full forward per request (fp32); bf16 autocast close to fp32."""
+    import logging
+
+    from samba.zeroshot import Scorer
+
+    torch.manual_seed(8)
+    model = Samba(MIXER_CFG).cuda().eval()
+    perturb_(model, seed=8)
+    model.set_sparsity_target(0.5)
+    g = torch.Generator().manual_seed(9)
+    sizes = [(int(n), int(m)) for n, m in zip(torch.randint(20, 56, (48,), generator=g),
+                                                torch.randint(1, 9, (48,), generator=g))]
+    pairs = [(torch.randint(0, MIXER_CFG.vocab_size, (n,), generator=g).tolist(),
+              torch.randint(0, MIXER_CFG.vocab_size, (m,), generator=g).tolist()) for n, m in sizes]
+
+    def score(graphs, dtype=None):
+        return Scorer(model, head, dtype, graphs, batch_size=4, batch_tokens=0, max_length=128).score(pairs)
+
+    with caplog.at_level(logging.INFO, logger="samba.cuda_graphs"):
+        graphed = score(True)
+    assert "captured as a CUDA graph" in caplog.text
+    eager = score(False)
+    worst = max(abs(a[0] - b[0]) for a, b in zip(graphed, eager))
+    print(f"zeroshot scorer {head}: graphed vs eager max abs diff {worst:.2e}")
+    assert worst < 1e-4 and [a[1] for a in graphed] == [b[1] for b in eager]
+    for (context, continuation), (ll, _) in list(zip(pairs, graphed))[:6]:
+        with torch.no_grad():
+            out = model(torch.tensor([context + continuation], device="cuda"))
+        logits = (out.logits if head == "main" else out.readout_logits)[0].double().log_softmax(-1)
+        want = sum(float(logits[len(context) - 1 + j, t]) for j, t in enumerate(continuation))
+        assert ll == pytest.approx(want, abs=1e-3)
+    bf16 = score(True, torch.bfloat16)
+    rel = max(abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(bf16, graphed))
+    print(f"zeroshot scorer {head}: bf16 vs fp32 worst relative diff {rel:.2e}")
+    assert rel < 0.1  # bf16 rounds near-equal entries to either side of the top-k cut (see the decoding test)
