@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, ModelConfig
 from .errors import UserError
 from .io import atomic_dir
+from .paths import resolve_local_path
 
 SAMBA_FORMAT = "samba"
 CONFIG_FILE = "config.json"
@@ -54,8 +55,9 @@ class CheckpointError(UserError, ValueError):
 # ----------------------------------------------------------------------------- sources
 
 def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
-    """A local directory as is; anything else is taken for a Hub repo id and downloaded."""
-    path = Path(name_or_path).expanduser()
+    """A local directory (a relative one read as ``paths.resolve_local_path`` says); anything
+    else is taken for a Hub repo id and downloaded."""
+    path = resolve_local_path(str(name_or_path))
     if path.is_dir():
         return path
     if path.exists():

@@ -164,6 +164,16 @@ class DatasetConfig(Section):
     name: str = "wikitext"
     config_name: str = "wikitext-2-raw-v1"
     tokenizer: str = "EleutherAI/gpt-neox-20b"
+    # [start, end): the part of the train split to keep, as fractions of its tokens, cut at
+    # article boundaries (data.cut_articles); validation and test are never cut.
+    train_range: tuple[float, ...] = (0.0, 1.0)
+
+    def __post_init__(self):
+        _require(len(self.train_range) == 2, "train_range",
+                 f"must be [start, end], two fractions, got {list(self.train_range)}")
+        start, end = self.train_range
+        _require(0 <= start < end <= 1, "train_range",
+                 f"must be [start, end] with 0 <= start < end <= 1, got {list(self.train_range)}")
 
 
 @dataclass(frozen=True)
@@ -189,6 +199,11 @@ class TrainingConfig(Section):
     pruning_weight: float = 0.5
     pruning_penalty: typing.Literal["l1", "hoyer"] = "hoyer"  # see sparsity.PENALTIES; the seed's: l1 at 0.05
     sparsity_warmup_steps: int = 0  # model.sparsity_target is reached linearly over these steps
+    # Distillation (distill.py): KL(teacher || student) of the main heads, per token, in nats;
+    # and a normalised MSE of each chunk output (before top-k) to the teacher's.
+    distill_weight: float = 0.0
+    distill_chunk_weight: float = 0.0
+    teacher: str = "models/init"  # a model directory; models/init is the converted baseline
     keep: typing.Literal["last", "best"] = "last"  # best: lowest validation ppl after the warm-up
     log_every: int = 10
     eval_every: int = 200
@@ -202,7 +217,8 @@ class TrainingConfig(Section):
         for name in ("max_steps", "warmup_steps", "seed", "sparsity_warmup_steps"):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        for name in ("weight_decay", "grad_clip", "readout_weight", "pruning_weight"):
+        for name in ("weight_decay", "grad_clip", "readout_weight", "pruning_weight", "distill_weight",
+                     "distill_chunk_weight"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value}")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
