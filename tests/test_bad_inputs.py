@@ -229,4 +229,5 @@ def test_a_message_over_several_lines_is_printed_as_one(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_stage("stage", main)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "[stage] error: could not fetch it: 404 Client Error. Repository Not Found for url: x\n"
+    err = capsys.readouterr().err
+    assert err == "[stage] error: could not fetch it: 404 Client Error. Repository Not Found for url: x\n"
