@@ -403,9 +403,9 @@ def test_graphed_distillation_equals_eager(sources, tmp_path, caplog, distill_we
     worst = max(relative_error(wa[k], wb[k]) for k in wa if wb[k].norm() > 0)
     print(f"graphed vs eager distillation: worst weight rel err {worst:.2e}; KL {ka[0]:.4f} -> {ka[-1]:.4f}")
     assert worst < 1e-3
+    # (the KL grows here: the teacher, a random init, predicts near-uniformly, the student learns the
+    # data; that distillation pulls a student towards its teacher is tests/test_distill.py's)
     assert ka == pytest.approx(kb, rel=1e-3) and ka[0] > 0
-    if distill_weight > 0:
-        assert ka[-1] < ka[0]  # the student moves towards its teacher
 
 
 def test_linear_kl_divergence_bf16_matches_full_logits():
