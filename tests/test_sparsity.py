@@ -289,6 +289,19 @@ def test_frontier_groups_seeds_and_compares_with_the_control_of_the_same_schedul
     assert rows["topk90-kl-s0"]["ppl_vs_control"] == pytest.approx(kl["ppl_vs_best_control"])
 
 
+def test_frontier_leaves_out_experiments_that_have_not_finished(tmp_path):
+    from samba.frontier import write_frontier
+
+    shown = _shown([_exp("control", 0.0, 0.0, 0.0, 60.0, 61.0), _exp("topk75", 0.0, 0.75, 0.75, 63.0, 63.1)])
+    running = {"executor": {"state": "running", "name": "dvc-task"}, "name": "still-running",
+               "revs": [_exp("still-running", 0.0, 0.75, 0.0, 60.0, 61.0)]}  # the base commit's metrics
+    shown[0]["experiments"] += [running, {**running, "executor": {"state": "failed"}, "name": "failed"},
+                                {**running, "executor": {"state": "success"}, "name": "done",
+                                 "revs": [_exp("done", 0.0, 0.5, 0.5, 61.0, 62.0)]}]
+    rows = {r["experiment"] for r in write_frontier(shown, tmp_path)}
+    assert rows == {"control", "topk75", "done"}
+
+
 def test_frontier_refusals(tmp_path):
     from samba.frontier import FrontierError, write_frontier
 

@@ -58,6 +58,9 @@ def runs_from_exp_show(shown: list) -> list[dict]:
 
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
+            # a queued, running or failed experiment shows the commit it started from: not its own results
+            if ((exp.get("executor") or {}).get("state") or "success") != "success":
+                continue
             for rev in exp.get("revs") or []:
                 take(rev, rev.get("rev", "?")[:7])
     return runs
