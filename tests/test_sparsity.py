@@ -294,7 +294,7 @@ def test_frontier_leaves_out_experiments_that_have_not_finished(tmp_path):
 
     shown = _shown([_exp("control", 0.0, 0.0, 0.0, 60.0, 61.0), _exp("topk75", 0.0, 0.75, 0.75, 63.0, 63.1)])
     running = {"executor": {"state": "running", "name": "dvc-task"}, "name": "still-running",
-               "revs": [_exp("still-running", 0.0, 0.75, 0.0, 60.0, 61.0)]}  # the base commit's metrics
+               "revs": [_exp("still-running", 0.0, 0.75, 0.0, 60.0, 61.0, lr=2e-4)]}  # the base commit's metrics
     shown[0]["experiments"] += [running, {**running, "executor": {"state": "failed"}, "name": "failed"},
                                 {**running, "executor": {"state": "success"}, "name": "done",
                                  "revs": [_exp("done", 0.0, 0.5, 0.5, 61.0, 62.0)]}]
