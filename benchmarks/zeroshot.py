@@ -120,7 +120,8 @@ def task_requests(args, manager, group: str) -> tuple[str, list]:
     tasks = manager.load(group)["tasks"]
     (name, task), = tasks.items()
     task.set_config(key="num_fewshot", value=0)
-    task.build_all_requests(limit=args.speed_limit or args.limit, rank=0, world_size=1)
+    # 0 means every document: lm-eval slices instances[:limit], so 0 would mean none
+    task.build_all_requests(limit=(args.speed_limit or args.limit) or None, rank=0, world_size=1)
     return name, list(task.instances)
 
 
