@@ -246,12 +246,14 @@ class Trainer:
 
     def run(self) -> dict:
         t, ctx, device = self.t, self.ctx, self.device
-        key = resume.fingerprint(self.params, self.data_dir, self.init_dir)
-        state = resume.load(self.checkpoint_path, key)
+        key = resume.fingerprint(self.params, "bf16" if self.dtype is not None else "fp32",
+                                 {"init": self.init_dir, "data": self.data_dir})
+        state = resume.load(self.checkpoint_path, key, may_set_aside=ctx.is_main)
+        distributed.barrier()  # every process has read it before any writes a new one
         start, best, history, wandb_id, window = 0, None, [], None, None
         if state is not None:
             self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            resume.load_optimizer_state(self.optimizer, state["optimizer"])
             start, best, history, wandb_id = state["step"], state["best"], state["history"], state["wandb_id"]
             window = state["window"]
             logger.info("resuming from %s at step %d of %d", self.checkpoint_path, start, self.total_steps)
