@@ -92,9 +92,13 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights_and_curves(sources
     steps_per_epoch = logged(straight, "train/lr")[-1][0] // 2
     assert 12 < steps_per_epoch < 70, "the third case must land in the second epoch"
     target, attribute = (Trainer, "_validate") if where == "validation" else (samba.resume, "save")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/metrics.json").write_text("an earlier run's")
     interrupt_during(monkeypatch, target, attribute, call)
     with pytest.raises(TrainingInterrupted, match=r"interrupted after step (\d+)") as info:
         run(params, project, tmp_path)
+    assert [p.name for p in (tmp_path / "metrics").iterdir()] == ["metrics.json"]  # untouched until the end
+    assert (tmp_path / "metrics/metrics.json").read_text() == "an earlier run's"
     stopped = int(info.value.args[0].split("after step ")[1].split()[0])
     if where == "validation" and call == 12:
         assert stopped == 72 and stopped > steps_per_epoch
@@ -104,6 +108,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights_and_curves(sources
     monkeypatch.undo()
     run(params, project, tmp_path)  # resumes
     assert not (tmp_path / "ckpt/last.pt").exists()
+    assert (tmp_path / "metrics/metrics.json").read_text() != "an earlier run's"  # replaced whole
     assert_same_weights(straight, tmp_path)
     assert_same_history(straight, tmp_path)
 
