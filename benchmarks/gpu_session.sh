@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Everything this project runs on the GPU machine (device time is scarce: few, full calls).
 #   bash benchmarks/gpu_session.sh tests,bench,gen     # one H200: kernel tests, step and decoding benchmarks
-#   bash benchmarks/gpu_session.sh sweep               # scaling (2+ GPUs), stand-in model, the sparsity sweep
-#   bash benchmarks/gpu_session.sh collect             # tabulate the sweep again on the same warm machine (its queue workers end with the call that started them)
+#   bash benchmarks/gpu_session.sh sweep               # the fresh-data protocol: stand-in on half the train split, the sweep on the other half
+#   bash benchmarks/gpu_session.sh collect             # a call made within 30 s of the sweep's: wait for the rest of its queue, tabulate again
 #   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes (+ evaluate_passes.py)
 #   bash benchmarks/gpu_session.sh bench,stage         # the train stage itself against the benchmark's a, one call
-# Knobs: DEADLINE (seconds into the call to stop waiting and pack; default 450), SCALING=0 (skip
-# scaling.py), TIME_EVALUATE=0 (skip timing the evaluate stage on the stand-in). The sweep of
-# benchmarks/results/sparsity: SCALING=0 TIME_EVALUATE=0 DEADLINE=560 ... sweep, on 2 GPUs (6 min).
+#   bash benchmarks/gpu_session.sh scaling             # data-parallel scaling of the train stage (2+ GPUs)
+#   ZS_MODELS="standin=/tmp/standin sparse=DIR" COMMIT=abc1234 bash benchmarks/gpu_session.sh zeroshot
+#                                                      # lm-eval: wikitext + offline zero-shot tasks of those models, speed vs HFLM
+# Knob: DEADLINE (seconds into the call to stop waiting on the sweep's queue and pack; default 450).
+# The sweep of benchmarks/results/sparsity: DEADLINE=560 ... sweep on 2 GPUs, then `collect,zeroshot` at once.
 # Carry .gpu: the mamba-ssm / causal-conv1d wheels (../shared/wheels), liger-kernel and
 # cut-cross-entropy wheels, .gpu/dvc/*.whl (dvc, dvclive and what they need), .gpu/data/wt2.tar.gz
-# (WikiText-2 tokenized + the GPT-NeoX tokenizer). Results: $RES, packed into $OUT/results.tar.gz
+# (WikiText-2 tokenized + the GPT-NeoX tokenizer); for zeroshot, .gpu/lmeval/*.whl (lm-eval and what it needs)
+# and .gpu/zeroshot/ (benchmarks/zeroshot_data.py). Results: $RES, packed into $OUT/results.tar.gz
 # after every part, so that a call cut short still brings back what finished.
 set -uo pipefail
 PARTS=${1:-tests,bench,gen}
@@ -70,7 +73,7 @@ collect() {  # wait for the queued experiments (until DEADLINE), then the table,
   done
   timeout 30 python3 -m dvc queue status > "$RES/queue_status.txt" 2>&1; cat "$RES/queue_status.txt"
   timeout 60 python3 -m dvc exp show --json > "$RES/exp_show.json" 2> /dev/null
-  timeout 30 python3 -m samba.frontier "$RES/sparsity" --from-json "$RES/exp_show.json" --control control 2>&1 | tail -16
+  timeout 60 python3 -m samba.frontier "$RES/sparsity" --from-json "$RES/exp_show.json" 2>&1 | tail -24
   mkdir -p "$RES/runs"  # each finished experiment's params and eval.json, from its git ref
   for ref in $(git for-each-ref --format='%(refname)' refs/exps); do
     git show "$ref:metrics/eval.json" > "$RES/runs/${ref##*/}.eval.json" 2>/dev/null || rm -f "$RES/runs/${ref##*/}.eval.json"
@@ -114,75 +117,69 @@ if [[ $PARTS == *gen* ]]; then
   echo "decoding: $((SECONDS - start)) s"; pack
 fi
 
-if [[ $PARTS == *sweep* ]]; then
+if [[ $PARTS == *scaling* ]]; then
+  echo "=== scaling"; start=$SECONDS
+  wt2_project /tmp/sc "$RES/scaling.log"
+  python3 benchmarks/scaling.py --params /tmp/sc/params.yaml --data /tmp/sc/tok --init /tmp/sc/init --steps 60 \
+    --timeout 150 --out "$RES/scaling.md" --json "$RES/scaling.json" >> "$RES/scaling.log" 2>&1
+  tail -8 "$RES/scaling.md"; echo "scaling: $((SECONDS - start)) s"; pack
+fi
+
+if [[ $PARTS == *sweep* ]]; then  # issue 17's fresh-data protocol (benchmarks/results/sparsity/README.md)
   echo "=== set-up"; start=$SECONDS
   install_dvc; NGPU=$(nvidia-smi -L | wc -l)
-  RUN=/tmp/run; rm -rf $RUN && mkdir $RUN
+  RUN=/tmp/run; rm -rf $RUN /tmp/standin /tmp/teacher && mkdir $RUN
   cp -r dvc.yaml params.yaml stages src .dvcignore .gitignore pyproject.toml $RUN/ && mkdir $RUN/.dvc \
     && cp -r .dvc/config .dvc/plots $RUN/.dvc/
-  export PYTHONPATH=/tmp/site:$RUN/src
+  export PYTHONPATH=/tmp/site:$RUN/src OMP_NUM_THREADS=4
   cd $RUN && git init -q && git config user.email gpu@example.com && git config user.name gpu || exit 1
-  # The sweep's schedule on WikiText-2 (wikitext-2-v1 files; the raw train split is not at hand)
-  wt2_params params.yaml training.epochs=1 training.lr=1.0e-4 training.warmup_steps=30 training.eval_every=100 \
-    training.checkpoint_every=100 "eval.prune_fractions=[0.0, 0.5, 0.75, 0.9]" || exit 1
+  # WikiText-2 (wikitext-2-v1 files: the raw train split is not at hand) and the GPT-NeoX tokenizer
+  wt2_params params.yaml training.warmup_steps=30 training.eval_every=150 training.checkpoint_every=1000 \
+    "eval.prune_fractions=[0.0]" || exit 1
   git add -A && git commit -qm "sweep base" && python3 -m dvc repro prepare convert > "$RES/setup.log" 2>&1 \
     || { tail -20 "$RES/setup.log"; pack; exit 1; }
   git add -A && git commit -qm "prepare, convert (random init)" -q
-  tail -3 "$RES/setup.log"; echo "set-up: $((SECONDS - start)) s"
+  echo "set-up: $((SECONDS - start)) s"
 
-  PROCS=1
-  if [ "$NGPU" -ge 2 ] && [ "${SCALING:-1}" = 1 ]; then  # SCALING=0: scaling.md is already measured
-    echo "=== scaling"; start=$SECONDS
-    python3 $REPO/benchmarks/scaling.py --params params.yaml --data data/tokenized --init models/init --steps 60 --timeout 150 \
-      --out "$RES/scaling.md" --json "$RES/scaling.json" > "$RES/scaling.log" 2>&1
-    tail -8 "$RES/scaling.md"; echo "scaling: $((SECONDS - start)) s"; pack
-    grep -q "| 2 | 32 | 16 |" "$RES/scaling.md" && PROCS=2
-  fi
+  echo "=== stand-in: the first half of the train split, 4 epochs at lr 6e-4 from random init, $NGPU GPU(s)"; start=$SECONDS
+  python3 -m dvc exp run -n standin -S "dataset.train_range=[0.0,0.5]" -S training.epochs=4 -S training.lr=6.0e-4 \
+    -S training.warmup_steps=100 -S training.readout_weight=0.0 -S training.pruning_weight=0.0 \
+    -S training.eval_every=300 -S compute.num_processes=$NGPU > "$RES/standin.log" 2>&1 \
+    || { tail -30 "$RES/standin.log"; pack; exit 1; }
+  cp -r models/samba /tmp/standin && mkdir -p "$RES/standin" && cp metrics/eval.json "$RES/standin/eval.json" \
+    && cp -r metrics/train/metrics.json metrics/train/plots "$RES/standin/"
+  grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/standin.log" | tail -3; echo "stand-in: $((SECONDS - start)) s"; pack
 
-  [ "${SCALING:-1}" = 0 ] && [ "$NGPU" -ge 2 ] && PROCS=2
-  # the stand-in is trained only: every sweep run evaluates it as its baseline
-  echo "=== stand-in pretraining (4 epochs, lr 6e-4, from random init, $PROCS GPUs)"; start=$SECONDS
-  standin() {  # standin PROCESSES
-    python3 -m dvc exp run -n standin train -S training.epochs=4 -S training.lr=6.0e-4 -S training.warmup_steps=100 \
-      -S training.readout_weight=0.0 -S training.pruning_weight=0.0 -S training.eval_every=300 \
-      -S compute.num_processes=$1 > "$RES/standin.log" 2>&1
-  }
-  standin $PROCS || {
-    tail -30 "$RES/standin.log"; [ $PROCS -eq 1 ] && { pack; exit 1; }
-    echo "--- stand-in on $PROCS GPUs failed: again on one"; mv "$RES/standin.log" "$RES/standin_ddp_failed.log"
-    standin 1 || { tail -30 "$RES/standin.log"; pack; exit 1; }; }
-  grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/standin.log" | tail -6
-  cp -r models/samba /tmp/standin
-  mkdir -p "$RES/standin_train" && cp -r metrics/train/plots metrics/train/metrics.json "$RES/standin_train/"
-  if [ "${TIME_EVALUATE:-1}" = 1 ]; then
-    echo "--- evaluate stage alone, stand-in vs random init (both models, WikiText-2 test)"
-    ( time python3 stages/evaluate.py --out "$RES/standin_eval.json" --plots /tmp/plots_again ) > "$RES/evaluate_alone.log" 2>&1
-    grep -E "^real|wrote" "$RES/evaluate_alone.log"
-  fi
-  echo "stand-in: $((SECONDS - start)) s"; pack
-
-  echo "=== the sweep: 1 epoch at lr 1e-4 from the stand-in, queued, several workers per GPU"; start=$SECONDS
+  echo "=== the fine-tunes' base: the unseen second half, 3 epochs, from the stand-in"; start=$SECONDS
   git checkout -q -- params.yaml dvc.lock || exit 1
-  set_params params.yaml pretrained.use_pretrained=true pretrained.model_name=/tmp/standin \
-    training.sparsity_warmup_steps=100 training.pruning_weight=0.0 || exit 1
-  python3 -m dvc repro convert > "$RES/convert_standin.log" 2>&1 || { tail -20 "$RES/convert_standin.log"; pack; exit 1; }
-  tail -2 "$RES/convert_standin.log"
-  git add -A && git commit -qm "sweep: from the stand-in" -q
+  set_params params.yaml pretrained.use_pretrained=true pretrained.model_name=/tmp/standin "dataset.train_range=[0.5,1.0]" \
+    training.epochs=3 training.lr=1.0e-4 training.sparsity_warmup_steps=100 || exit 1
+  python3 -m dvc repro prepare convert > "$RES/convert_standin.log" 2>&1 || { tail -20 "$RES/convert_standin.log"; pack; exit 1; }
+  git add -A && git commit -qm "sweep: the unseen half, from the stand-in" -q
+  echo "=== the teacher: the dense control, lr 1e-4, seed 0, $NGPU GPU(s)"
+  python3 -m dvc exp run -n control-s0 -S training.pruning_weight=0.0 -S compute.num_processes=$NGPU \
+    > "$RES/teacher.log" 2>&1 || { tail -30 "$RES/teacher.log"; pack; exit 1; }
+  cp -r models/samba /tmp/teacher && git checkout -q -- params.yaml dvc.lock && python3 -m dvc checkout -q
+  grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/teacher.log" | tail -2; echo "teacher: $((SECONDS - start)) s"; pack
+
+  echo "=== the fine-tunes, queued, several workers per GPU"; start=$SECONDS
   i=0
   queue() { python3 -m dvc exp run --queue -n "$1" -S compute.device=cuda:$((i % NGPU)) "${@:2}" > /dev/null; i=$((i + 1)); }
-  queue control      # first the runs the answer needs most, in case the call's time runs out
-  queue topk75       -S model.sparsity_target=0.75
-  queue topk50       -S model.sparsity_target=0.5
-  queue topk90       -S model.sparsity_target=0.9
-  queue l1-0.05      -S training.pruning_penalty=l1 -S training.pruning_weight=0.05
-  queue hoyer-0.5    -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
-  queue topk75-hoyer -S model.sparsity_target=0.75 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
-  queue l1-1         -S training.pruning_penalty=l1 -S training.pruning_weight=1.0
-  queue hoyer-2      -S training.pruning_penalty=hoyer -S training.pruning_weight=2.0
-  queue topk90-hoyer -S model.sparsity_target=0.9 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
-  queue topk50-hoyer -S model.sparsity_target=0.5 -S training.pruning_penalty=hoyer -S training.pruning_weight=0.5
-  JOBS=$((3 * NGPU)); [ "$NGPU" -eq 1 ] && JOBS=4  # runs overlap one another's start-up and evaluation
-  # the workers are daemons, but the device machine ends them with the call: collect in this call
+  control="-S training.pruning_weight=0.0"
+  kl="-S training.lr=3.0e-4 -S training.teacher=/tmp/teacher"  # distilled and plain top-k alike at lr 3e-4
+  # first the rows the targets rest on, in case the call's time runs out
+  for s in 0 1 2; do queue topk75-kl1-s$s -S model.sparsity_target=0.75 $kl -S training.distill_weight=1.0 -S training.seed=$s; done
+  for s in 0 1 2; do queue topk90-kl10-s$s -S model.sparsity_target=0.9 $kl -S training.distill_weight=10.0 -S training.seed=$s; done
+  for s in 1 2; do queue control-s$s $control -S training.seed=$s; done
+  queue control-lr3 $control -S training.lr=3.0e-4
+  for f in 50 75 90 95; do queue topk$f -S model.sparsity_target=0.$f -S training.lr=3.0e-4; done
+  queue topk95-kl10 -S model.sparsity_target=0.95 $kl -S training.distill_weight=10.0
+  queue topk50-kl1 -S model.sparsity_target=0.5 $kl -S training.distill_weight=1.0
+  queue topk90-kl10-chunk1 -S model.sparsity_target=0.9 $kl -S training.distill_weight=10.0 -S training.distill_chunk_weight=1.0
+  queue topk90-kl30 -S model.sparsity_target=0.9 $kl -S training.distill_weight=30.0
+  queue topk75-kl1-baseline -S model.sparsity_target=0.75 -S training.lr=3.0e-4 -S training.distill_weight=1.0  # the teacher: models/init
+  JOBS=$((4 * NGPU))
+  # the workers are daemons: they live until the machine is given back (30 s after the call ends)
   python3 -m dvc queue start -j $JOBS > /dev/null 2>&1
   collect
   echo "sweep: $((SECONDS - start)) s"
@@ -217,6 +214,23 @@ EOF2
   python3 benchmarks/evaluate_passes.py --out "$RES/evaluate_passes.md" --json "$RES/evaluate_passes.json" \
     > "$RES/evaluate_passes.log" 2>&1; sed -n '/^| pass/,/^## main/p' "$RES/evaluate_passes.md"; tail -3 "$RES/evaluate_passes.log"
   echo "evaluate timing: $((SECONDS - start)) s"; pack
+fi
+
+if [[ $PARTS == *zeroshot* ]]; then  # after sweep: its stand-in and sparse runs, named in ZS_MODELS (NAME=DIR ...)
+  echo "=== zero-shot: lm-evaluation-harness on ${ZS_MODELS:-no models (speed only)}"; start=$SECONDS
+  cd "$REPO"; export PYTHONPATH=/tmp/site:$REPO/src
+  python3 -c "import lm_eval" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --upgrade \
+    --target /tmp/site .gpu/lmeval/*.whl 2>&1 | grep -v WARNING | tail -3
+  python3 -c "import lm_eval, datasets, pyarrow, fsspec; from importlib.metadata import version as v; \
+print(*(f'{n} {v(n)}' for n in ('lm_eval', 'datasets', 'pyarrow', 'fsspec', 'huggingface_hub')))" || { pack; exit 1; }
+  (cd .gpu/zeroshot && sha256sum --check --quiet SHA256SUMS) || { echo ".gpu/zeroshot: files missing or changed"; pack; exit 1; }
+  left=$((DEADLINE + 120 - SECONDS)); [ $left -lt 60 ] && left=60  # the script writes its report after each part
+  timeout $left python3 benchmarks/zeroshot.py --models ${ZS_MODELS:-} --parts "${ZS_PARTS:-eval,speed}" \
+    --commit "${COMMIT:-unknown}" --res "$RES" \
+    --out "$RES/zeroshot.md" --json "$RES/zeroshot.json" > "$RES/zeroshot.log" 2>&1
+  echo "exit $?"; grep -E "^(eval|speed) " "$RES/zeroshot.log"; grep -iE "error|Traceback" "$RES/zeroshot.log" | head -5
+  sed -n '/^## Results/,$p' "$RES/zeroshot.md" | head -60
+  echo "zero-shot: $((SECONDS - start)) s"; pack
 fi
 
 if [[ $PARTS == *collect* ]]; then  # a later call on the same (warm) machine: the rest of the queue

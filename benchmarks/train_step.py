@@ -3,14 +3,17 @@
 Same GPU and shapes for all: d_model 768, 24 layers, vocab 50,280, sequences of 512 tokens,
 bf16 autocast, fused AdamW; at batch 16 and at batch 32. Median of interleaved rounds.
 
-  a           Samba as the train stage runs it by default (``train.training_step``: readout 0.5,
-              L1 0.05; compute.compile: the CE slices and readout compiled; compute.cuda_graphs:
-              the whole step replayed as one CUDA graph)
+  a           Samba's step as the train stage builds it (``train.training_objective`` and
+              ``train.training_step``) with the seed's recipe: readout 0.5, L1 0.05 (params.yaml's
+              default penalty is Hoyer at 0.5); compute.compile: the CE slices and readout
+              compiled; compute.cuda_graphs: the whole step replayed as one CUDA graph
   a_eager     the same step launched eagerly (compute.cuda_graphs: false)
   a_topk      a with model.sparsity_target 0.75 (exact top-k zeros in every chunk output)
   a_nocompile a without torch.compile (compute.compile: false)
-  a_noreadout a without the readout head (readout_weight 0, its CE not computed): Samba's chunks,
-              penalty and main head alone, to tell the readout's cost from the rest
+  a_noreadout a without the readout head (readout frozen, its CE not computed at all): Samba's
+              chunks, penalty and main head alone, to tell the readout's cost from the rest. Not
+              the stage at readout_weight 0, which also freezes the readout but still computes
+              its CE, forward only, for the log
   c           mamba-ssm MambaLMHeadModel + plain cross-entropy, eager (what a user would write)
   c_graphed   the same, whole step captured as a CUDA graph: the best a mamba-ssm user can do
 
@@ -45,7 +48,7 @@ from samba.config import TrainingConfig  # noqa: E402
 from samba.cuda_graphs import GraphedCallable  # noqa: E402
 from samba.loss import SambaObjective  # noqa: E402
 from samba.ops import linear_cross_entropy  # noqa: E402
-from samba.train import make_optimizer, training_step  # noqa: E402
+from samba.train import make_optimizer, training_objective, training_step  # noqa: E402
 
 from report import cuda_kernels, run_meta  # noqa: E402  (benchmarks/report.py)
 
@@ -62,11 +65,13 @@ def samba_variant(graphs: bool, target: float = 0.0, compiled: bool = True, read
                       backend="kernels").to(DEVICE).train()
         if compiled:
             model.compile_parts()
-        if not readout:  # as the train stage does at readout_weight 0
+        if readout:
+            objective = training_objective(model, TRAINING)  # as the stage builds it
+        else:  # no stage setting: the readout frozen as at readout_weight 0, and not reported either
             model.readout.requires_grad_(False)
+            objective = SambaObjective(model, 0.0, TRAINING.pruning_weight, TRAINING.pruning_penalty,
+                                       report_all=False)
         optimizer = make_optimizer(model, TRAINING, DEVICE, graphs)
-        objective = SambaObjective(model, TRAINING.readout_weight if readout else 0.0, TRAINING.pruning_weight,
-                                   TRAINING.pruning_penalty, report_all=readout)
         trainable = [p for p in model.parameters() if p.requires_grad]
         step = training_step(objective, optimizer, trainable, TRAINING.grad_clip, DEVICE, torch.bfloat16)
         return model, GraphedCallable(step, enabled=graphs, name="a")

@@ -17,6 +17,7 @@ from samba.checkpoint import require_model_dir
 from samba.cli import run_stage
 from samba.config import load_params
 from samba.data import read_meta
+from samba.distill import distilling, require_teacher
 from samba.io import require_writable
 from samba.runtime import check_processes, resolve_device
 from samba.train import check_params, train
@@ -42,6 +43,8 @@ def main(argv=None) -> None:
         resolve_device(params.compute)
     read_meta(args.data)
     require_model_dir(args.init, "convert")
+    if distilling(params.training):
+        require_teacher(params.training.teacher)
     require_writable(args.out, args.metrics, args.checkpoints)
     n = params.compute.num_processes
     if n > 1 and not distributed.under_launcher():

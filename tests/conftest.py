@@ -3,6 +3,7 @@ and pipeline repositories, all made on the spot (nothing is downloaded)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -36,6 +37,19 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.device))
+
+
+def count_slice_calls(monkeypatch, kind: str = "nll") -> dict[str, int]:
+    """Count the per-slice calls of a sliced head loss, ``kind`` nll (cross-entropy) or kl:
+    'grad' (loss and d(logits), the work that builds d(hidden) and d(weight)) and 'loss' (only)."""
+    module = importlib.import_module("samba.ops.linear_cross_entropy")  # the package exports the function
+    calls = {"grad": 0, "loss": 0}
+    for key, name in (("grad", f"_slice_{kind}_and_grad"), ("loss", f"_slice_{kind}")):
+        def counted(*args, _key=key, _real=getattr(module, name)):
+            calls[_key] += 1
+            return _real(*args)
+        monkeypatch.setattr(module, name, counted)
+    return calls
 
 
 def make_transformers_mamba(seed: int = 0, **overrides):
@@ -95,13 +109,29 @@ def make_corpus(directory: Path, seed: int = 0, lines: tuple[int, int, int] = (6
     return directory
 
 
-def make_tokenizer(corpus: Path, directory: Path, vocab_size: int = 200) -> Path:
+def wiki_corpus(directory, articles: int = 9, seed: int = 0):
+    """A WikiText-shaped corpus: articles opened by ' = Title = ' lines, with sections and blank lines."""
+    make_corpus(directory, seed)
+    rng = random.Random(seed)
+    words = (directory / "train.txt").read_text().split()
+    lines = [" \n"]
+    for a in range(articles):
+        lines += [f" = Article {a} = \n", " \n"]
+        for s in range(rng.randint(1, 3)):
+            lines += [f" = = Section {s} = = \n", " \n"]
+            lines += [" " + " ".join(rng.choice(words) for _ in range(rng.randint(8, 60))) + " \n"
+                      for _ in range(rng.randint(1, 4))]
+    (directory / "train.txt").write_text("".join(lines))
+    return directory
+
+
+def make_tokenizer(corpus: Path, directory: Path, vocab_size: int = 200, train_file: str = "train.txt") -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train([str(corpus / "train.txt")],
+    tok.train([str(corpus / train_file)],
               trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     directory.mkdir(parents=True)
     tok.save(str(directory / "tokenizer.json"))
@@ -157,6 +187,104 @@ def project(sources, tmp_path_factory) -> Path:
     prepare_tokens(params.dataset, root / "data")
     convert(params, root / "init")
     return root
+
+
+# ----------------------------------------------------------------------------- a Hugging Face cache
+
+WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+
+
+def make_wikitext(directory: Path, seed: int = 0, articles: tuple[int, int, int] = (8, 2, 2)) -> Path:
+    r"""Text shaped like raw WikiText: ` = Title = ` and ` = = Section = = ` lines, paragraphs
+    of ` word word . `, each line set off by a blank line of one space (WikiText's " \n"); and,
+    for the odd file, an empty line and a form feed inside a line."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True)
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    for name, n in zip(WIKITEXT_FILES.values(), articles):
+        lines = []
+        for _ in range(n):
+            lines += [" \n", f" = {words(2).title()} = \n", " \n"]
+            for _ in range(rng.randint(1, 3)):
+                lines += [f" = = {words(2).title()} = = \n", " \n"]
+                for _ in range(rng.randint(1, 2)):
+                    lines += [f" {words(rng.randint(8, 30))} . \n", " \n"]
+        lines[0] = "\n"  # an empty line; and a form feed, where str.splitlines would split
+        lines[1] = lines[1].replace(" = \n", " \x0c = \n")
+        (directory / name).write_text("".join(lines), encoding="utf-8")
+    return directory
+
+
+def wikitext_hub_rows(path: Path) -> list[str]:
+    """The rows the Hub's WikiText loader made of a raw file: one per line of the file read in
+    text mode; a line of only whitespace gives "", every other line itself, newline kept."""
+    with path.open(encoding="utf-8") as f:
+        return [line if line.strip() else "" for line in f]
+
+
+def add_to_hub_cache(hub_cache: Path, repo_id: str, files: Path, commit: str = "0" * 40) -> Path:
+    """Put the files of ``files`` into huggingface_hub's cache layout as a model repo at
+    ``commit`` (blobs/<sha256>, snapshots/<commit>/<name> -> ../../blobs/<sha256>, refs/main).
+    huggingface_hub has no writer for its cache but downloading; the tests check it reads this."""
+    import hashlib
+
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in sorted(files.iterdir()):
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, repo / "blobs" / blob)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
+    return snapshot
+
+
+def make_datasets_cache(datasets_cache: Path, name: str, config_name: str, rows: dict[str, list[str]],
+                        work: Path) -> None:
+    """Cache ``rows`` (split -> texts) as datasets caches the Hub dataset ``name`` /
+    ``config_name``, written by datasets itself: a folder named like the dataset holding parquet
+    files, with a card that declares the config as the Hub's card does, loaded once into
+    ``datasets_cache`` (<cache>/<name>/<config>/0.0.0/<hash>/<name>-<split>.arrow), where
+    ``load_dataset(name, config_name)`` looks offline."""
+    import datasets
+
+    folder = work / name
+    (folder / config_name).mkdir(parents=True)
+    card = ["---", "configs:", f"- config_name: {config_name}", "  data_files:"]
+    for split, texts in rows.items():
+        datasets.Dataset.from_dict({"text": texts}).to_parquet(folder / config_name / f"{split}-00000-of-00001.parquet")
+        card += [f"  - split: {split}", f"    path: {config_name}/{split}-*"]
+    (folder / "README.md").write_text("\n".join(card + ["---", ""]))
+    datasets.load_dataset(str(folder), config_name, cache_dir=str(datasets_cache))
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory) -> dict:
+    """A Hugging Face home (``hf_home``: hub/ and datasets/) that holds, under the default ids of
+    params.yaml, tiny stand-ins made from the local sources beside it (``local``: corpus/ with
+    WikiText's raw file names, tokenizer/, mamba/): the corpus's rows as the Hub's wikitext /
+    wikitext-2-raw-v1, the tokenizer as EleutherAI/gpt-neox-20b, the model as
+    state-spaces/mamba-130m-hf. ``env``: the variables that point the libraries at it, offline."""
+    root = tmp_path_factory.mktemp("hf_cache")
+    local = root / "local"
+    make_wikitext(local / "corpus")
+    make_tokenizer(local / "corpus", local / "tokenizer", train_file=WIKITEXT_FILES["train"])
+    make_transformers_mamba(vocab_size=264).save_pretrained(local / "mamba")
+    defaults = yaml.safe_load((REPO / "params.yaml").read_text())
+    hf_home = root / "home"
+    add_to_hub_cache(hf_home / "hub", defaults["dataset"]["tokenizer"], local / "tokenizer")
+    add_to_hub_cache(hf_home / "hub", defaults["pretrained"]["model_name"], local / "mamba")
+    rows = {split: wikitext_hub_rows(local / "corpus" / name) for split, name in WIKITEXT_FILES.items()}
+    make_datasets_cache(hf_home / "datasets", defaults["dataset"]["name"], defaults["dataset"]["config_name"],
+                        rows, root / "work")
+    env = {"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"),
+           "HF_DATASETS_CACHE": str(hf_home / "datasets"), "HF_HUB_OFFLINE": "1"}
+    return {"hf_home": hf_home, "local": local, "defaults": defaults, "rows": rows, "env": env}
 
 
 # ----------------------------------------------------------------------------- commands

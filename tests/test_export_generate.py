@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -104,6 +105,7 @@ def test_a_kept_decoder_gives_what_a_fresh_one_gives():
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, 264, (2, n), generator=g) for n in (5, 9)]
     decoder = Decoder(model, 2, "readout")
+    decoder.warm_up()  # steps on placeholder tokens, whose states the prefill must overwrite
     for prompt in prompts:  # the second call starts from the first call's states and must not see them
         kept = generate(model, prompt, 12, head="readout", temperature=0.0, decoder=decoder)
         assert torch.equal(kept, generate(model, prompt, 12, head="readout", temperature=0.0))
@@ -154,21 +156,51 @@ def test_generate_command_streams_the_greedy_text(sources, tmp_path):
         prompt = torch.tensor([tok.encode("the cat").ids])
         want = generate(model, prompt, 12, head=head, temperature=0.0)
         assert proc.stdout == "the cat" + tok.decode(want[0].tolist()) + "\n"
+        # stdout is the text alone (above); the log is on stderr, whole before the text starts
+        assert re.fullmatch(r"(\[generate\] [^\n]*\n)+", proc.stderr), proc.stderr
+        assert "[generate] Mamba mixer: plain-PyTorch reference scan" in proc.stderr
+        merged = subprocess.run([sys.executable, "-m", "samba.generate", str(tmp_path / "m"), "--prompt", "the cat",
+                                 "--max-new-tokens", "12", "--temperature", "0", "--head", head, "--device", "cpu"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tool_env())
+        assert merged.stdout == proc.stderr + proc.stdout  # unbuffered (tool_env), as on a terminal
     bad = subprocess.run([sys.executable, "-m", "samba.generate", str(tmp_path / "init"), "--prompt", "x"],
                          capture_output=True, text=True, env=tool_env())
-    assert bad.returncode == 2 and "records no tokenizer" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "records no tokenizer" in bad.stderr
     assert json.loads((tmp_path / "m/config.json").read_text())["format"] == "samba"
 
 
-def test_export_command_refuses_in_one_line(tmp_path):
+def test_generate_says_there_is_no_model_where_there_is_none(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "samba.generate", str(tmp_path / "nonexistent"), "--prompt", "x"],
+                          capture_output=True, text=True, env=tool_env())
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (f"[generate] error: {tmp_path / 'nonexistent'}: no model there; run the train stage "
+                           "first (dvc repro train)\n")
+
+
+def test_export_command_refuses_in_one_line(project, tmp_path):
     model = _model()
     model.set_sparsity_target(0.5)
     model.save_pretrained(tmp_path / "sparse")
-    proc = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "sparse"), str(tmp_path / "hf")],
-                          capture_output=True, text=True, env=tool_env())
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "[export] error:" in proc.stderr and "--drop-sparsity" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "sparse"), str(tmp_path / "hf"),
+                           "--data", str(project / "data")], capture_output=True, text=True, env=tool_env())
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr  # the cost measured, quietly
+    assert re.fullmatch(r"\[export\] error: .* \(test ppl [\d.]+ with it, [\d.]+ without, .*--drop-sparsity .*\n",
+                        proc.stderr), proc.stderr
     ok = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "sparse"), str(tmp_path / "hf"),
                          "--drop-sparsity"], capture_output=True, text=True, env=tool_env())
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "hf/config.json").is_file() and (tmp_path / "hf/readout.safetensors").is_file()
+
+
+def test_export_refuses_to_replace_a_directory_unless_forced(tmp_path):
+    _model().save_pretrained(tmp_path / "samba")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf/mine.txt").write_text("the user's")
+    command = [sys.executable, "-m", "samba.export", str(tmp_path / "samba"), str(tmp_path / "hf")]
+    proc = subprocess.run(command, capture_output=True, text=True, env=tool_env())
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"[export] error: {tmp_path / 'hf'} exists already; pass --force to replace it\n"
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["mine.txt"]
+    forced = subprocess.run(command + ["--force"], capture_output=True, text=True, env=tool_env())
+    assert forced.returncode == 0, forced.stderr
+    assert (tmp_path / "hf/config.json").is_file() and not (tmp_path / "hf/mine.txt").exists()

@@ -287,6 +287,33 @@ def test_graphed_generation_equals_eager():
     assert decoder.step.graph is not None
 
 
+def test_generate_command_logs_before_the_text(tmp_path):
+    """On CUDA the mixer's path and the step's capture are logged; all of it before the prompt is
+    written, so that stderr and stdout never interleave on a terminal."""
+    import subprocess
+    import sys
+
+    from conftest import make_corpus, make_tokenizer, tool_env
+
+    torch.manual_seed(7)
+    model = Samba(MIXER_CFG)
+    perturb_(model, seed=7)
+    make_corpus(tmp_path / "corpus")
+    make_tokenizer(tmp_path / "corpus", tmp_path / "tok")
+    model.save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": tmp_path / "tok/tokenizer.json"})
+    command = [sys.executable, "-m", "samba.generate", str(tmp_path / "m"), "--prompt", "the cat",
+               "--max-new-tokens", "24", "--temperature", "0", "--device", "cuda"]
+    apart = subprocess.run(command, capture_output=True, text=True, env=tool_env())
+    assert apart.returncode == 0, apart.stderr
+    print(apart.stderr)
+    assert "Mamba mixer: mamba-ssm CUDA kernels" in apart.stderr
+    assert "decoding step captured as a CUDA graph" in apart.stderr
+    assert apart.stdout.startswith("the cat") and len(apart.stdout) > len("the cat\n")
+    merged = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tool_env())
+    # unbuffered (tool_env), as on a terminal: the text comes last and whole, after every log line
+    assert merged.stdout.endswith(apart.stdout) and "captured as a CUDA graph" in merged.stdout[:-len(apart.stdout)]
+
+
 # ----------------------------------------------------------------------------- CUDA graphs in the stages
 
 def _gpu_params(tmp_path, sources, **training):
@@ -333,6 +360,73 @@ def test_graphed_training_equals_eager(sources, tmp_path, target):
     print(f"graphed vs eager training (sparsity {target}): worst weight rel err {worst:.2e}; losses {la[-1]:.4f} {lb[-1]:.4f}")
     assert worst < 1e-3
     assert la == pytest.approx(lb, rel=1e-3)
+
+
+@pytest.mark.parametrize("distill_weight", [1.0, 0.0])
+def test_graphed_distillation_equals_eager(sources, tmp_path, caplog, distill_weight):
+    """Distillation (KL and chunk MSE to a teacher, the teacher's forward without gradients)
+    inside the captured training step: captured, and the same weights and curves as eager.
+    distill_weight 0: chunk MSE only, the KL computed for the log on its loss-only path."""
+    import csv
+    import logging
+
+    from safetensors.torch import load_file
+
+    from samba.config import Params
+    from samba.convert import convert
+    from samba.data import prepare_tokens
+    from samba.train import train
+
+    data = _gpu_params(tmp_path, sources, lr=2.0e-3, distill_weight=distill_weight, distill_chunk_weight=0.5)
+    data["compute"]["precision"] = "fp32"
+    data["model"]["sparsity_target"] = 0.5
+    params = Params.from_dict(data, require_all=True)
+    prepare_tokens(params.dataset, tmp_path / "data")
+    convert(params, tmp_path / "init")
+    data["training"]["teacher"] = str(tmp_path / "teacher")
+    convert(Params.from_dict({**data, "training": {**data["training"], "seed": 9}}, require_all=True),
+            tmp_path / "teacher")  # another random init: a teacher that disagrees
+    results = {}
+    for graphs in (True, False):
+        data["compute"]["cuda_graphs"] = graphs
+        where = tmp_path / str(graphs)
+        with caplog.at_level(logging.INFO, logger="samba"):
+            caplog.clear()
+            train(Params.from_dict(data, require_all=True), tmp_path / "data", tmp_path / "init", where / "out",
+                  where / "metrics", where / "ckpt")
+        if graphs:
+            assert "training step captured as a CUDA graph" in caplog.text and "capture failed" not in caplog.text
+        with open(where / "metrics/plots/metrics/train/distill.tsv") as f:
+            kl = [float(r["distill"]) for r in csv.DictReader(f, delimiter="\t")]
+        results[graphs] = load_file(where / "out/model.safetensors"), kl
+    (wa, ka), (wb, kb) = results[True], results[False]
+    worst = max(relative_error(wa[k], wb[k]) for k in wa if wb[k].norm() > 0)
+    print(f"graphed vs eager distillation: worst weight rel err {worst:.2e}; KL {ka[0]:.4f} -> {ka[-1]:.4f}")
+    assert worst < 1e-3
+    # (the KL grows here: the teacher, a random init, predicts near-uniformly, the student learns the
+    # data; that distillation pulls a student towards its teacher is tests/test_distill.py's)
+    assert ka == pytest.approx(kb, rel=1e-3) and ka[0] > 0
+
+
+def test_linear_kl_divergence_bf16_matches_full_logits():
+    """The sliced KL under bf16 autocast against fp64 full logits of the same bf16-rounded operands."""
+    from samba.ops import linear_kl_divergence
+
+    hidden, weight, _ = _head_case(seed=13)
+    t_hidden, t_weight, _ = _head_case(seed=14)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        ours = linear_kl_divergence(h, w, t_hidden, t_weight, slice_tokens=128)
+    (2.0 * ours).backward()
+    hr, wr = hidden.bfloat16().double().requires_grad_(), weight.bfloat16().double().requires_grad_()
+    log_ps = torch.log_softmax(hr @ wr.t(), -1)
+    log_pt = torch.log_softmax(t_hidden.bfloat16().double() @ t_weight.bfloat16().double().t(), -1)
+    ref = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    (2.0 * ref).backward()
+    errs = [relative_error(ours.double(), ref), relative_error(h.grad.double(), hr.grad),
+            relative_error(w.grad.double(), wr.grad)]
+    print("linear KL bf16: loss, d(hidden), d(weight) rel err " + ", ".join(f"{e:.1e}" for e in errs))
+    assert errs[0] < 1e-3 and errs[1] < 2e-2 and errs[2] < 2e-2
 
 
 @pytest.mark.parametrize("signal_name,at", [("INT", 13), ("KILL", 21)], ids=["ctrl-c", "kill-9"])
@@ -440,3 +534,45 @@ def test_loading_onto_the_gpu_gives_the_same_model(tmp_path):
     assert direct.embedding.weight.device.type == "cuda" and direct.sparsity_fraction.device.type == "cuda"
     a, b = direct.state_dict(), moved.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- lm-eval's log-likelihoods on CUDA
+
+@pytest.mark.parametrize("head", ["main", "readout"])
+def test_zeroshot_loglikelihoods_graphed_equal_eager_and_the_full_logits(head, caplog):
+    """samba.zeroshot's scorer: CUDA-graph batches (captured: 12 batches of one shape) against
+    eager ones, and against one full forward per request (fp32); bf16 autocast close to fp32."""
+    import logging
+
+    from samba.zeroshot import Scorer
+
+    torch.manual_seed(8)
+    model = Samba(MIXER_CFG).cuda().eval()
+    perturb_(model, seed=8)
+    model.set_sparsity_target(0.5)
+    g = torch.Generator().manual_seed(9)
+    sizes = [(int(n), int(m)) for n, m in zip(torch.randint(20, 56, (48,), generator=g),
+                                                torch.randint(1, 9, (48,), generator=g))]
+    pairs = [(torch.randint(0, MIXER_CFG.vocab_size, (n,), generator=g).tolist(),
+              torch.randint(0, MIXER_CFG.vocab_size, (m,), generator=g).tolist()) for n, m in sizes]
+
+    def score(graphs, dtype=None):
+        return Scorer(model, head, dtype, graphs, batch_size=4, batch_tokens=0, max_length=128).score(pairs)
+
+    with caplog.at_level(logging.INFO, logger="samba.cuda_graphs"):
+        graphed = score(True)
+    assert "captured as a CUDA graph" in caplog.text
+    eager = score(False)
+    worst = max(abs(a[0] - b[0]) for a, b in zip(graphed, eager))
+    print(f"zeroshot scorer {head}: graphed vs eager max abs diff {worst:.2e}")
+    assert worst < 1e-4 and [a[1] for a in graphed] == [b[1] for b in eager]
+    for (context, continuation), (ll, _) in list(zip(pairs, graphed))[:6]:
+        with torch.no_grad():
+            out = model(torch.tensor([context + continuation], device="cuda"))
+        logits = (out.logits if head == "main" else out.readout_logits)[0].double().log_softmax(-1)
+        want = sum(float(logits[len(context) - 1 + j, t]) for j, t in enumerate(continuation))
+        assert ll == pytest.approx(want, abs=1e-3)
+    bf16 = score(True, torch.bfloat16)
+    rel = max(abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(bf16, graphed))
+    print(f"zeroshot scorer {head}: bf16 vs fp32 worst relative diff {rel:.2e}")
+    assert rel < 0.1  # bf16 rounds near-equal entries to either side of the top-k cut (see the decoding test)

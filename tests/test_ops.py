@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samba.ops import linear_cross_entropy, linear_nll_and_correct, selective_scan_reference
+from samba.ops import linear_cross_entropy, linear_kl_divergence, linear_nll_and_correct, selective_scan_reference
 from samba.ops.selective_scan import _prefix_scan
+
+from conftest import count_slice_calls
 
 
 def naive_selective_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -82,6 +84,80 @@ def test_linear_cross_entropy_matches_full_logits(slice_tokens):
     g_ref = torch.autograd.grad(3.0 * ref, (hidden, weight))
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _kl_reference(hidden, weight, teacher_hidden, teacher_weight):
+    """Mean per-token KL(teacher || student) from full fp64 logits, the textbook sum."""
+    log_ps = torch.log_softmax((hidden @ weight.t()).reshape(-1, weight.shape[0]).double(), dim=-1)
+    log_pt = torch.log_softmax((teacher_hidden @ teacher_weight.t()).reshape(-1, weight.shape[0]).double(), dim=-1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("slice_tokens,dtype", [(1, torch.float64), (5, torch.float64), (64, torch.float64),
+                                                (7, torch.float32)])
+def test_linear_kl_divergence_matches_full_logits_in_fp64(slice_tokens, dtype):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 11, 8, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = torch.randn(37, 8, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    teacher_hidden = torch.randn(2, 11, 6, generator=g, dtype=torch.float64).to(dtype)  # another width
+    teacher_weight = torch.randn(37, 6, generator=g, dtype=torch.float64).to(dtype)
+    ours = linear_kl_divergence(hidden, weight, teacher_hidden, teacher_weight, slice_tokens=slice_tokens)
+    ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight)]
+    ref = _kl_reference(*ref_in, teacher_hidden.double(), teacher_weight.double())
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+    assert ref > 0.5  # distributions that really differ
+    torch.testing.assert_close(ours.double(), ref, **tol)
+    g_ours = torch.autograd.grad(3.0 * ours, (hidden, weight))
+    g_ref = torch.autograd.grad(3.0 * ref, ref_in)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+def test_linear_kl_divergence_of_a_model_to_itself_is_zero_and_refuses_mismatches():
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(9, 8, generator=g), torch.randn(20, 8, generator=g)
+    assert linear_kl_divergence(hidden, weight, hidden, weight, slice_tokens=4).abs() < 1e-6
+    with pytest.raises(ValueError, match="do not match"):
+        linear_kl_divergence(hidden, weight, hidden[:5], weight)
+    with pytest.raises(ValueError, match="do not match"):
+        linear_kl_divergence(hidden, weight, hidden, weight[:10])
+
+
+def test_linear_cross_entropy_computes_gradients_only_when_autograd_uses_them(monkeypatch):
+    # Under no_grad the inputs still require grad (ctx.needs_input_grad stays True), yet
+    # nothing will call backward: every slice must take the loss-only path, same value.
+    calls = count_slice_calls(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 11, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 37, (2, 11), generator=g)
+    ref = F.cross_entropy((hidden @ weight.t()).view(-1, 37), targets.view(-1)).detach()
+    with torch.no_grad():
+        ours = linear_cross_entropy(hidden, weight, targets, slice_tokens=5)  # 5 slices
+    assert calls == {"grad": 0, "loss": 5} and not ours.requires_grad
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    calls.update(grad=0, loss=0)  # grad mode on: every slice gives its share of the gradient
+    linear_cross_entropy(hidden, weight, targets, slice_tokens=5).backward()
+    assert calls == {"grad": 5, "loss": 0} and hidden.grad is not None and weight.grad is not None
+
+
+def test_linear_kl_divergence_computes_gradients_only_when_autograd_uses_them(monkeypatch):
+    # as for the cross-entropy: a KL computed under no_grad (distill_weight 0 with a teacher,
+    # reported only) takes the loss-only path in every slice, same value
+    calls = count_slice_calls(monkeypatch, "kl")
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 11, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(2, 11, 6, generator=g, dtype=torch.float64)
+    teacher_weight = torch.randn(37, 6, generator=g, dtype=torch.float64)
+    ref = _kl_reference(hidden.detach(), weight.detach(), teacher_hidden, teacher_weight)
+    with torch.no_grad():
+        ours = linear_kl_divergence(hidden, weight, teacher_hidden, teacher_weight, slice_tokens=5)
+    assert calls == {"grad": 0, "loss": 5} and not ours.requires_grad
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    calls.update(grad=0, loss=0)
+    linear_kl_divergence(hidden, weight, teacher_hidden, teacher_weight, slice_tokens=5).backward()
+    assert calls == {"grad": 5, "loss": 0} and hidden.grad is not None and weight.grad is not None
 
 
 def test_linear_cross_entropy_rejects_mismatched_targets():

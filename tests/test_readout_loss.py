@@ -7,9 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from samba import ModelConfig, Samba
-from samba.loss import samba_loss
+from samba.loss import PART_NAMES, SambaObjective, samba_loss
+from samba.sparsity import PENALTIES
+from samba.config import TrainingConfig
+from samba.train import training_objective, training_step
 
-from conftest import perturb_
+from conftest import count_slice_calls, perturb_
 
 CFG = ModelConfig(vocab_size=50, d_model=16, n_layers=6, d_state=4, d_conv=4, expand_factor=2,
                   readout_hidden_dim=12, readout_stride=2)
@@ -109,6 +112,108 @@ def test_zero_weights_give_plain_next_token_cross_entropy(model):
             assert n not in grads or grads[n].abs().max() == 0
         else:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("penalty", ["l1", "hoyer"])
+def test_penalty_is_taken_on_the_dense_chunk_outputs_before_top_k(model, penalty):
+    # The penalty sees each chunk's output before top-k zeroes its smallest entries, so that it
+    # pushes exactly those entries towards 0. Taken after top-k it would see other numbers, and
+    # no gradient would reach the dropped entries (d/dx of x * mask is the mask).
+    model.set_sparsity_target(0.5)  # 8 of 16 entries zeroed per token, training's device-tensor path
+    ids, targets = _batch()
+    seen = []  # each chunk's output as the model made it, its gradient kept
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        seen.append(out)
+
+    hooks = [chunk.register_forward_hook(keep) for chunk in model.chunks]
+    parts = samba_loss(model, ids, targets, readout_weight=0.0, pruning_weight=1.0, penalty=penalty)
+    for hook in hooks:
+        hook.remove()
+    parts.penalty.backward()
+    # by hand: chunk by chunk, the 8 smallest |x| zeroed by sorting before the next chunk
+    with torch.no_grad():
+        x, dense, sparse = model.embedding(ids).float(), [], []
+        for chunk in model.chunks:
+            x = chunk(x)
+            dense.append(x)
+            x = x.scatter(-1, x.abs().argsort(dim=-1, stable=True)[..., :8], 0.0)
+            sparse.append(x)
+    on_dense, on_sparse = PENALTIES[penalty](dense), PENALTIES[penalty](sparse)
+    torch.testing.assert_close(parts.penalty.detach(), on_dense, rtol=1e-6, atol=0)
+    assert (on_dense - on_sparse).abs() > 0.05 * on_dense  # the two places give different numbers
+    # a dropped entry's gradient is the penalty's own (nothing downstream sees it): not 0
+    leaves = [d.clone().requires_grad_() for d in dense]
+    direct = torch.autograd.grad(PENALTIES[penalty](leaves), leaves)
+    for c, (out, s, d) in enumerate(zip(seen, sparse, direct)):
+        dropped = s == 0
+        assert int(dropped.sum()) == 8 * s.shape[0] * s.shape[1], c
+        assert (d[dropped] != 0).all(), c
+        torch.testing.assert_close(out.grad[dropped], d[dropped], rtol=1e-5, atol=1e-12, msg=f"chunk {c}")
+
+
+def test_a_zero_weight_term_is_reported_without_gradient_work(model, monkeypatch):
+    # readout_weight 0 and pruning_weight 0 in a training step, the readout left trainable (the
+    # train stage also freezes it): its CE and the penalty are computed for the log only, so the
+    # sliced CE makes the main head's gradient and no other; the reported values are exact.
+    calls = count_slice_calls(monkeypatch)
+    ids, targets = _batch(seed=4)
+    with torch.no_grad():
+        out = model(ids)
+    expected = {"main_ce": F.cross_entropy(out.logits.reshape(-1, 50), targets.reshape(-1)),
+                "readout_ce": F.cross_entropy(out.readout_logits.reshape(-1, 50), targets.reshape(-1)),
+                "penalty": _hand_penalty(out.chunk_outputs, "hoyer")}
+    expected["loss"] = expected["main_ce"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = training_step(SambaObjective(model, 0.0, 0.0, "hoyer"), optimizer, list(model.parameters()),
+                         1.0, torch.device("cpu"), None)
+    values = step(ids, targets)
+    assert calls == {"grad": 1, "loss": 1}  # main head: loss and gradient; readout: loss only
+    for name, value in zip(PART_NAMES, values):
+        torch.testing.assert_close(value, expected[name].float(), rtol=1e-5, atol=1e-6, msg=name)
+    assert all(p.grad is None for p in model.readout.parameters())
+
+
+def test_chunk_only_distillation_reports_the_kl_without_its_gradient(model, monkeypatch):
+    # distill_weight 0 with distill_chunk_weight > 0: the train stage loads a teacher and
+    # reports the KL of the main heads, which trains nothing; no slice may make its gradient
+    import copy
+
+    from samba.distill import Teacher
+
+    teacher_model = copy.deepcopy(model)
+    perturb_(teacher_model, seed=7)
+    calls = count_slice_calls(monkeypatch, "kl")
+    ids, targets = _batch(seed=6)
+    with torch.no_grad():
+        log_ps = torch.log_softmax(model(ids).logits.reshape(-1, 50).double(), -1)
+        log_pt = torch.log_softmax(teacher_model(ids).logits.reshape(-1, 50).double(), -1)
+    expected = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    objective = SambaObjective(model, 0.5, 0.0, "hoyer", teacher=Teacher(teacher_model), distill_weight=0.0,
+                               distill_chunk_weight=1.0)
+    step = training_step(objective, torch.optim.SGD(model.parameters(), lr=0.1), list(model.parameters()),
+                         1.0, torch.device("cpu"), None)
+    values = dict(zip(objective.part_names, step(ids, targets)))
+    assert calls == {"grad": 0, "loss": 1}
+    assert values["distill"] > 0.01
+    torch.testing.assert_close(values["distill"].double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_the_stage_objective_freezes_an_unweighted_readout_and_still_reports_it(model):
+    # train.training_objective (what the train stage and benchmarks/train_step.py build)
+    ids, targets = _batch(seed=5)
+    with torch.no_grad():
+        readout = F.cross_entropy(model(ids).readout_logits.reshape(-1, 50), targets.reshape(-1))
+    training_objective(model, TrainingConfig(readout_weight=0.5))
+    assert all(p.requires_grad for p in model.parameters())
+    objective = training_objective(model, TrainingConfig(readout_weight=0.0, pruning_weight=0.05,
+                                                         pruning_penalty="l1"))
+    assert (objective.readout_weight, objective.pruning_weight, objective.penalty) == (0.0, 0.05, "l1")
+    for name, p in model.named_parameters():
+        assert p.requires_grad != name.startswith("readout."), name
+    total, values = objective(ids, targets)
+    torch.testing.assert_close(values[2], readout, rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_reach_every_trainable_parameter(model):

@@ -219,13 +219,20 @@ def test_a_samba_directory_seeds_the_pipeline(sources, tmp_path):
 
 # ----------------------------------------------------------------------------- the frontier
 
-def _exp(name, pruning_weight, target, l0, ppl, readout_ppl, baseline_ppl=50.0):
+def _exp(name, pruning_weight, target, l0, ppl, readout_ppl, baseline_ppl=50.0, seed=0, lr=1e-4, distill=0.0,
+         accuracy=0.4, readout_accuracy=0.38):
     sparsity = {"l0": l0, "l0_min_chunk": l0 - 0.01, "near_zero_rel": l0 + 0.005}
     return {"rev": name * 4, "name": name, "data": {
-        "params": {"params.yaml": {"data": {"training": {"pruning_weight": pruning_weight, "lr": 1e-4},
+        "params": {"params.yaml": {"data": {"training": {"pruning_weight": pruning_weight, "lr": lr, "seed": seed,
+                                                         "distill_weight": distill},
                                             "model": {"sparsity_target": target}}}},
         "metrics": {"metrics/eval.json": {"data": {"ppl": ppl, "readout_ppl": readout_ppl, "sparsity": sparsity,
+                                                   "accuracy": accuracy, "readout_accuracy": readout_accuracy,
                                                    "baseline": {"ppl": baseline_ppl}}}}}}
+
+
+def _shown(exps):
+    return [{"rev": "workspace", "data": {}, "experiments": [{"revs": [e]} for e in exps]}]
 
 
 def test_frontier_table_and_plot(tmp_path):
@@ -234,17 +241,52 @@ def test_frontier_table_and_plot(tmp_path):
     exps = [_exp("control", 0.0, 0.0, 0.0, 60.0, 61.0), _exp("l1", 0.05, 0.0, 0.0, 61.0, 62.0),
             _exp("topk50", 0.0, 0.5, 0.5, 62.0, 62.5), _exp("topk75", 0.0, 0.75, 0.75, 63.0, 63.1),
             _exp("topk75-worse", 0.05, 0.75, 0.75, 66.0, 66.2), _exp("topk90", 0.0, 0.9, 0.9, 80.0, 81.0)]
-    shown = [{"rev": "workspace", "data": {}, "experiments": [{"revs": [e]} for e in exps]}]
-    rows = {r["experiment"]: r for r in write_frontier(shown, tmp_path)}
+    rows = {r["experiment"]: r for r in write_frontier(_shown(exps), tmp_path)}
     assert rows["control"]["control"] and rows["topk75"]["ppl_vs_control"] == pytest.approx(63 / 60 - 1)
     assert rows["topk75"]["ppl_vs_baseline"] == pytest.approx(63 / 50 - 1)
     assert rows["topk90"]["readout_vs_main"] == pytest.approx(81 / 80 - 1)
+    assert rows["topk90"]["readout_acc_vs_main"] == pytest.approx(0.38 / 0.4)
     # on the front: no run with as many zeros at no higher ppl
     assert {n for n, r in rows.items() if r["pareto"]} == {"control", "topk50", "topk75", "topk90"}
     assert set(rows["l1"]["params"]) == {"training.pruning_weight", "model.sparsity_target"}
     text = (tmp_path / "frontier.md").read_text()
-    assert "Control: `control`" in text and "| topk75 | " in text and "+5.0%" in text
+    assert "Best control: `control`" in text and "| topk75 | 1 | " in text and "+5.0%" in text
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
+
+
+def test_frontier_groups_seeds_and_compares_with_the_control_of_the_same_schedule(tmp_path):
+    import json
+    import statistics
+
+    from samba.frontier import write_frontier
+
+    exps = [_exp(f"control-s{s}", 0.0, 0.0, 0.0, p, p + 1, seed=s, accuracy=a)
+            for s, p, a in ((0, 62.77, 0.356), (1, 62.99, 0.355), (2, 62.79, 0.357))]
+    exps += [_exp("control-lr3", 0.0, 0.0, 0.0, 69.3, 70.0, lr=3e-4)]  # overfits
+    exps += [_exp(f"topk90-kl-s{s}", 0.0, 0.9, 0.9, p, p + 2, seed=s, lr=3e-4, distill=3.0, accuracy=0.35,
+                  readout_accuracy=r) for s, p, r in ((0, 65.79, 0.335), (1, 65.41, 0.336), (2, 65.91, 0.331))]
+    rows = {r["experiment"]: r for r in write_frontier(_shown(exps), tmp_path)}
+    assert set(rows) == {"control-s0", "control-lr3", "topk90-kl-s0"}  # one row per seed group
+    control, kl = rows["control-s0"], rows["topk90-kl-s0"]
+    assert control["n_seeds"] == kl["n_seeds"] == 3 and kl["seeds"] == [0, 1, 2]
+    assert kl["experiments"] == ["topk90-kl-s0", "topk90-kl-s1", "topk90-kl-s2"]
+    assert kl["ppl"] == pytest.approx((65.79 + 65.41 + 65.91) / 3)
+    assert kl["ppl_std"] == pytest.approx(statistics.stdev([65.79, 65.41, 65.91]))
+    assert control["ppl"] == pytest.approx((62.77 + 62.99 + 62.79) / 3)
+    # against the control of its own schedule (lr 3e-4), and against the best control (lr 1e-4)
+    assert kl["control_experiment"] == "control-lr3" and kl["ppl_vs_control"] == pytest.approx(kl["ppl"] / 69.3 - 1)
+    assert kl["ppl_vs_best_control"] == pytest.approx(kl["ppl"] / control["ppl"] - 1)
+    assert kl["ppl_vs_best_control"] == pytest.approx(0.045, abs=0.001)  # RESEARCH.md's +4.5%
+    assert kl["readout_acc_vs_main"] == pytest.approx((0.335 + 0.336 + 0.331) / 3 / 0.35)
+    assert kl["accuracy"] == pytest.approx(0.35) and control["accuracy"] == pytest.approx(0.356)
+    assert set(kl["params"]) == {"training.lr", "training.distill_weight", "model.sparsity_target"}
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    assert saved["control"] == "control-s0" and len(saved["rows"]) == 3
+    assert "65.703 ± 0.261" in (tmp_path / "frontier.md").read_text()
+    # --control names one experiment: its group is every row's control
+    rows = {r["experiment"]: r for r in write_frontier(_shown(exps), tmp_path, "control-s1")}
+    assert rows["topk90-kl-s0"]["control_experiment"] == "control-s0"
+    assert rows["topk90-kl-s0"]["ppl_vs_control"] == pytest.approx(kl["ppl_vs_best_control"])
 
 
 def test_frontier_refusals(tmp_path):

@@ -4,6 +4,7 @@ training resumes after an interruption; a frozen backbone stays put."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -46,6 +47,23 @@ def test_convert_random_init_is_seeded(sources, tmp_path):
     a, b, c = (load_file(tmp_path / n / "model.safetensors") for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["embedding.weight"], c["embedding.weight"])
+
+
+def test_convert_says_why_its_check_takes_the_reference_path(sources, tmp_path, caplog, monkeypatch):
+    from samba.ops import kernels
+
+    monkeypatch.setattr(kernels, "_announced", set())  # each path is logged once per process
+    params = params_with(sources, pretrained={"use_pretrained": False})
+    assert params.compute.backend == "auto"
+    with caplog.at_level(logging.INFO, logger="samba"):
+        convert(params, tmp_path / "init")
+        Samba(params.model, backend="reference")(torch.zeros(1, 3, dtype=torch.long))  # outside convert
+    paths = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Mamba mixer:")]
+    assert paths == ["Mamba mixer: plain-PyTorch reference scan (convert checks the written model's logits on it, "
+                     "whatever compute.backend says: the check is of the weights, which are the same on either "
+                     "path, and this path is independent of the mamba-ssm kernels that transformers' "
+                     "MambaForCausalLM calls on the GPU)",
+                     "Mamba mixer: plain-PyTorch reference scan (forced by backend='reference')"]
 
 
 def test_convert_refuses_a_model_section_that_disagrees(sources, tmp_path):

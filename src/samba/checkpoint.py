@@ -12,6 +12,9 @@ Three directory formats are read:
 - an export (``samba.export``): a transformers directory plus ``samba.json`` (Samba's config)
   and ``readout.safetensors``: read back as the whole Samba model.
 
+The model is built through the class passed in (``Samba.from_pretrained`` passes itself), so
+this module never imports ``model``: imports go model -> checkpoint only.
+
 A Mamba checkpoint's layer ``i`` becomes chunk ``i // stride``, layer ``i % stride``; the
 readout has no pretrained weights and starts freshly initialised. Every weight the model
 expects must be present with its exact shape, and nothing may be left over; a weight that is
@@ -25,14 +28,16 @@ import math
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
+from .errors import UserError
 from .io import atomic_dir
-from .model import Samba
+from .paths import resolve_local_path
 
 SAMBA_FORMAT = "samba"
 CONFIG_FILE = "config.json"
@@ -43,15 +48,16 @@ MIXER_PARAMS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight
                 "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be read as, or does not fit, the model asked for."""
 
 
 # ----------------------------------------------------------------------------- sources
 
 def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
-    """A local directory as is; anything else is taken for a Hub repo id and downloaded."""
-    path = Path(name_or_path).expanduser()
+    """A local directory (a relative one read as ``paths.resolve_local_path`` says); anything
+    else is taken for a Hub repo id and downloaded."""
+    path = resolve_local_path(str(name_or_path))
     if path.is_dir():
         return path
     if path.exists():
@@ -245,7 +251,7 @@ def _names(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_state_strict(model: Samba, state: Mapping[str, torch.Tensor], where: str,
+def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], where: str,
                       skip_prefix: str | None = None) -> None:
     """Copy ``state`` (Samba's own keys, read from ``where``) into ``model``; every key must
     exist with the same shape, none missing. Keys under ``skip_prefix`` may be absent."""
@@ -265,27 +271,31 @@ def load_state_strict(model: Samba, state: Mapping[str, torch.Tensor], where: st
 
 # ----------------------------------------------------------------------------- public
 
-def load_model(name_or_path: str | Path, backend: str = "auto", device: str | torch.device | None = None,
-               **overrides) -> Samba:
+ModelClass = Callable[..., nn.Module]  # Samba: model_class(config, backend=backend)
+
+
+def load_model(model_class: ModelClass, name_or_path: str | Path, backend: str = "auto",
+               device: str | torch.device | None = None, **overrides) -> nn.Module:
     """See ``Samba.from_pretrained``."""
     directory = resolve_checkpoint_dir(name_or_path)
     if (directory / EXPORT_CONFIG_FILE).is_file():
-        model = load_export(directory, backend)
+        model = load_export(model_class, directory, backend)
     else:
         fmt, config = checkpoint_model_config(directory, **overrides)
-        model = model_from_weights(fmt, config, read_weights(directory), backend, where=str(directory),
-                                   device=device if fmt == SAMBA_FORMAT else None)
+        model = model_from_weights(model_class, fmt, config, read_weights(directory), backend,
+                                   where=str(directory), device=device if fmt == SAMBA_FORMAT else None)
     return model.to(device) if device is not None else model
 
 
-def load_export(directory: Path, backend: str = "auto") -> Samba:
+def load_export(model_class: ModelClass, directory: Path, backend: str = "auto") -> nn.Module:
     """A directory written by ``samba.export``: the transformers backbone, the readout beside."""
     try:
         config = ModelConfig.from_dict(json.loads((directory / EXPORT_CONFIG_FILE).read_text())["model"],
                                        prefix="model")
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{directory / EXPORT_CONFIG_FILE}: not a Samba export config ({err})") from None
-    model = model_from_weights("transformers", config, read_weights(directory), backend, where=str(directory))
+    model = model_from_weights(model_class, "transformers", config, read_weights(directory), backend,
+                               where=str(directory))
     readout = read_safetensors(directory / READOUT_FILE)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("readout.")}  # in already
     state.update({k: v.float() for k, v in readout.items()})
@@ -293,13 +303,13 @@ def load_export(directory: Path, backend: str = "auto") -> Samba:
     return model
 
 
-def model_from_weights(fmt: str, config: ModelConfig, weights: Mapping[str, torch.Tensor],
+def model_from_weights(model_class: ModelClass, fmt: str, config: ModelConfig, weights: Mapping[str, torch.Tensor],
                        backend: str = "auto", where: str = "the checkpoint",
-                       device: str | torch.device | None = None) -> Samba:
-    """A Samba model holding a checkpoint's tensors (as ``read_weights`` returns them), built on
-    ``device`` (the CPU by default: a Mamba checkpoint's readout keeps the CPU's random init)."""
+                       device: str | torch.device | None = None) -> nn.Module:
+    """A ``model_class`` (Samba) holding a checkpoint's tensors (as ``read_weights`` returns them),
+    built on ``device`` (the CPU by default: a Mamba checkpoint's readout keeps the CPU's random init)."""
     with torch.device(device if device is not None else "cpu"):
-        model = Samba(config, backend=backend)
+        model = model_class(config, backend=backend)
     if fmt == SAMBA_FORMAT:
         load_state_strict(model, {k: v.float() for k, v in weights.items()}, where)
     else:
@@ -308,7 +318,7 @@ def model_from_weights(fmt: str, config: ModelConfig, weights: Mapping[str, torc
     return model
 
 
-def save_model(model: Samba, path: str | Path, extra_files: Mapping[str, Path] | None = None) -> None:
+def save_model(model: nn.Module, path: str | Path, extra_files: Mapping[str, Path] | None = None) -> None:
     """Write ``config.json`` + ``model.safetensors`` (+ ``extra_files``, name -> source file);
     an existing directory is replaced only once the new one is complete, so a failure never
     leaves a half-written model."""

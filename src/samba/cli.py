@@ -6,19 +6,10 @@ import logging
 import sys
 from typing import Callable
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .convert import ConversionError
-from .data import DataError
-from .evaluate import QualityError
-from .export import ExportError
-from .frontier import FrontierError
-from .hub import HubUnavailableError
-from .io import OutputError
-from .train import TrainingInterrupted
+from .errors import TrainingInterrupted, UserError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, HubUnavailableError, ConversionError,
-               QualityError, ExportError, FrontierError, OutputError, FloatingPointError)
+# FloatingPointError: a non-finite training loss (train.py names the step and what to change).
+USER_ERRORS = (UserError, FloatingPointError)
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
@@ -31,7 +22,9 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     try:
         main()
     except USER_ERRORS as err:
-        print(f"[{name}] error: {err}", file=sys.stderr)
+        # one line, whatever a library's message (quoted into ours) spreads over
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"[{name}] error: {message}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except TrainingInterrupted as err:
         print(f"[{name}] {err}", file=sys.stderr)

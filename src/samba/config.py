@@ -17,8 +17,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
@@ -162,6 +164,16 @@ class DatasetConfig(Section):
     name: str = "wikitext"
     config_name: str = "wikitext-2-raw-v1"
     tokenizer: str = "EleutherAI/gpt-neox-20b"
+    # [start, end): the part of the train split to keep, as fractions of its tokens, cut at
+    # article boundaries (data.cut_articles); validation and test are never cut.
+    train_range: tuple[float, ...] = (0.0, 1.0)
+
+    def __post_init__(self):
+        _require(len(self.train_range) == 2, "train_range",
+                 f"must be [start, end], two fractions, got {list(self.train_range)}")
+        start, end = self.train_range
+        _require(0 <= start < end <= 1, "train_range",
+                 f"must be [start, end] with 0 <= start < end <= 1, got {list(self.train_range)}")
 
 
 @dataclass(frozen=True)
@@ -187,6 +199,11 @@ class TrainingConfig(Section):
     pruning_weight: float = 0.5
     pruning_penalty: typing.Literal["l1", "hoyer"] = "hoyer"  # see sparsity.PENALTIES; the seed's: l1 at 0.05
     sparsity_warmup_steps: int = 0  # model.sparsity_target is reached linearly over these steps
+    # Distillation (distill.py): KL(teacher || student) of the main heads, per token, in nats;
+    # and a normalised MSE of each chunk output (before top-k) to the teacher's.
+    distill_weight: float = 0.0
+    distill_chunk_weight: float = 0.0
+    teacher: str = "models/init"  # a model directory; models/init is the converted baseline
     keep: typing.Literal["last", "best"] = "last"  # best: lowest validation ppl after the warm-up
     log_every: int = 10
     eval_every: int = 200
@@ -200,7 +217,8 @@ class TrainingConfig(Section):
         for name in ("max_steps", "warmup_steps", "seed", "sparsity_warmup_steps"):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        for name in ("weight_decay", "grad_clip", "readout_weight", "pruning_weight"):
+        for name in ("weight_decay", "grad_clip", "readout_weight", "pruning_weight", "distill_weight",
+                     "distill_chunk_weight"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value}")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
@@ -266,6 +284,23 @@ class Params(Section):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+def describe_yaml_error(err: yaml.YAMLError) -> str:
+    """PyYAML's message (several lines, with a quote of the text) as one line that still says
+    where and what: 'at line 2, column 6: expected ',' or ']', but got ':' (while parsing a flow
+    sequence started at line 1, column 11)'. Lines and columns count from 1, as editors do."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem is None:
+        return ": " + " ".join(str(err).split())
+    where = f"at {at(err.problem_mark)}: " if err.problem_mark is not None else ": "
+    context = ""
+    if err.context:
+        started = f" started at {at(err.context_mark)}" if err.context_mark is not None else ""
+        context = f" ({err.context}{started})"
+    return where + " ".join(err.problem.split()) + context
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and check ``params.yaml``; every section must be present and every key known."""
     path = Path(path)
@@ -274,7 +309,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML {describe_yaml_error(err)}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: must hold a mapping of sections")
     missing = [f.name for f in dataclasses.fields(Params) if f.name not in data]

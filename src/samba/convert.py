@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import SAMBA_FORMAT, checkpoint_model_config, model_from_weights, read_weights, resolve_checkpoint_dir
 from .config import Params
+from .errors import UserError
 from .io import atomic_dir
 from .model import Samba
 from .ops import kernels
@@ -27,9 +28,13 @@ from .runtime import seed_everything
 logger = logging.getLogger(__name__)
 CHECK_SHAPE = (2, 64)  # token ids compared between source and converted model
 CHECK_TOLERANCE = 1e-4  # relative error of logits, fp32
+# Why the models built here take the plain-PyTorch path whatever compute.backend says (the log says it)
+REFERENCE_WHY = ("convert checks the written model's logits on it, whatever compute.backend says: the check "
+                 "is of the weights, which are the same on either path, and this path is independent of the "
+                 "mamba-ssm kernels that transformers' MambaForCausalLM calls on the GPU")
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError, RuntimeError):
     """The converted model does not compute what its source computes."""
 
 
@@ -73,12 +78,12 @@ def convert(params: Params, out_dir: str | Path) -> dict:
     pre = params.pretrained
     # the architecture; the baseline is dense, so sparsity_target is not the checkpoint's business
     model_overrides = {k: v for k, v in params.model.to_dict().items() if k != "sparsity_target"}
-    with atomic_dir(out_dir) as tmp:
+    with kernels.reference_forced_by(REFERENCE_WHY), atomic_dir(out_dir) as tmp:
         if pre.use_pretrained:
             source = resolve_checkpoint_dir(pre.model_name)
             fmt, config = checkpoint_model_config(source, **model_overrides)
             weights = read_weights(source)  # read once, for both the model and the reference
-            model = model_from_weights(fmt, config, weights, backend="reference", where=str(source))
+            model = model_from_weights(Samba, fmt, config, weights, backend="reference", where=str(source))
             if model.config.sparsity_target:
                 logger.info("the source zeroes %.0f%% of each chunk output; the baseline written here is dense",
                             100 * model.config.sparsity_target)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .checkpoint import require_model_dir
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .data import TokenWindows, check_vocab, load_split, read_meta
+from .errors import UserError
 from .io import atomic_dir, write_json_atomic
 from .model import Samba
 from .ops import kernels, linear_nll_and_correct
@@ -39,7 +40,7 @@ SUMMARY_KEYS = ("ppl", "loss", "readout_ppl", "readout_loss", "accuracy", "reado
                 "prune_curve")
 
 
-class QualityError(RuntimeError):
+class QualityError(UserError, RuntimeError):
     """The trained model lost more quality than ``eval.max_ppl_increase`` allows."""
 
 

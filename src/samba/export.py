@@ -1,6 +1,6 @@
 """Export a Samba model to a transformers ``MambaForCausalLM`` directory.
 
-    python -m samba.export MODEL_DIR OUT_DIR [--drop-sparsity] [--data data/tokenized]
+    python -m samba.export MODEL_DIR OUT_DIR [--drop-sparsity] [--data data/tokenized] [--force]
 
 OUT_DIR holds what transformers reads (``config.json``, ``model.safetensors``, and the
 tokenizer files when the model recorded its tokenizer), so ``MambaForCausalLM.from_pretrained``
@@ -25,14 +25,16 @@ from safetensors.torch import save_file
 
 from .checkpoint import EXPORT_CONFIG_FILE, READOUT_FILE, WEIGHTS_FILE, backbone_key_map, require_model_dir
 from .data import TOKENIZER_FILE
+from .errors import UserError
 from .io import atomic_dir
 from .model import Samba
+from .ops import kernels
 
 logger = logging.getLogger(__name__)
 
 
-class ExportError(ValueError):
-    """The model computes something plain Mamba cannot represent."""
+class ExportError(UserError, ValueError):
+    """The model computes something plain Mamba cannot represent, or the output exists already."""
 
 
 def transformers_config(model: Samba):
@@ -72,21 +74,26 @@ def sparsity_cost(model: Samba, data_dir: Path, seq_len: int = 512, max_windows:
     tokens = load_split(data_dir, "test")
     windows = TokenWindows.from_numpy(tokens, max(1, min(seq_len, len(tokens) - 1)), torch.device("cpu"))
     target = model.config.sparsity_target
-    with_sparsity, _ = evaluate_model(model, windows, 4, max_windows=max_windows, count_sparsity=False, desc=None)
-    model.set_sparsity_target(0.0)
-    try:
-        dense, _ = evaluate_model(model, windows, 4, max_windows=max_windows, count_sparsity=False, desc=None)
-    finally:
-        model.set_sparsity_target(target)
+    # the mixer's path (the reference, on the CPU) is no news here, and a refusal may follow in one line
+    with kernels.unannounced():
+        with_sparsity, _ = evaluate_model(model, windows, 4, max_windows=max_windows, count_sparsity=False, desc=None)
+        model.set_sparsity_target(0.0)
+        try:
+            dense, _ = evaluate_model(model, windows, 4, max_windows=max_windows, count_sparsity=False, desc=None)
+        finally:
+            model.set_sparsity_target(target)
     return {"ppl_with_sparsity": with_sparsity["ppl"], "ppl_without": dense["ppl"],
             "windows": with_sparsity["windows"]}
 
 
 def export(model_dir: str | Path, out_dir: str | Path, drop_sparsity: bool = False,
-           data_dir: str | Path | None = None) -> dict:
-    """Write ``out_dir`` (replaced only when complete). Returns what was written and measured."""
+           data_dir: str | Path | None = None, force: bool = False) -> dict:
+    """Write ``out_dir``; an existing one is refused unless ``force``, and then replaced only
+    when the new one is complete. Returns what was written and measured."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     require_model_dir(model_dir, "train")
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} exists already; pass --force to replace it")
     model = Samba.from_pretrained(model_dir, backend="reference").eval()
     report: dict = {"sparsity_target": model.config.sparsity_target}
     if model.config.sparsity_target > 0:
@@ -126,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="export a model trained with model.sparsity_target > 0 without its sparsity")
     parser.add_argument("--data", default="data/tokenized",
                         help="tokenized data, to measure what dropping the sparsity costs (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     args = parser.parse_args(argv)
-    report = export(args.model_dir, args.out_dir, args.drop_sparsity, args.data)
+    report = export(args.model_dir, args.out_dir, args.drop_sparsity, args.data, force=args.force)
     print(f"wrote {args.out_dir}: {json.dumps(report)}")
 
 

@@ -1,35 +1,45 @@
-"""The sweep's answer: sparsity against perplexity, over DVC experiments.
+"""The sweep's answer: sparsity against perplexity, over DVC experiments, with error bars.
 
     python -m samba.frontier OUT_DIR [--control NAME] [--from-json exp_show.json]
 
 Reads the experiments (``dvc exp show --json`` in the current repository, or a saved copy of
 its output) and writes to OUT_DIR:
 
-- ``frontier.md`` and ``frontier.json``: one row per experiment with an ``eval.json``: its name,
-  the params that differ between the experiments, exact zeros (overall and in the least sparse
-  chunk), near_zero_rel, test ppl, ppl against the control and against the untouched baseline,
-  readout ppl and readout against main, the last chunk's RMS (a shrinking or growing stream)
-  and the largest max|x|/RMS over chunks (outliers); the rows on the Pareto front are marked.
-- ``frontier.png``: exact zeros against ppl over the control, the front joined up.
+- ``frontier.md`` and ``frontier.json`` (``{"control": ..., "rows": [...]}``): one row per group
+  of experiments that differ only in ``training.seed``: its experiments and seeds
+  (``n_seeds``), the params that differ between groups, exact zeros (overall and in the least
+  sparse chunk), near_zero_rel, test ppl (the mean over seeds) and ``ppl_std`` (their sample
+  standard deviation), ppl against the control with the same schedule (``ppl_vs_control``,
+  against that control's mean), against the best control of any schedule
+  (``ppl_vs_best_control``) and against the untouched baseline, top-1 accuracy of both heads
+  and ``readout_acc_vs_main`` (readout top-1 / main top-1), readout ppl against main, the last
+  chunk's RMS and the largest max|x|/RMS over chunks; the rows on the Pareto front are marked.
+- ``frontier.png``: exact zeros against ppl over the best control, with the seeds' error bars.
 
-The control is the run with the same schedule and no sparsity (``--control NAME``; by default
-the experiment with ``training.pruning_weight`` 0 and ``model.sparsity_target`` 0). The Pareto
-front: no other run has at least as many exact zeros at no higher ppl.
+A control is a group with no sparsity, no penalty and no teacher (``model.sparsity_target``,
+``training.pruning_weight``, ``training.distill_weight`` and ``distill_chunk_weight`` all 0). A
+group's control is the one whose schedule (every other param) is the same; ``--control NAME``
+makes the group holding experiment NAME every group's control. The best control is the one with
+the lowest mean ppl: a fine-tune that looks free against a control that overfits (one with a
+larger learning rate, say) may not be against the best dense model the same data gave. The
+Pareto front: no other group has at least as many exact zeros at no higher mean ppl.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 from .config import flatten
+from .errors import UserError
 from .io import write_json_atomic
 
 
-class FrontierError(ValueError):
+class FrontierError(UserError, ValueError):
     """The experiments cannot give a table (none has metrics, an unknown control...)."""
 
 
@@ -58,88 +68,161 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(z2 >= z and p2 <= p and (z2 > z or p2 < p) for z2, p2 in points) for z, p in points]
 
 
-def find_control(runs: list[dict], name: str | None) -> dict | None:
-    if name is not None:
-        for run in runs:
-            if run["name"] == name:
-                return run
-        raise FrontierError(f"--control {name}: no experiment of that name among {[r['name'] for r in runs]}")
-    dense = [r for r in runs if r["params"].get("training.pruning_weight") == 0
-             and not r["params"].get("model.sparsity_target")]
-    return dense[0] if dense else None
-
-
 # Where a run happened, not what it is: never a "param that differs".
 NOT_EXPERIMENTAL = {"compute.device", "compute.num_processes"}
+SEED = "training.seed"
+# What makes a run sparse or distilled; every other param is its schedule.
+TREATMENT = {"model.sparsity_target", "training.pruning_weight", "training.pruning_penalty",
+             "training.sparsity_warmup_steps", "training.distill_weight", "training.distill_chunk_weight",
+             "training.teacher"}
+CONTROL_ZEROS = ("model.sparsity_target", "training.pruning_weight", "training.distill_weight",
+                 "training.distill_chunk_weight")
 
 
-def table(runs: list[dict], control: dict | None) -> list[dict]:
-    keys = sorted({k for r in runs for k in r["params"]} - NOT_EXPERIMENTAL)
-    differ = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in runs}) > 1]
-    rows = []
-    for r in runs:
-        e, s = r["eval"], r["eval"]["sparsity"]
-        row = {"experiment": r["name"], "params": {k: r["params"].get(k) for k in differ},
-               "exact_zeros": s["l0"], "exact_zeros_min_chunk": s.get("l0_min_chunk", s["l0"]),
-               "near_zero_rel": s["near_zero_rel"], "ppl": e["ppl"], "readout_ppl": e["readout_ppl"],
-               "last_chunk_rms": _last(s.get("chunk_rms")), "max_over_rms": max((s.get("max_over_rms") or {0: 0}).values()),
-               "readout_vs_main": e["readout_ppl"] / e["ppl"] - 1, "baseline_ppl": e["baseline"]["ppl"],
-               "ppl_vs_baseline": e["ppl"] / e["baseline"]["ppl"] - 1,
-               "ppl_vs_control": e["ppl"] / control["eval"]["ppl"] - 1 if control else None,
-               "control": r is control}
-        rows.append(row)
-    for row, front in zip(rows, pareto([(r["exact_zeros"], r["ppl"]) for r in rows])):
-        row["pareto"] = front
-    rows.sort(key=lambda r: (r["exact_zeros"], -r["ppl"]))
-    return rows
+def is_control(params: dict) -> bool:
+    return not any(params.get(k) for k in CONTROL_ZEROS)
+
+
+def group_by_seed(runs: list[dict]) -> list[list[dict]]:
+    """Runs that differ only in training.seed, together (in the order first seen)."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        key = json.dumps({k: v for k, v in run["params"].items() if k != SEED and k not in NOT_EXPERIMENTAL},
+                         sort_keys=True)
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def _schedule(params: dict) -> str:
+    return json.dumps({k: v for k, v in params.items() if k not in TREATMENT | NOT_EXPERIMENTAL | {SEED}},
+                      sort_keys=True)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std(values: list[float]) -> float:
+    """Sample standard deviation (0 for a single seed)."""
+    if len(values) < 2:
+        return 0.0
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 def _last(per_chunk: dict | None) -> float | None:
     return per_chunk[max(per_chunk, key=int)] if per_chunk else None
 
 
+def summarize(group: list[dict]) -> dict:
+    """One row's measures: means over the group's seeds (ppl also with its spread)."""
+    evals = [r["eval"] for r in group]
+
+    def mean(f) -> float:
+        return _mean([f(e) for e in evals])
+
+    ppls = [e["ppl"] for e in evals]
+    accuracy = mean(lambda e: e.get("accuracy", math.nan))
+    readout_accuracy = mean(lambda e: e.get("readout_accuracy", math.nan))
+    return {"experiment": group[0]["name"], "experiments": [r["name"] for r in group],
+            "seeds": [r["params"].get(SEED) for r in group], "n_seeds": len(group),
+            "exact_zeros": mean(lambda e: e["sparsity"]["l0"]),
+            "exact_zeros_min_chunk": mean(lambda e: e["sparsity"].get("l0_min_chunk", e["sparsity"]["l0"])),
+            "near_zero_rel": mean(lambda e: e["sparsity"]["near_zero_rel"]),
+            "ppl": _mean(ppls), "ppl_std": _std(ppls), "readout_ppl": mean(lambda e: e["readout_ppl"]),
+            "accuracy": accuracy, "readout_accuracy": readout_accuracy,
+            "readout_acc_vs_main": readout_accuracy / accuracy if accuracy else None,
+            "last_chunk_rms": mean(lambda e: _last(e["sparsity"].get("chunk_rms")) or 0.0),
+            "max_over_rms": mean(lambda e: max((e["sparsity"].get("max_over_rms") or {0: 0}).values())),
+            "baseline_ppl": mean(lambda e: e["baseline"]["ppl"])}
+
+
+def table(runs: list[dict], control_name: str | None = None) -> tuple[list[dict], dict | None]:
+    """The rows (one per seed group, by exact zeros) and the best control's row (None if none)."""
+    if control_name is not None and control_name not in [r["name"] for r in runs]:
+        raise FrontierError(f"--control {control_name}: no experiment of that name among {[r['name'] for r in runs]}")
+    keys = sorted({k for r in runs for k in r["params"]} - NOT_EXPERIMENTAL - {SEED})
+    groups = group_by_seed(runs)
+    differ = [k for k in keys if len({json.dumps(g[0]["params"].get(k)) for g in groups}) > 1]
+    rows, schedules = [], []
+    for group in groups:
+        row = summarize(group)
+        row["params"] = {k: group[0]["params"].get(k) for k in differ}
+        row["control"] = (control_name in row["experiments"]) if control_name else is_control(group[0]["params"])
+        rows.append(row)
+        schedules.append(_schedule(group[0]["params"]))
+    controls = [(r, s) for r, s in zip(rows, schedules) if r["control"]]
+    best = min((r for r, _ in controls), key=lambda r: r["ppl"]) if controls else None
+    for row, schedule in zip(rows, schedules):
+        same = [c for c, s in controls if control_name or s == schedule]
+        control = same[0] if same else None
+        row["control_experiment"] = control["experiment"] if control else None
+        row["ppl_vs_control"] = row["ppl"] / control["ppl"] - 1 if control else None
+        row["ppl_vs_best_control"] = row["ppl"] / best["ppl"] - 1 if best else None
+        row["ppl_vs_baseline"] = row["ppl"] / row["baseline_ppl"] - 1
+        row["readout_vs_main"] = row["readout_ppl"] / row["ppl"] - 1
+    for row, front in zip(rows, pareto([(r["exact_zeros"], r["ppl"]) for r in rows])):
+        row["pareto"] = front
+    rows.sort(key=lambda r: (r["exact_zeros"], -r["ppl"]))
+    return rows, best
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:+.1f}%"
 
 
-def markdown(rows: list[dict], control: dict | None) -> str:
-    lines = [f"Control: `{control['name']}`" if control else "Control: none found (no run with "
-             "training.pruning_weight 0 and model.sparsity_target 0); ppl vs control left empty", "",
-             "| experiment | params that differ | exact zeros (min chunk) | near_zero_rel | ppl | vs control "
-             "| vs baseline | readout ppl | readout vs main | last chunk RMS | max/RMS | front |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None or math.isnan(x) else format(x, fmt)
+
+
+def markdown(rows: list[dict], best: dict | None) -> str:
+    head = (f"Best control: `{best['experiment']}` (ppl {best['ppl']:.3f} ± {best['ppl_std']:.3f}, "
+            f"{best['n_seeds']} seed(s)). 'vs control' is against the control with the same schedule."
+            if best else "Control: none found (no run without sparsity, penalty and teacher); ppl vs control left empty")
+    lines = [head, "",
+             "| experiment | seeds | params that differ | exact zeros (min chunk) | near_zero_rel | ppl ± std "
+             "| vs control | vs best control | vs baseline | top-1 main / readout | readout/main top-1 "
+             "| readout vs main ppl | last chunk RMS | max/RMS | front |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["params"].items())
-        lines.append(f"| {r['experiment']}{' (control)' if r['control'] else ''} | {params} | "
-                     f"{100 * r['exact_zeros']:.1f}% ({100 * r['exact_zeros_min_chunk']:.1f}%) | "
-                     f"{100 * r['near_zero_rel']:.2f}% | {r['ppl']:.3f} | {_pct(r['ppl_vs_control'])} | "
-                     f"{_pct(r['ppl_vs_baseline'])} | {r['readout_ppl']:.3f} | {_pct(r['readout_vs_main'])} | "
-                     f"{r['last_chunk_rms'] or 0:.3f} | {r['max_over_rms']:.1f} | {'*' if r['pareto'] else ''} |")
+        lines.append(
+            f"| {r['experiment']}{' (control)' if r['control'] else ''} | {r['n_seeds']} | {params} | "
+            f"{100 * r['exact_zeros']:.1f}% ({100 * r['exact_zeros_min_chunk']:.1f}%) | "
+            f"{100 * r['near_zero_rel']:.2f}% | {r['ppl']:.3f} ± {r['ppl_std']:.3f} | {_pct(r['ppl_vs_control'])} | "
+            f"{_pct(r['ppl_vs_best_control'])} | {_pct(r['ppl_vs_baseline'])} | "
+            f"{_num(r['accuracy'], '.4f')} / {_num(r['readout_accuracy'], '.4f')} | "
+            f"{_num(r['readout_acc_vs_main'], '.3f')} | {_pct(r['readout_vs_main'])} | {r['last_chunk_rms']:.3f} | "
+            f"{r['max_over_rms']:.1f} | {'*' if r['pareto'] else ''} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], control: dict | None, path: Path) -> None:
+def plot(rows: list[dict], best: dict | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    use_control = control is not None
-    y = [100 * (r["ppl_vs_control"] if use_control else r["ppl_vs_baseline"]) for r in rows]
+    key = "ppl_vs_best_control" if best else "ppl_vs_baseline"
     x = [100 * r["exact_zeros"] for r in rows]
+    y = [100 * r[key] for r in rows]
+    err = [100 * r["ppl_std"] / (best["ppl"] if best else r["baseline_ppl"]) for r in rows]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    ax.scatter(x, y, c=["tab:red" if r["pareto"] else "tab:gray" for r in rows], zorder=3)
+    for xi, yi, ei, r in zip(x, y, err, rows):
+        ax.errorbar(xi, yi, yerr=ei if r["n_seeds"] > 1 else None, fmt="o", capsize=3, zorder=3,
+                    color="tab:red" if r["pareto"] else "tab:gray")
     front = sorted((xi, yi) for xi, yi, r in zip(x, y, rows) if r["pareto"])
     if front:
         ax.plot(*zip(*front), "-", color="tab:red", alpha=0.6, label="Pareto front")
     for xi, yi, r in zip(x, y, rows):
-        ax.annotate(r["experiment"], (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    for level in (5, 10):
+        label = r["experiment"] + (f" (x{r['n_seeds']})" if r["n_seeds"] > 1 else "")
+        ax.annotate(label, (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for level in (1, 3, 5, 10):
         ax.axhline(level, color="tab:blue", linestyle=":", linewidth=1)
         ax.text(ax.get_xlim()[0], level, f" +{level}%", va="bottom", fontsize=7, color="tab:blue")
     ax.set_xlabel("exact zeros in the chunk outputs (%)")
-    ax.set_ylabel(f"test ppl vs {'control' if use_control else 'baseline'} (%)")
-    ax.set_title("Sparsity against perplexity")
+    ax.set_ylabel(f"test ppl vs {'the best dense control' if best else 'the baseline'} (%)")
+    ax.set_title("Sparsity against perplexity (error bars: std over seeds)")
     if front:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -151,12 +234,11 @@ def write_frontier(shown: list, out_dir: Path, control_name: str | None = None) 
     runs = runs_from_exp_show(shown)
     if not runs:
         raise FrontierError("no experiment has metrics/eval.json; run some first (dvc exp run)")
-    control = find_control(runs, control_name)
-    rows = table(runs, control)
+    rows, best = table(runs, control_name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "frontier.md").write_text(markdown(rows, control))
-    write_json_atomic(out_dir / "frontier.json", {"control": control["name"] if control else None, "rows": rows})
-    plot(rows, control, out_dir / "frontier.png")
+    (out_dir / "frontier.md").write_text(markdown(rows, best))
+    write_json_atomic(out_dir / "frontier.json", {"control": best["experiment"] if best else None, "rows": rows})
+    plot(rows, best, out_dir / "frontier.png")
     return rows
 
 

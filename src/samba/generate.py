@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import require_model_dir
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .data import TOKENIZER_FILE, DataError, load_tokenizer
-from .model import MixerState, Samba, wide
+from .model import MixerState, Samba
 from .config import ComputeConfig, ConfigError
 from .runtime import autocast, resolve_device
 
@@ -49,6 +50,15 @@ class Decoder:
         self.step = GraphedCallable(self._step, enabled=graphs_wanted(graphs, device), warmup=2,
                                     name="decoding step")
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run the step on placeholder tokens until it is captured (eager warm-up calls, then the
+        capture; once on the CPU), so that what that logs (the mixer's path, the capture) comes
+        before any text. The states it leaves are overwritten whole by the next prefill."""
+        tokens = torch.zeros(self.batch_size, dtype=torch.long, device=self.model.embedding.weight.device)
+        for _ in range(self.step.warmup + 1 if self.step.enabled else 1):
+            self.step(tokens)
+
     def _logits(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         if self.head == "main":
             return F.linear(self.model.final_hidden(outputs), self.model.lm_head_weight).float()
@@ -61,21 +71,14 @@ class Decoder:
             for layer, state in zip(chunk.layers, states):
                 state.A.copy_(layer.mixer.decay())
         with autocast(input_ids.device, self.dtype, cache=False):
-            x, outputs = wide(self.model.embedding(input_ids)), []
-            for chunk, states in zip(self.model.chunks, self.states):
-                x = self.model.sparsify(chunk(x, states))
-                outputs.append(x[:, -1])
-            return self._logits(outputs)
+            outputs = self.model.chunk_outputs(input_ids, states=self.states)
+            return self._logits([x[:, -1] for x in outputs])
 
     @torch.no_grad()
     def _step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(B,) tokens -> next-token logits (B, V), advancing every state by one token."""
         with autocast(token_ids.device, self.dtype, cache=False):
-            x, outputs = wide(self.model.embedding(token_ids)), []
-            for chunk, states in zip(self.model.chunks, self.states):
-                x = self.model.sparsify(chunk.step(x, states))
-                outputs.append(x)
-            return self._logits(outputs)
+            return self._logits(self.model.chunk_outputs(token_ids, states=self.states, step=True))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_new_tokens < 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise DataError("--max-new-tokens and --temperature must be >= 0, --top-p in (0, 1]")
     model_dir = Path(args.model_dir)
+    require_model_dir(model_dir, "train")
     tokenizer_path = args.tokenizer or model_dir / TOKENIZER_FILE
     if not Path(tokenizer_path).exists():
         raise DataError(f"{model_dir} records no tokenizer ({TOKENIZER_FILE}); pass --tokenizer "
@@ -167,9 +171,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.stdout.flush()
             shown = text
 
+    # The log (stderr) is complete before the first character of text (stdout), so that the two
+    # never interleave on a terminal: the mixer's path and the step's capture are logged here.
+    decoder = Decoder(model, 1, args.head, graphs=True)
+    decoder.warm_up()
     sys.stdout.write(args.prompt)
+    sys.stdout.flush()
     generate(model, prompt, args.max_new_tokens, args.head, args.temperature, args.top_p, args.seed,
-             on_token=stream)
+             on_token=stream, decoder=decoder)
     sys.stdout.write(tokenizer.decode(produced)[len(shown):] + "\n")  # what an incomplete character held back
 
 

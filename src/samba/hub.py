@@ -5,10 +5,15 @@ Every stage also takes local paths; these helpers are only reached for Hub ids.
 
 from __future__ import annotations
 
+import base64
+import http.client
 import os
 import socket
+import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import SplitResult, unquote, urlsplit
+
+from .errors import UserError
 
 OFFLINE_HINT = (
     "To work offline, point params.yaml at local files: dataset.name at a directory holding "
@@ -18,7 +23,7 @@ OFFLINE_HINT = (
     "what the Hugging Face cache already holds.")
 
 
-class HubUnavailableError(RuntimeError):
+class HubUnavailableError(UserError, RuntimeError):
     """A Hub id was given but the Hub cannot be reached."""
 
 
@@ -27,23 +32,70 @@ def hub_offline_mode() -> bool:
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+def hub_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (https_proxy / http_proxy, else all_proxy;
+    none for a host in no_proxy; lower case before upper case), as httpx reads it for
+    huggingface_hub (both ask urllib.request.getproxies); None: a direct connection."""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(urlsplit(url).scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(urlsplit(url).hostname or ""):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")  # huggingface_hub's default
+
+
 def hub_reachable(timeout: float = 5.0) -> bool:
-    """Can a TCP connection to the Hub's endpoint be opened? (datasets retries for tens of
-    seconds on its own when it cannot; this answers in at most ``timeout``.)"""
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    """Can the Hub's endpoint be reached the way huggingface_hub reaches it: directly (a TCP
+    connection opens) or through the environment's proxy (the proxy opens a tunnel to it)?
+    Each step waits at most ``timeout``; datasets, failing, retries for tens of seconds."""
+    url = hub_endpoint()
+    endpoint = urlsplit(url)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxy = hub_proxy(url)
     try:
-        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
-            return True
-    except OSError:
+        if proxy is None:
+            with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+                return True
+        return _through_proxy(urlsplit(proxy), endpoint, port, timeout)
+    except OSError:  # refused, unresolvable, timed out, or the proxy's tunnel failed
         return False
+
+
+def _through_proxy(proxy: SplitResult, endpoint: SplitResult, port: int, timeout: float) -> bool:
+    """An http proxy must accept a CONNECT to an https endpoint (http.client sends it and raises
+    OSError unless the answer is 200) or, for an http endpoint, forward a request to it (any
+    answer of the endpoint's, not the proxy's own refusal). Another kind of proxy (socks, https)
+    is only asked to accept a connection."""
+    proxy_port = proxy.port or {"http": 80, "https": 443}.get(proxy.scheme, 1080)
+    if proxy.scheme != "http":
+        with socket.create_connection((proxy.hostname, proxy_port), timeout=timeout):
+            return True
+    headers = {}
+    if proxy.username:  # credentials in the proxy's URL, as httpx sends them
+        user_pass = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}".encode()
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(user_pass).decode()
+    conn = http.client.HTTPConnection(proxy.hostname, proxy_port, timeout=timeout)
+    try:
+        if endpoint.scheme == "https":
+            conn.set_tunnel(endpoint.hostname, port, headers)
+            conn.connect()
+            return True
+        conn.request("HEAD", f"http://{endpoint.hostname}:{port}/", headers=headers)
+        return conn.getresponse().status not in (407, 502, 503, 504)  # the proxy's own refusals
+    finally:
+        conn.close()
 
 
 def require_hub(repo_id: str, what: str) -> None:
     """Raise a clear error unless the Hub (or offline mode with a cache) can serve ``repo_id``."""
     if not hub_offline_mode() and not hub_reachable():
+        proxy = hub_proxy(hub_endpoint())
+        through = f" through the proxy {urlsplit(proxy).hostname}:{urlsplit(proxy).port}" if proxy else ""
         raise HubUnavailableError(
-            f"{what} {repo_id!r} is not a local path and the Hugging Face Hub cannot be reached. "
+            f"{what} {repo_id!r} is not a local path and the Hugging Face Hub cannot be reached{through}. "
             + OFFLINE_HINT)
 
 

@@ -1,12 +1,14 @@
 """The Samba training objective.
 
     loss = CE(main head) + readout_weight * CE(readout head) + pruning_weight * penalty(chunk outputs)
+           [+ distill_weight * KL(teacher || student) + distill_chunk_weight * chunk MSE, with a teacher]
 
 ``penalty`` is ``training.pruning_penalty`` (``sparsity.PENALTIES``: the seed's mean|x|, or the
 scale-free Hoyer ratio), taken on the chunk outputs before any top-k zeroing, so that it pushes
 the entries top-k would drop towards 0. Both cross-entropies go through
 ``linear_cross_entropy`` so neither head's logits are ever stored in full. A term whose weight
 is 0 adds nothing; it is still computed (without gradient) for reporting when ``report_all``.
+The distillation terms (``distill.py``) exist only with a teacher.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import distill
 from .model import Samba
-from .ops import linear_cross_entropy
+from .ops import linear_cross_entropy, linear_kl_divergence
 from .sparsity import PENALTIES
 
-PART_NAMES = ("loss", "main_ce", "readout_ce", "penalty")
+PART_NAMES = ("loss", "main_ce", "readout_ce", "penalty")  # what every run reports
 
 
 @dataclass
@@ -29,18 +32,14 @@ class LossParts:
     main_ce: torch.Tensor
     readout_ce: torch.Tensor | None
     penalty: torch.Tensor | None
+    distill: torch.Tensor | None = None
+    distill_chunk: torch.Tensor | None = None
 
-    def values(self) -> torch.Tensor:
-        """The parts, in PART_NAMES order, as one detached (4,) fp32 tensor (0 where not computed)."""
+    def values(self, names: tuple[str, ...] = PART_NAMES) -> torch.Tensor:
+        """The parts ``names`` ('loss' is the total) as one detached fp32 tensor (0 where not computed)."""
         zero = self.main_ce.new_zeros(())
-        return torch.stack([v.detach().float() if v is not None else zero
-                            for v in (self.total, self.main_ce, self.readout_ce, self.penalty)])
-
-
-def main_head_ce(model: Samba, chunk_outputs, targets: torch.Tensor) -> torch.Tensor:
-    """Mean CE of the main (tied) head, from the chunk outputs."""
-    return linear_cross_entropy(model.final_hidden(chunk_outputs), model.lm_head_weight, targets,
-                                compiled=model.compiled)
+        parts = [self.total if n == "loss" else getattr(self, n) for n in names]
+        return torch.stack([v.detach().float() if v is not None else zero for v in parts])
 
 
 def readout_head_ce(model: Samba, chunk_outputs, targets: torch.Tensor) -> torch.Tensor:
@@ -50,43 +49,59 @@ def readout_head_ce(model: Samba, chunk_outputs, targets: torch.Tensor) -> torch
 
 
 def samba_loss(model: Samba, input_ids: torch.Tensor, targets: torch.Tensor, readout_weight: float,
-               pruning_weight: float, penalty: str = "l1", report_all: bool = True) -> LossParts:
+               pruning_weight: float, penalty: str = "l1", report_all: bool = True,
+               teacher: distill.Teacher | None = None, distill_weight: float = 0.0,
+               distill_chunk_weight: float = 0.0) -> LossParts:
     """input_ids, targets: (B, L); targets[b, t] is the token after input_ids[b, t]."""
     if penalty not in PENALTIES:
         raise ValueError(f"penalty must be one of {sorted(PENALTIES)}, got {penalty!r}")
+    grad = torch.is_grad_enabled()
     chunk_outputs, dense = model.chunk_outputs(input_ids, return_dense=True)
-    main_ce = main_head_ce(model, chunk_outputs, targets)
-    readout_ce = pen = None
+    hidden = model.final_hidden(chunk_outputs)
+    main_ce = linear_cross_entropy(hidden, model.lm_head_weight, targets, compiled=model.compiled)
+    readout_ce = pen = kl = chunk = None
     if readout_weight > 0 or report_all:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and readout_weight > 0):
+        with torch.set_grad_enabled(grad and readout_weight > 0):
             readout_ce = readout_head_ce(model, chunk_outputs, targets)
     if pruning_weight > 0 or report_all:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and pruning_weight > 0):
+        with torch.set_grad_enabled(grad and pruning_weight > 0):
             pen = PENALTIES[penalty](dense)
+    if teacher is not None:  # both terms reported whenever there is a teacher
+        teacher_chunks, teacher_hidden = teacher(input_ids)
+        with torch.set_grad_enabled(grad and distill_weight > 0):
+            kl = linear_kl_divergence(hidden, model.lm_head_weight, teacher_hidden, teacher.head_weight,
+                                      compiled=model.compiled)
+        with torch.set_grad_enabled(grad and distill_chunk_weight > 0):
+            chunk = distill.chunk_mse(dense, teacher_chunks)
     total = main_ce
-    if readout_weight > 0:
-        total = total + readout_weight * readout_ce
-    if pruning_weight > 0:
-        total = total + pruning_weight * pen
-    return LossParts(total=total, main_ce=main_ce, readout_ce=readout_ce, penalty=pen)
+    for weight, term in ((readout_weight, readout_ce), (pruning_weight, pen), (distill_weight, kl),
+                         (distill_chunk_weight, chunk)):
+        if weight > 0:
+            total = total + weight * term
+    return LossParts(total=total, main_ce=main_ce, readout_ce=readout_ce, penalty=pen, distill=kl,
+                     distill_chunk=chunk)
 
 
 class SambaObjective(nn.Module):
     """The loss as a module (what DistributedDataParallel wraps: it must see a forward call).
 
-    forward(inputs, targets) -> a (4,) fp32 tensor: total, main CE, readout CE, penalty
-    (0 where a part is not computed), plus the total with its graph for backward.
-    ``report_all`` as in ``samba_loss``.
+    forward(inputs, targets) -> the total with its graph for backward, and the parts
+    ``part_names`` as one fp32 tensor (PART_NAMES, plus the distillation terms with a teacher;
+    0 where a part is not computed). ``report_all`` as in ``samba_loss``.
     """
 
     def __init__(self, model: Samba, readout_weight: float, pruning_weight: float, penalty: str,
-                 report_all: bool = True):
+                 report_all: bool = True, teacher: distill.Teacher | None = None, distill_weight: float = 0.0,
+                 distill_chunk_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.readout_weight, self.pruning_weight, self.penalty = readout_weight, pruning_weight, penalty
         self.report_all = report_all
+        self.teacher, self.distill_weight, self.distill_chunk_weight = teacher, distill_weight, distill_chunk_weight
+        self.part_names = PART_NAMES + (distill.PART_NAMES if teacher is not None else ())
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor):
         parts = samba_loss(self.model, input_ids, targets, self.readout_weight, self.pruning_weight,
-                           self.penalty, self.report_all)
-        return parts.total, parts.values()
+                           self.penalty, self.report_all, self.teacher, self.distill_weight,
+                           self.distill_chunk_weight)
+        return parts.total, parts.values(self.part_names)

@@ -13,7 +13,8 @@ token's chunk-output vector is set to exactly 0 (``sparsity.keep_largest``), and
 tensor is what flows on: into the next chunk, the readout and (last chunk) the main head.
 
 The mixer keeps mamba-ssm's parameter names, shapes and initialisation, so pretrained
-weights load with a renaming of layer indices only (see ``checkpoint.py``).
+weights load with a renaming of layer indices only (see ``checkpoint.py``, which builds the
+model through the class it is given and never imports this module).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import load_model, save_model
 from .config import ModelConfig
 from .ops import kernels
 from .ops.selective_scan import selective_scan_reference
@@ -357,16 +359,25 @@ class Samba(nn.Module):
         fraction = self.sparsity_fraction if self.training else self.sparsity_value
         return keep_largest(x, zero_count(fraction, x.shape[-1]))
 
-    def chunk_outputs(self, input_ids: torch.Tensor, return_dense: bool = False):
+    def chunk_outputs(self, input_ids: torch.Tensor, return_dense: bool = False,
+                      states: Sequence[Sequence[MixerState]] | None = None, step: bool = False):
         """(B, L) token ids -> C residual-stream tensors (B, L, d_model), fp32, as they flow on
-        (sparsified). With ``return_dense`` also the same C tensors before sparsification."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        (sparsified). With ``return_dense`` also the same C tensors before sparsification.
+
+        Decoding (``generate.Decoder``) passes ``states``, one list of layer states per chunk: the
+        chunks read (B, L) ids in parallel and leave each layer's state after the last token
+        there (the prefill); with ``step`` the ids are (B,), one token each, every state advances
+        by that token, and the C tensors are (B, d_model)."""
+        if input_ids.dim() != (1 if step else 2):
+            raise ValueError(f"input_ids must be {'(batch,)' if step else '(batch, length)'}, "
+                             f"got shape {tuple(input_ids.shape)}")
+        if step and states is None:
+            raise ValueError("a step needs the decoding states")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-            x = wide(self.embedding(input_ids))  # (B, L, D)
+            x = wide(self.embedding(input_ids))  # (B, L, D), or (B, D) for a step
             outputs, dense = [], []
-            for chunk in self.chunks:
-                dense.append(chunk(x))
+            for chunk, chunk_states in zip(self.chunks, states or [None] * len(self.chunks)):
+                dense.append(chunk.step(x, chunk_states) if step else chunk(x, chunk_states))
                 x = self.sparsify(dense[-1])
                 outputs.append(x)
         return (tuple(outputs), tuple(dense)) if return_dense else tuple(outputs)
@@ -388,7 +399,8 @@ class Samba(nn.Module):
         readout_logits = self.readout(chunk_outputs).float()
         return SambaOutput(logits=logits, readout_logits=readout_logits, chunk_outputs=chunk_outputs)
 
-    # Loading and saving live in checkpoint.py; these are the public entry points.
+    # Loading and saving live in checkpoint.py (which is handed this class, so that it never
+    # imports this module); these are the public entry points.
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "auto", device: str | torch.device | None = None,
                         **overrides) -> "Samba":
@@ -399,13 +411,9 @@ class Samba(nn.Module):
         the model is returned (a Samba directory's model is built there directly, no random
         initialisation on the CPU first, since the file holds every weight).
         """
-        from .checkpoint import load_model
-
-        return load_model(path, backend=backend, device=device, **overrides)
+        return load_model(cls, path, backend=backend, device=device, **overrides)
 
     def save_pretrained(self, path: str | Path, extra_files: dict[str, Path] | None = None) -> None:
         """Write ``config.json`` and ``model.safetensors`` (and ``extra_files``: name -> source
         file, e.g. the tokenizer) to ``path``, replacing it only once complete."""
-        from .checkpoint import save_model
-
         save_model(self, path, extra_files)

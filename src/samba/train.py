@@ -32,10 +32,12 @@ from . import distributed, resume
 from .checkpoint import require_model_dir
 from .config import ConfigError, Params
 from .cuda_graphs import GraphedCallable, graphs_wanted
+from .distill import Teacher, distilling
 from .data import DataError, TokenWindows, check_vocab, load_split, read_meta, tokenizer_files
+from .errors import TrainingInterrupted
 from .evaluate import evaluate_model
 from .io import atomic_dir, atomic_file
-from .loss import PART_NAMES, SambaObjective
+from .loss import SambaObjective
 from .model import Samba
 from .plots import plot_training_curves
 from .runtime import autocast, autocast_dtype, describe, resolve_device, seed_everything
@@ -43,10 +45,6 @@ from .sparsity import ramp
 from .tracking import MetricsLogger
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingInterrupted(Exception):
-    """Stopped on request after saving a checkpoint of every completed step."""
 
 
 def check_params(params: Params) -> None:
@@ -82,6 +80,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def training_objective(model: Samba, t, teacher: Teacher | None = None) -> SambaObjective:
+    """The train stage's objective for ``model`` under the training section ``t`` and ``teacher``
+    (``load_teacher``); the benchmark builds its step from it too. At readout_weight 0 nothing
+    trains the readout: it is frozen (no gradient, no weight decay), and its CE is still
+    computed, forward only, for the log. Call it before making the optimizer."""
+    if t.readout_weight == 0:
+        model.readout.requires_grad_(False)
+    return SambaObjective(model, t.readout_weight, t.pruning_weight, t.pruning_penalty, teacher=teacher,
+                          distill_weight=t.distill_weight, distill_chunk_weight=t.distill_chunk_weight)
 
 
 def make_optimizer(model: Samba, t, device: torch.device, graphs: bool) -> torch.optim.AdamW:
@@ -156,6 +165,18 @@ def load_init(init_dir: Path, params: Params) -> Samba:
     return model
 
 
+def load_teacher(params: Params, device: torch.device) -> Teacher | None:
+    """The distillation teacher (training.teacher) when a distillation weight is > 0, else None."""
+    t = params.training
+    if not distilling(t):
+        return None
+    teacher = Teacher.load(t.teacher, params.model, params.compute.backend, device,
+                           chunks=t.distill_chunk_weight > 0)
+    logger.info("distilling from %s (KL weight %g, chunk weight %g)", t.teacher, t.distill_weight,
+                t.distill_chunk_weight)
+    return teacher
+
+
 class Trainer:
     """One training run: set up by ``__init__``, run by ``run``."""
 
@@ -175,8 +196,6 @@ class Trainer:
         check_vocab(meta, self.model.config.vocab_size)
         if params.pretrained.freeze_backbone:
             self.model.freeze_backbone()
-        if t.readout_weight == 0:  # nothing trains the readout: no gradient, no weight decay
-            self.model.readout.requires_grad_(False)
         self.model.to(device).train()
         if params.compute.compile and device.type == "cuda":  # Inductor on the CPU is slow to build, for little
             self.model.compile_parts()
@@ -195,11 +214,12 @@ class Trainer:
             self.total_steps = min(self.total_steps, t.max_steps)
 
         self.graphs = graphs_wanted(params.compute.cuda_graphs, device)
+        # before the optimizer: at readout_weight 0 it freezes the readout
+        self.objective = training_objective(self.model, t, load_teacher(params, device))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, t, device, self.graphs)
-        objective = self._data_parallel(SambaObjective(self.model, t.readout_weight, t.pruning_weight,
-                                                       t.pruning_penalty))
-        step = training_step(objective, self.optimizer, self.trainable, t.grad_clip, device, self.dtype)
+        step = training_step(self._data_parallel(self.objective), self.optimizer, self.trainable, t.grad_clip,
+                             device, self.dtype)
         # DDP must have run 11 eager iterations before its backward is captured.
         self.step_fn = GraphedCallable(step, enabled=self.graphs, warmup=11 if ctx.distributed else 3,
                                        name="training step")
@@ -269,7 +289,8 @@ class Trainer:
         log = MetricsLogger(self.params, self.live_dir, history, wandb_id) if ctx.is_main else None
         flags = distributed.HostFlags()
         B, tokens_per_step = t.batch_size, t.batch_size * t.seq_len
-        sums = torch.zeros(len(PART_NAMES), device=device)  # loss parts summed since the last log
+        names = self.objective.part_names
+        sums = torch.zeros(len(names), device=device)  # loss parts summed since the last log
         step_losses = torch.zeros(min(t.log_every, t.checkpoint_every), device=device)  # since the last check
         done = log_start = check_start = start
         epoch, order, paused = -1, None, 0.0
@@ -319,7 +340,7 @@ class Trainer:
                         check_finite()
                         means = distributed.all_reduce_(sums.clone()) / ((done - log_start) * ctx.world_size)
                         elapsed = time.perf_counter() - clock - paused
-                        row.update({f"train/{k}": v for k, v in zip(PART_NAMES, means.tolist())})
+                        row.update({f"train/{k}": v for k, v in zip(names, means.tolist())})
                         row.update({"train/lr": lr, "train/epoch": done / self.steps_per_epoch,
                                     "train/tokens_per_s": (done - log_start) * tokens_per_step / elapsed})
                         if self.model.sparse:

@@ -11,6 +11,7 @@ back to the plain-PyTorch reference (``selective_scan.py``) otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -70,6 +71,30 @@ except Exception as err:  # ImportError, or a CUDA extension that fails to load
 
 BACKENDS = ("auto", "kernels", "reference")
 _announced: set[str] = set()
+_why_reference = ["forced by backend='reference'"]  # what the log says of a forced reference path
+_quiet = [False]
+
+
+@contextlib.contextmanager
+def reference_forced_by(why: str):
+    """Within, a model built with backend='reference' gives ``why`` in the log line of its path:
+    said by code that forces that path whatever compute.backend says (convert's logits check)."""
+    _why_reference.append(why)
+    try:
+        yield
+    finally:
+        _why_reference.pop()
+
+
+@contextlib.contextmanager
+def unannounced():
+    """Within, the path is chosen without its log line (said at the next call outside): for a
+    measurement whose path is no news, before a refusal that must be the only line printed."""
+    _quiet.append(True)
+    try:
+        yield
+    finally:
+        _quiet.pop()
 
 
 def kernels_available() -> bool:
@@ -85,7 +110,7 @@ def use_kernels(backend: str, is_cuda: bool) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
-        choice, why = False, "forced by backend='reference'"
+        choice, why = False, _why_reference[-1]
     elif not is_cuda:
         if backend == "kernels":
             raise RuntimeError("backend='kernels' needs CUDA tensors; the model is on the CPU")
@@ -101,7 +126,7 @@ def use_kernels(backend: str, is_cuda: bool) -> bool:
         choice, why = True, "CUDA tensors and kernels available"
     message = ("Mamba mixer: mamba-ssm CUDA kernels" if choice
                else "Mamba mixer: plain-PyTorch reference scan") + f" ({why})"
-    if message not in _announced:
+    if message not in _announced and not _quiet[-1]:
         _announced.add(message)
         logger.info(message)
     return choice

@@ -2,7 +2,7 @@
 
 A 16 x 512 batch over a 50,280-token vocabulary has 412M logits: 1.6 GB in fp32, and the
 same again for their gradient. Here the tokens are processed in slices; each slice's logits
-live only long enough to give its loss and, when gradients are needed, its share of
+live only long enough to give its loss and, when autograd will use them, its share of
 d(hidden) and d(weight), which are computed right away (so backward costs no recompute).
 On CUDA the train stage compiles each slice's softmax work (``compute.compile``, the default)
 into two fused passes; the CPU runs the same code eagerly.
@@ -49,6 +49,24 @@ def _slice_nll(logits: torch.Tensor, targets: torch.Tensor, acc: torch.dtype):
     return F.cross_entropy(logits.to(acc), targets, reduction="sum")
 
 
+def _slice_kl_and_grad(logits: torch.Tensor, teacher_logits: torch.Tensor, acc: torch.dtype):
+    """Summed KL(teacher || student) over one slice's tokens, in nats, and its gradient with
+    respect to the student's logits, softmax(student) - softmax(teacher), in logits' dtype.
+    Plain tensor code, for torch.compile to fuse as it does the cross-entropy's."""
+    s, t = logits.to(acc), teacher_logits.to(acc)
+    log_ps = s - torch.logsumexp(s, dim=-1, keepdim=True)
+    log_pt = t - torch.logsumexp(t, dim=-1, keepdim=True)
+    pt = torch.exp(log_pt)
+    kl = (pt * (log_pt - log_ps)).sum()
+    return kl, (torch.exp(log_ps) - pt).to(logits.dtype)
+
+
+def _slice_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, acc: torch.dtype):
+    """Summed KL(teacher || student) of one slice, without its gradient."""
+    return F.kl_div(F.log_softmax(logits.to(acc), dim=-1), F.log_softmax(teacher_logits.to(acc), dim=-1),
+                    reduction="sum", log_target=True)
+
+
 _compiled: dict[str, object] = {}
 _wide_output: dict[torch.device, bool] = {}
 _sums_in_place: dict[torch.device, bool] = {}
@@ -85,13 +103,53 @@ def _logits_fp32(h: torch.Tensor, w: torch.Tensor, acc: torch.dtype) -> torch.Te
     return (h @ w.t()).to(acc)
 
 
-def _slice_fns(compiled: bool):
+def _slice_fns(compiled: bool, kind: str = "nll"):
+    """The per-slice (loss and gradient, loss only) pair of ``kind`` (nll or kl), compiled or not."""
+    fns = {"nll": (_slice_nll_and_grad, _slice_nll), "kl": (_slice_kl_and_grad, _slice_kl)}[kind]
     if not compiled:
-        return _slice_nll_and_grad, _slice_nll
-    if not _compiled:
-        _compiled["grad"] = torch.compile(_slice_nll_and_grad, dynamic=False)
-        _compiled["nll"] = torch.compile(_slice_nll, dynamic=False)
-    return _compiled["grad"], _compiled["nll"]
+        return fns
+    if kind not in _compiled:
+        _compiled[kind] = tuple(torch.compile(f, dynamic=False) for f in fns)
+    return _compiled[kind]
+
+
+class _SliceGrads:
+    """d(hidden) and d(weight) of a sliced head loss, filled slice by slice from each slice's
+    d(loss)/d(logits) as soon as it is known (so backward costs no recompute)."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, acc: torch.dtype,
+                 need_h: bool, need_w: bool):
+        self.h = torch.empty_like(hidden) if need_h else None
+        self.w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        self.acc = acc
+        self.wide_w = need_w and _fp32_output(h, acc)
+        self.in_place = self.wide_w and _sums_in_place[h.device]
+
+    @property
+    def needed(self) -> bool:
+        return self.h is not None or self.w is not None
+
+    def add(self, g: torch.Tensor, w: torch.Tensor, h_s: torch.Tensor, start: int) -> None:
+        """g: (S, V) d(loss)/d(logits) of the slice starting at token ``start``; h_s: its (S, H) inputs."""
+        if self.h is not None:
+            self.h[start:start + g.shape[0]] = g @ w
+        if self.w is not None:
+            if self.in_place:  # d(weight) += g.T @ h, summed in fp32 by the GEMM
+                torch.addmm(self.w, g.t(), h_s, out_dtype=self.acc, out=self.w)
+            elif self.wide_w:
+                self.w = torch.addmm(self.w, g.t(), h_s, out_dtype=self.acc)
+            else:
+                self.w += (g.t() @ h_s).to(self.acc)
+
+
+def _scaled_grads(ctx, grad_out):
+    """Backward of a sliced head loss: the saved d(hidden), d(weight) of the summed loss, scaled
+    to the mean's and the incoming gradient."""
+    grad_h, grad_w = ctx.saved_tensors
+    scale = grad_out / ctx.T
+    dh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+    dw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+    return dh, dw
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -99,45 +157,59 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, compute_dtype, slice_tokens, compiled):
         # hidden: (T, H); weight: (V, H); targets: (T,) int64
         T = hidden.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         nll_and_grad, nll_only = _slice_fns(compiled)
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        wide_w = need_w and _fp32_output(h, acc)
+        grads = _SliceGrads(hidden, weight, h, acc, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         for start in range(0, T, slice_tokens):
             h_s, t_s = h[start:start + slice_tokens], targets[start:start + slice_tokens]
             logits = h_s @ w.t()  # (S, V), compute dtype
-            if not (need_h or need_w):
+            if not grads.needed:
                 total += nll_only(logits, t_s, acc)
                 continue
             nll, g = nll_and_grad(logits, t_s, acc)
             del logits
             total += nll
-            if need_h:
-                grad_h[start:start + slice_tokens] = g @ w
-            if need_w:
-                if wide_w and _sums_in_place[h.device]:  # d(weight) += g.T @ h, summed in fp32 by the GEMM
-                    torch.addmm(grad_w, g.t(), h_s, out_dtype=acc, out=grad_w)
-                elif wide_w:
-                    grad_w = torch.addmm(grad_w, g.t(), h_s, out_dtype=acc)
-                else:
-                    grad_w += (g.t() @ h_s).to(acc)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.T = T
-        ctx.weight_dtype = weight.dtype
+            grads.add(g, w, h_s, start)
+        ctx.save_for_backward(grads.h, grads.w)
+        ctx.T, ctx.weight_dtype = T, weight.dtype
         return total / T
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = grad_out / ctx.T
-        dh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
-        dw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return *_scaled_grads(ctx, grad_out), None, None, None, None
+
+
+class _LinearKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, compute_dtype, slice_tokens, compiled):
+        # hidden: (T, H); weight: (V, H); teacher_hidden: (T, H_t); teacher_weight: (V, H_t)
+        T = hidden.shape[0]
+        kl_and_grad, kl_only = _slice_fns(compiled, "kl")
+        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+        th, tw = teacher_hidden.to(compute_dtype), teacher_weight.to(compute_dtype)
+        acc = torch.promote_types(compute_dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grads = _SliceGrads(hidden, weight, h, acc, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        for start in range(0, T, slice_tokens):
+            h_s = h[start:start + slice_tokens]
+            logits, t_logits = h_s @ w.t(), th[start:start + slice_tokens] @ tw.t()  # (S, V) each
+            if not grads.needed:
+                total += kl_only(logits, t_logits, acc)
+                continue
+            kl, g = kl_and_grad(logits, t_logits, acc)
+            del logits, t_logits
+            total += kl
+            grads.add(g, w, h_s, start)
+        ctx.save_for_backward(grads.h, grads.w)
+        ctx.T, ctx.weight_dtype = T, weight.dtype
+        return total / T
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return *_scaled_grads(ctx, grad_out), None, None, None, None, None
 
 
 def _flatten(hidden: torch.Tensor, targets: torch.Tensor):
@@ -146,6 +218,17 @@ def _flatten(hidden: torch.Tensor, targets: torch.Tensor):
     if targets.shape[0] != hidden.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden vectors but {targets.shape[0]} targets")
     return hidden, targets
+
+
+def _tracked(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden and weight as the sliced losses should see them: detached unless grad mode is on.
+
+    Their forward picks its work from ctx.needs_input_grad, which says whether an input requires
+    grad, not whether autograd will use it: under no_grad (a term computed only to be reported)
+    it stays True, and d(hidden) and d(weight) would be made for nothing."""
+    if torch.is_grad_enabled():
+        return hidden, weight
+    return hidden.detach(), weight.detach()
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -190,5 +273,29 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     compute_dtype = _compute_dtype(hidden, weight)
     if slice_tokens is None:
         slice_tokens = max(1, MAX_SLICE_ELEMENTS // weight.shape[0])
+    hidden, weight = _tracked(hidden, weight)
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, slice_tokens, compiled)
+
+
+def linear_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                         teacher_weight: torch.Tensor, slice_tokens: int | None = None,
+                         compiled: bool = False) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), in nats, between softmax(teacher_hidden @
+    teacher_weight.T) and softmax(hidden @ weight.T), neither model's logits stored in full.
+
+    hidden: (..., H), weight: (V, H) (the student's, which get gradients); teacher_hidden:
+    (..., H_t), teacher_weight: (V, H_t) (constants: no gradient flows to them). The same slices,
+    precision and fusion as ``linear_cross_entropy``; two (S, V) logits live per slice.
+    """
+    hidden, teacher_hidden = hidden.reshape(-1, hidden.shape[-1]), teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    if hidden.shape[0] != teacher_hidden.shape[0] or weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student ({hidden.shape[0]} tokens, vocabulary {weight.shape[0]}) and teacher "
+                         f"({teacher_hidden.shape[0]} tokens, vocabulary {teacher_weight.shape[0]}) do not match")
+    compute_dtype = _compute_dtype(hidden, weight)
+    if slice_tokens is None:
+        slice_tokens = max(1, MAX_SLICE_ELEMENTS // (2 * weight.shape[0]))  # two logits tensors a slice
+    hidden, weight = _tracked(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearKL.apply(hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), compute_dtype,
+                               slice_tokens, compiled)

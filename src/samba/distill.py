@@ -1,0 +1,93 @@
+"""Distillation from a frozen teacher: the teacher itself, and the terms that pull the student
+towards it.
+
+    total = CE(main) + distill_weight * KL(teacher || student) + distill_chunk_weight * chunk MSE
+            + readout and penalty terms (loss.py)
+
+- ``distill``: per token, KL(p_teacher || p_student) of the main heads' next-token distributions,
+  in nats, averaged over tokens (Hinton et al. 2015, at temperature 1). Computed slice by slice
+  (``ops.linear_kl_divergence``): neither model's (tokens x vocabulary) logits exist in full.
+- ``distill_chunk``: for each chunk, mean((s - t)^2) / mean(t^2) between the student's chunk
+  output before its top-k zeroing and the teacher's chunk output, averaged over chunks.
+
+The teacher (``training.teacher``) is any model directory ``Samba.from_pretrained`` reads: the
+converted baseline (``models/init``, the default), a Samba directory written by ``train`` (a
+dense control copied aside), or a transformers / mamba-ssm checkpoint. It runs in eval mode
+without gradients, inside the training step (and its CUDA graph), on the same batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .checkpoint import SAMBA_FORMAT, CheckpointError, detect_format, read_config
+from .config import ConfigError, ModelConfig
+from .model import Samba
+from .paths import resolve_local_path
+
+PART_NAMES = ("distill", "distill_chunk")
+
+
+class Teacher:
+    """A frozen model: ``teacher(input_ids)`` -> (chunk outputs, the main head's input), no grad.
+
+    A plain object, not a module: it is not the student's parameter, buffer or state, and
+    DistributedDataParallel around the objective never sees it."""
+
+    def __init__(self, model: Samba):
+        self.model = model.eval().requires_grad_(False)
+
+    @classmethod
+    def load(cls, path: str | Path, student: ModelConfig, backend: str, device: torch.device,
+             chunks: bool = False) -> "Teacher":
+        """The model in ``path``, checked against the student: the same vocabulary (the KL compares
+        next-token distributions), and with ``chunks`` the same chunk layout and width."""
+        path = require_teacher(path)
+        overrides = {}
+        if detect_format(read_config(path), path) != SAMBA_FORMAT:  # Mamba says nothing of a readout
+            overrides = {"readout_stride": student.readout_stride, "readout_hidden_dim": student.readout_hidden_dim}
+        model = Samba.from_pretrained(path, backend=backend, device=device, **overrides)
+        c = model.config
+        if c.vocab_size != student.vocab_size:
+            raise ConfigError(f"training.teacher: {path} has a vocabulary of {c.vocab_size}, the student "
+                              f"{student.vocab_size}; the KL compares distributions over one vocabulary")
+        if chunks and (c.n_chunks, c.d_model) != (student.n_chunks, student.d_model):
+            raise ConfigError(f"training.distill_chunk_weight: the teacher {path} has {c.n_chunks} chunks of width "
+                              f"{c.d_model}, the student {student.n_chunks} of {student.d_model}")
+        return cls(model.to(device))
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.lm_head_weight
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        chunk_outputs = self.model.chunk_outputs(input_ids)
+        return chunk_outputs, self.model.final_hidden(chunk_outputs)
+
+
+def distilling(training) -> bool:
+    """Whether ``training`` (the TrainingConfig) asks for a teacher."""
+    return training.distill_weight > 0 or training.distill_chunk_weight > 0
+
+
+def require_teacher(path: str | Path) -> Path:
+    """``training.teacher`` must be a model directory (checked before any work); a relative one
+    read as ``paths.resolve_local_path`` says. Returns the directory."""
+    path = resolve_local_path(str(path))
+    if not path.is_dir():
+        raise CheckpointError(f"training.teacher: {path} is not a directory (a model directory: "
+                              "models/init for the baseline, a Samba directory, or a Mamba checkpoint)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"training.teacher: {path} holds no config.json; not a model directory")
+    return path
+
+
+def chunk_mse(student_dense: Sequence[torch.Tensor], teacher_chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over chunks of mean((s - t)^2) / mean(t^2): scale-free, 0 when the chunk outputs agree."""
+    terms = [(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+             for s, t in zip(student_dense, teacher_chunks, strict=True)]
+    return torch.stack(terms).mean()

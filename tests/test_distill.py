@@ -1,0 +1,125 @@
+"""Distillation from a teacher: the logged KL, the teacher's formats and refusals, and that the
+term pulls the student towards the teacher."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from samba import Samba
+from samba.checkpoint import CheckpointError
+from samba.config import ConfigError
+from samba.data import TokenWindows, load_split
+from samba.distill import Teacher, chunk_mse
+from samba.loss import samba_loss
+from samba.ops import linear_kl_divergence
+from samba.train import train
+
+from conftest import params_with, perturb_
+
+
+def logged(where: Path, name: str) -> list[tuple[int, float]]:
+    with open(where / "metrics/plots/metrics" / f"{name}.tsv") as f:
+        return [(int(r["step"]), float(r[name.split("/")[-1]])) for r in csv.DictReader(f, delimiter="\t")]
+
+
+def run(params, project: Path, where: Path) -> dict:
+    return train(params, project / "data", project / "init", where / "out", where / "metrics", where / "ckpt")
+
+
+def test_distill_is_zero_at_the_first_step_with_the_students_own_init_as_teacher(sources, project, tmp_path):
+    params = params_with(sources, training={"max_steps": 3, "log_every": 1, "distill_weight": 1.0,
+                                            "distill_chunk_weight": 0.5, "teacher": str(project / "init")})
+    run(params, project, tmp_path)
+    kl, chunk = logged(tmp_path, "train/distill"), logged(tmp_path, "train/distill_chunk")
+    assert kl[0][0] == 1 and abs(kl[0][1]) < 1e-6 and abs(chunk[0][1]) < 1e-9
+    assert kl[-1][1] > 1e-5  # once the student has moved, the teacher disagrees
+    # the total holds the weighted terms: loss = main CE + 0.5 readout CE + 0.5 penalty + 1 KL + 0.5 chunk
+    parts = {n: logged(tmp_path, f"train/{n}")[-1][1] for n in ("loss", "main_ce", "readout_ce", "penalty",
+                                                                "distill", "distill_chunk")}
+    t = params.training
+    assert parts["loss"] == pytest.approx(parts["main_ce"] + t.readout_weight * parts["readout_ce"]
+                                          + t.pruning_weight * parts["penalty"] + parts["distill"]
+                                          + 0.5 * parts["distill_chunk"], rel=1e-5)
+
+
+def test_no_teacher_logs_no_distillation(sources, project, tmp_path):
+    run(params_with(sources, training={"max_steps": 2, "log_every": 1}), project, tmp_path)
+    assert not (tmp_path / "metrics/plots/metrics/train/distill.tsv").exists()
+
+
+def _val_kl(student_dir: Path, teacher: Samba, project: Path) -> float:
+    student = Samba.from_pretrained(student_dir).eval()
+    windows = TokenWindows.from_numpy(load_split(project / "data", "validation"), 32, torch.device("cpu"))
+    inputs, _ = windows.batch(torch.arange(min(8, len(windows))))
+    with torch.no_grad():
+        s_chunks, t_chunks = student.chunk_outputs(inputs), teacher.chunk_outputs(inputs)
+        return float(linear_kl_divergence(student.final_hidden(s_chunks), student.lm_head_weight,
+                                          teacher.final_hidden(t_chunks), teacher.lm_head_weight))
+
+
+def test_distillation_pulls_a_sparse_student_towards_its_teacher(sources, project, tmp_path):
+    # the teacher: a dense fine-tune; the students: top-k 0.5 with and without the KL term
+    dense = dict(max_steps=20, lr=1.0e-2)
+    run(params_with(sources, training=dense), project, tmp_path / "teacher")
+    teacher_dir = tmp_path / "teacher/out"
+    for name, weight in (("plain", 0.0), ("distilled", 3.0)):
+        run(params_with(sources, model={"sparsity_target": 0.5},
+                        training={**dense, "distill_weight": weight, "teacher": str(teacher_dir)}),
+            project, tmp_path / name)
+    teacher = Samba.from_pretrained(teacher_dir).eval()
+    plain, distilled = (_val_kl(tmp_path / n / "out", teacher, project) for n in ("plain", "distilled"))
+    assert distilled < 0.7 * plain, (plain, distilled)
+
+
+def test_a_mamba_checkpoint_can_teach(sources, project):
+    # a transformers checkpoint: the teacher's readout (unused) is made to fit the student's layout
+    params = params_with(sources)
+    teacher = Teacher.load(sources / "mamba", params.model, "reference", torch.device("cpu"), chunks=True)
+    ids = torch.randint(0, 264, (2, 9))
+    chunks, hidden = teacher(ids)
+    assert len(chunks) == params.model.n_chunks and hidden.shape == (2, 9, params.model.d_model)
+    assert not hidden.requires_grad and not any(p.requires_grad for p in teacher.model.parameters())
+    student = Samba.from_pretrained(project / "init")  # converted from that same checkpoint
+    same = samba_loss(student, ids, ids, 0.5, 0.5, "hoyer", teacher=teacher, distill_weight=1.0,
+                      distill_chunk_weight=1.0)
+    assert abs(same.distill) < 1e-6 and same.distill_chunk < 1e-10
+    perturb_(student, seed=3)
+    parts = samba_loss(student, ids, ids, 0.5, 0.5, "hoyer", teacher=teacher, distill_weight=1.0,
+                       distill_chunk_weight=1.0)
+    parts.total.backward()
+    assert parts.distill > 1e-3 and parts.distill_chunk > 1e-3
+    assert all(p.grad is None for p in teacher.model.parameters())  # the teacher never learns
+
+
+def test_chunk_mse_is_scale_free_and_zero_on_agreement():
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]
+    s = [x + 0.1 * torch.randn(x.shape, generator=g) for x in t]
+    assert chunk_mse(t, t) == 0
+    assert chunk_mse([3 * x for x in s], [3 * x for x in t]) == pytest.approx(float(chunk_mse(s, t)), rel=1e-5)
+    hand = sum(((a - b) ** 2).mean() / (b ** 2).mean() for a, b in zip(s, t)) / 3
+    assert chunk_mse(s, t) == pytest.approx(float(hand), rel=1e-6)
+
+
+def test_bad_teachers_are_refused_naming_the_key(sources, project, tmp_path):
+    params = params_with(sources, training={"distill_weight": 1.0, "teacher": str(tmp_path / "nowhere")})
+    with pytest.raises(CheckpointError, match=r"training.teacher: .*nowhere is not a directory"):
+        run(params, project, tmp_path)
+    other_vocab = tmp_path / "other"
+    shutil.copytree(sources / "mamba", other_vocab)
+    config = json.loads((other_vocab / "config.json").read_text())
+    from conftest import make_transformers_mamba
+
+    make_transformers_mamba(vocab_size=config["vocab_size"] + 8).save_pretrained(other_vocab)
+    params = params_with(sources, training={"distill_weight": 1.0, "teacher": str(other_vocab)})
+    with pytest.raises(ConfigError, match=r"training.teacher: .* has a vocabulary of 272, the student 264"):
+        run(params, project, tmp_path)
+    for key in ("distill_weight", "distill_chunk_weight"):
+        with pytest.raises(ConfigError, match=f"training.{key}: must be >= 0"):
+            params_with(sources, training={key: -1.0})
