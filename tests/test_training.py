@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import samba.loss
 import samba.resume
@@ -181,10 +181,11 @@ def test_a_checkpoint_of_another_run_is_set_aside_and_the_run_starts_afresh(sour
 
 
 # What may change across a resume (README, "Interruptions and failures"): what changes neither the
-# weights after any step nor the weights kept. The data set and the pretrained source count
-# through the token data and the init weights they give, not as params.
+# weights after any step nor the weights kept. The data set, the pretrained source and the
+# teacher count through the files they give (token data, init weights, teacher weights), not
+# as params.
 OFF_TRAJECTORY = ("training.log_every", "training.checkpoint_every", "compute.", "eval.", "logging.", "dataset.",
-                  "pretrained.use_pretrained", "pretrained.model_name")
+                  "pretrained.use_pretrained", "pretrained.model_name", "training.teacher")
 ONLY_WITH_KEEP_BEST = ("training.eval_every", "training.eval_batches")
 
 
@@ -197,7 +198,7 @@ def _changed(data: dict, key: str) -> Params:
     elif isinstance(value, (int, float)):
         candidates = [value + 1, value - 1, value * 2 + 2, value / 2, value + 0.25]
     elif isinstance(value, list):
-        candidates = [[0.1]]
+        candidates = [[0.1], [0.0, 0.5]]
     else:
         candidates = ["auto", "cuda", "fp32", "bf16", "reference", "kernels", "l1", "best", "last", "other"]
     for candidate in candidates:
@@ -224,6 +225,27 @@ def test_the_fingerprint_holds_exactly_what_changes_the_trajectory(sources, proj
     # the precision as resolved on the device (auto is bf16 on CUDA, fp32 on the CPU)
     bf16 = samba.resume.fingerprint(Params.from_dict(data, require_all=True), "bf16", inputs)
     assert samba.resume.differences(base, bf16) == ["params differ (precision: 'fp32' -> 'bf16')"]
+
+
+def test_a_distillation_teacher_counts_by_its_files_not_its_path(sources, project, tmp_path, monkeypatch, caplog):
+    here, there = tmp_path / "teacher", tmp_path / "moved"
+    shutil.copytree(project / "init", here)
+    shutil.copytree(project / "init", there)
+    params = params_with(sources, training={"distill_weight": 1.0, "teacher": str(here), "max_steps": 12,
+                                            "checkpoint_every": 4, "eval_every": 6})
+    inputs = {"init": project / "init", "data": project / "data"}
+    key = samba.resume.fingerprint(params, "fp32", {**inputs, "teacher": here})
+    assert samba.resume.differences(key, samba.resume.fingerprint(params, "fp32", {**inputs, "teacher": there})) == []
+    # the train stage fingerprints the teacher it distils from
+    interrupt_during(monkeypatch, Trainer, "_validate", 1)
+    with pytest.raises(TrainingInterrupted, match="after step 6 of 12"):
+        run(params, project, tmp_path)
+    monkeypatch.undo()
+    weights = load_file(here / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, here / "model.safetensors")
+    with caplog.at_level("INFO", logger="samba"):
+        run(params, project, tmp_path)
+    assert "last.pt was written by another run: the teacher's weights differ; set aside as" in caplog.text
 
 
 def test_what_is_off_the_trajectory_may_change_across_a_resume_even_the_device(sources, project, straight, tmp_path,

@@ -11,7 +11,8 @@ directory whole only when the run completes.
 A checkpoint is resumed only by a run on the same trajectory (the same weights after every
 step, the same weights kept). Its fingerprint holds exactly what decides that: the params of
 ``trajectory_params``, the code (every file of the ``samba`` package, by content) and the
-files the run reads (``INPUTS``, by content). Everything else (compute.device, num_processes,
+files the run reads (``INPUTS``, by content: the init weights, the token data, and the
+teacher's weights when distilling). Everything else (compute.device, num_processes,
 cuda_graphs, compile, backend; eval.*; logging.*; training.log_every, checkpoint_every) may
 change across a resume, and the run continues the same trajectory up to floating-point
 rounding. A checkpoint of another run, or one that cannot be read, is set aside under a name
@@ -42,11 +43,14 @@ LIVE_DIR = "dvclive"
 LOGGING_ONLY = ("training.log_every", "training.checkpoint_every")
 # Validation picks the weights kept under keep: best; under keep: last it only logs.
 VALIDATION = ("training.eval_every", "training.eval_batches")
-# The files a run reads, by input (the directory is the caller's): what they hold is the
-# trajectory's starting point and its data.
+# Params that name files: the files count (INPUTS), not where they are.
+NAMES_OF_INPUTS = ("training.teacher",)
+# The files a run reads, by input (the directory is the caller's; None: every file in it):
+# what they hold is the trajectory's starting point, its data and its teacher.
 INPUTS = {
     "init": ("the init weights", ("config.json", "model.safetensors")),
     "data": ("the token data", ("meta.json", "train.bin", "validation.bin")),
+    "teacher": ("the teacher's weights", None),  # any checkpoint format: every file
 }
 # How an optimizer runs rather than what it computes: its own, whatever the checkpoint's was.
 OPTIMIZER_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
@@ -71,22 +75,26 @@ def code_digest() -> str:
 
 def trajectory_params(params: Params, precision: str) -> dict[str, Any]:
     """The params that decide the weights after every step and the weights kept, flat
-    ("training.lr": ...): every training value but the logging cadence (a new one counts by
-    default), the model section, pretrained.freeze_backbone, and the precision as resolved
-    on the device ("bf16" or "fp32", never "auto")."""
+    ("training.lr": ...): every training value but the logging cadence and the teacher's path
+    (a new one counts by default), the model section, pretrained.freeze_backbone, and the
+    precision as resolved on the device ("bf16" or "fp32", never "auto")."""
     values = flatten({"training": params.training.to_dict(), "model": params.model.to_dict()})
     values["pretrained.freeze_backbone"] = params.pretrained.freeze_backbone
     values["precision"] = precision
-    off = LOGGING_ONLY + (VALIDATION if params.training.keep != "best" else ())
+    off = LOGGING_ONLY + NAMES_OF_INPUTS + (VALIDATION if params.training.keep != "best" else ())
     return {k: v for k, v in values.items() if k not in off}
+
+
+def input_digests(directory: Path, files: tuple[str, ...] | None) -> dict[str, str]:
+    names = files if files is not None else sorted(p.name for p in directory.iterdir() if p.is_file())
+    return {name: file_digest(directory / name) for name in names}
 
 
 def fingerprint(params: Params, precision: str, inputs: Mapping[str, Path]) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed, part by part; ``inputs`` maps each
-    name of ``INPUTS`` to its directory."""
+    name of ``INPUTS`` that the run reads to its directory."""
     return {"params": trajectory_params(params, precision), "code": code_digest(),
-            "inputs": {name: {f: file_digest(Path(directory) / f) for f in INPUTS[name][1]}
-                       for name, directory in inputs.items()}}
+            "inputs": {name: input_digests(Path(directory), INPUTS[name][1]) for name, directory in inputs.items()}}
 
 
 def differences(saved: dict, current: dict) -> list[str]:

@@ -32,7 +32,7 @@ from . import distributed, resume
 from .checkpoint import require_model_dir
 from .config import ConfigError, Params
 from .cuda_graphs import GraphedCallable, graphs_wanted
-from .distill import Teacher, distilling
+from .distill import Teacher, distilling, require_teacher
 from .data import DataError, TokenWindows, check_vocab, load_split, read_meta, tokenizer_files
 from .errors import TrainingInterrupted
 from .evaluate import evaluate_model
@@ -270,8 +270,10 @@ class Trainer:
 
     def run(self) -> dict:
         t, ctx, device = self.t, self.ctx, self.device
-        key = resume.fingerprint(self.params, "bf16" if self.dtype is not None else "fp32",
-                                 {"init": self.init_dir, "data": self.data_dir})
+        inputs = {"init": self.init_dir, "data": self.data_dir}
+        if distilling(t):
+            inputs["teacher"] = require_teacher(t.teacher)
+        key = resume.fingerprint(self.params, "bf16" if self.dtype is not None else "fp32", inputs)
         state = resume.load(self.checkpoint_path, key, may_set_aside=ctx.is_main)
         distributed.barrier()  # every process has read it before any writes a new one
         start, best, history, wandb_id, window = 0, None, [], None, None
