@@ -13,9 +13,9 @@ step, the same weights kept). Its fingerprint holds exactly what decides that: t
 ``trajectory_params``, the code (every file of the ``samba`` package, by content) and the
 files the run reads (``INPUTS``, by content: the init weights, the token data, and the
 teacher's weights when distilling). Everything else (compute.device, num_processes,
-cuda_graphs, compile, backend; eval.*; logging.*; training.log_every, checkpoint_every) may
-change across a resume, and the run continues the same trajectory up to floating-point
-rounding. A checkpoint of another run, or one that cannot be read, is set aside under a name
+cuda_graphs, compile, backend; eval.*; logging.*; training.log_every, checkpoint_every, and
+eval_every, eval_batches unless keep: best) may change across a resume, and the run continues
+the same trajectory up to floating-point rounding. A checkpoint of another run, or one that cannot be read, is set aside under a name
 the log gives (``other-run-<when>-step<N>.pt``, never overwriting one), and the run starts
 afresh: nothing is deleted, nothing blocks the stage.
 """
