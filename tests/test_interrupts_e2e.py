@@ -4,12 +4,16 @@ weights equal an uninterrupted run's and metrics/train holds every logged step o
 - Ctrl-C during validation: SIGINT is sent to the stage from inside its second validation
   (a ``sitecustomize`` hook the test puts on PYTHONPATH for that one run).
 - ``kill -9`` of dvc and everything under it, after the first periodic checkpoint.
+Either way the earlier outputs stay as they were until the run completes; and a checkpoint
+left by an interrupted rerun does not block the next change of params.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -74,12 +78,21 @@ def assert_matches_uninterrupted(repo: Path, straight: Path) -> None:
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
 
 
-def test_ctrl_c_during_validation_then_dvc_repro(reference, tmp_path):
-    repo, straight = reference
+def outputs(repo: Path) -> dict[str, str]:
+    """sha256 of every file under models/ and metrics/."""
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for d in ("models", "metrics") for p in sorted((repo / d).rglob("*")) if p.is_file()}
+
+
+def sigint_at_validation(tmp_path: Path, n: int) -> dict:
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook/sitecustomize.py").write_text(HOOK)
-    env = tool_env(PYTHONPATH=str(tmp_path / "hook"), SIGINT_AT_VALIDATION="2")
-    first = dvc("repro", "train", cwd=repo, env=env, check=False)
+    return tool_env(PYTHONPATH=str(tmp_path / "hook"), SIGINT_AT_VALIDATION=str(n))
+
+
+def test_ctrl_c_during_validation_then_dvc_repro(reference, tmp_path):
+    repo, straight = reference
+    first = dvc("repro", "train", cwd=repo, env=sigint_at_validation(tmp_path, 2), check=False)
     assert first.returncode != 0
     assert "interrupted after step 12 of 60" in first.stderr  # the validation of step 12
     assert (repo / "checkpoints/train/last.pt").is_file()
@@ -95,6 +108,7 @@ def test_kill_9_then_dvc_repro(reference):
     edited = yaml.safe_load((repo / "params.yaml").read_text())
     edited["logging"]["project_name"] = "samba-kill-test"
     (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    earlier = outputs(repo)
     proc = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=repo, env=tool_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     checkpoint = repo / "checkpoints/train/last.pt"
@@ -103,8 +117,31 @@ def test_kill_9_then_dvc_repro(reference):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     out = proc.communicate()[0].decode()
-    assert checkpoint.exists() and not (repo / "models/samba").exists(), out[-3000:]
+    assert checkpoint.exists() and outputs(repo) == earlier, out[-3000:]  # the earlier run's, as they were
     again = dvc("repro", cwd=repo)  # the lock DVC held died with it
     assert "resuming from checkpoints/train/last.pt" in again.stderr + again.stdout, (again.stdout + again.stderr)[-3000:]
     assert_matches_uninterrupted(repo, straight)
     assert not checkpoint.exists()
+
+
+def test_a_checkpoint_of_another_run_is_set_aside_and_the_run_starts_afresh(reference, tmp_path):
+    repo, _ = reference
+    dvc("repro", cwd=repo)  # complete, whatever the tests above left
+    earlier = outputs(repo)
+    forced = dvc("repro", "-f", "train", cwd=repo, env=sigint_at_validation(tmp_path, 2), check=False)
+    assert forced.returncode != 0 and "interrupted after step 12 of 60" in forced.stderr
+    checkpoint = repo / "checkpoints/train/last.pt"
+    left = checkpoint.read_bytes()
+    assert outputs(repo) == earlier
+    assert "Stage 'train' didn't change, skipping" in dvc("repro", "train", cwd=repo).stdout
+    edited = yaml.safe_load((repo / "params.yaml").read_text())
+    edited["training"]["lr"] = 0.02
+    (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    again = dvc("repro", cwd=repo)
+    log = again.stdout + again.stderr
+    said = re.search(r"checkpoints/train/last.pt was written by another run: params differ \(training.lr: 0.01 -> "
+                     r"0.02\); set aside as (\S+); this run starts from step 0", log)
+    assert said and "resuming" not in log, log[-3000:]
+    assert (repo / said.group(1)).read_bytes() == left  # kept, under the name the log gives
+    assert not checkpoint.exists() and outputs(repo) != earlier
+    assert "up to date" in dvc("status", cwd=repo).stdout

@@ -429,6 +429,27 @@ def test_linear_kl_divergence_bf16_matches_full_logits():
     assert errs[0] < 1e-3 and errs[1] < 2e-2 and errs[2] < 2e-2
 
 
+@pytest.mark.parametrize("signal_name,at", [("INT", 13), ("KILL", 21)], ids=["ctrl-c", "kill-9"])
+def test_graphed_run_interrupted_then_resumed_ends_at_the_uninterrupted_weights(sources, tmp_path, signal_name, at):
+    """fp32, CUDA graphs on, 40 steps, a checkpoint every 8: Ctrl-C after step 13, or kill -9
+    during step 21 (back to step 16), then the stage again. The weights end within 1e-6 of an
+    uninterrupted run's, and at every step of every run the learning rate in the optimizer's
+    groups is the schedule's, a CUDA tensor, the one make_optimizer made and the captured step
+    reads (tests/resume_probe.py; the same check runs on the CPU in tests/test_training.py)."""
+    from resume_probe import check_interrupted_run_resumes_exactly
+
+    from samba.config import Params
+    from samba.convert import convert
+    from samba.data import prepare_tokens
+
+    data = _gpu_params(tmp_path, sources, lr=2.0e-3, checkpoint_every=8)
+    data["compute"].update(precision="fp32", cuda_graphs=True)
+    params = Params.from_dict(data, require_all=True)
+    prepare_tokens(params.dataset, tmp_path / "data")
+    convert(params, tmp_path / "init")
+    check_interrupted_run_resumes_exactly(data, tmp_path, tmp_path, signal_name, at)
+
+
 def test_graphed_evaluation_equals_eager(sources):
     from samba.data import TokenWindows
     from samba.evaluate import evaluate_model

@@ -187,6 +187,26 @@ def test_evaluate_quality_gate(sources, project, tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["ppl_ratio"] > 1.001
 
 
+def test_evaluate_failing_midway_leaves_the_earlier_metrics_and_plots(sources, project, tmp_path, monkeypatch):
+    import samba.evaluate
+
+    out, plots = tmp_path / "eval.json", tmp_path / "plots"
+    plots.mkdir()
+    for name in ("magnitude_histogram.json", "prune_curve.png"):
+        (plots / name).write_text("an earlier run's")
+    out.write_text("{}")
+
+    def fails(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(samba.evaluate, "write_prune_curve", fails)  # after the other plots are written
+    with pytest.raises(OSError, match="disk full"):
+        evaluate_pipeline(params_with(sources), project / "data", project / "init", project / "init", out, plots)
+    assert sorted(p.name for p in plots.iterdir()) == ["magnitude_histogram.json", "prune_curve.png"]
+    assert all(p.read_text() == "an earlier run's" for p in plots.iterdir()) and out.read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no scratch left
+
+
 # ----------------------------------------------------------------------------- the scripts
 
 def test_stage_script_refuses_bad_params_and_keeps_outputs(sources, tmp_path):

@@ -6,22 +6,25 @@ stopped at its step with earlier outputs kept, keep: best."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
+import re
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import samba.loss
 import samba.resume
-from samba.checkpoint import CheckpointError
+from samba.config import ConfigError, Params, flatten
 from samba.convert import convert
 from samba.train import Trainer, TrainingInterrupted, lr_factor, train
 
-from conftest import params_with, relative_error  # noqa: F401  (project: a fixture of conftest)
+from conftest import params_with, relative_error, tiny_params  # noqa: F401  (project: a fixture of conftest)
 
 
 
@@ -89,9 +92,13 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights_and_curves(sources
     steps_per_epoch = logged(straight, "train/lr")[-1][0] // 2
     assert 12 < steps_per_epoch < 70, "the third case must land in the second epoch"
     target, attribute = (Trainer, "_validate") if where == "validation" else (samba.resume, "save")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/metrics.json").write_text("an earlier run's")
     interrupt_during(monkeypatch, target, attribute, call)
     with pytest.raises(TrainingInterrupted, match=r"interrupted after step (\d+)") as info:
         run(params, project, tmp_path)
+    assert [p.name for p in (tmp_path / "metrics").iterdir()] == ["metrics.json"]  # untouched until the end
+    assert (tmp_path / "metrics/metrics.json").read_text() == "an earlier run's"
     stopped = int(info.value.args[0].split("after step ")[1].split()[0])
     if where == "validation" and call == 12:
         assert stopped == 72 and stopped > steps_per_epoch
@@ -101,6 +108,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights_and_curves(sources
     monkeypatch.undo()
     run(params, project, tmp_path)  # resumes
     assert not (tmp_path / "ckpt/last.pt").exists()
+    assert (tmp_path / "metrics/metrics.json").read_text() != "an earlier run's"  # replaced whole
     assert_same_weights(straight, tmp_path)
     assert_same_history(straight, tmp_path)
 
@@ -111,34 +119,194 @@ def test_the_run_goes_past_the_first_epoch_with_moving_windows(straight):
     assert any(1 < e < 2 for _, e in epochs)
 
 
-def test_a_checkpoint_of_another_run_is_refused_saying_why(sources, project, tmp_path, monkeypatch):
-    params = RESUME_PARAMS(sources)
+def test_a_checkpoint_of_another_run_is_set_aside_and_the_run_starts_afresh(sources, project, tmp_path,
+                                                                            monkeypatch, caplog):
+    params = params_with(sources, training={"max_steps": 12, "checkpoint_every": 4, "eval_every": 6})
     interrupt_during(monkeypatch, Trainer, "_validate", 1)
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(TrainingInterrupted, match="after step 6 of 12"):
         run(params, project, tmp_path)
     monkeypatch.undo()
-    other = params_with(sources, training={"max_steps": 0, "epochs": 2, "checkpoint_every": 4, "eval_every": 6,
-                                           "log_every": 5, "batch_size": 8, "seq_len": 64, "lr": 2.0e-2})
-    with pytest.raises(CheckpointError, match=r"written by another run: params differ \(training.lr: 0.01 -> 0.02\)"):
-        run(other, project, tmp_path)
+    checkpoint = tmp_path / "ckpt/last.pt"
+    (tmp_path / "ckpt/best.safetensors").write_bytes(b"that run's best weights")
+    original = checkpoint.read_bytes()
+    other = params_with(sources, training={"max_steps": 12, "checkpoint_every": 4, "eval_every": 6, "lr": 2.0e-2})
+    straight = tmp_path / "straight"
+    run(other, project, straight)
+
+    def run_and_find_set_aside(why: str, *args) -> Path:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="samba"):
+            (train(*args) if args else run(other, project, tmp_path))
+        line = next(r.getMessage() for r in caplog.records if "set aside as" in r.getMessage())
+        assert re.search(why, line), line
+        assert "this run starts from step 0" in line and "resuming" not in caplog.text
+        assert not checkpoint.exists() and not (tmp_path / "ckpt/best.safetensors").exists()
+        return Path(line.split("set aside as ")[1].split(";")[0])
+
+    kept = run_and_find_set_aside(r"written by another run: params differ \(training.lr: 0.01 -> 0.02\)")
+    assert re.fullmatch(r"other-run-\d{8}-\d{6}-step6\.pt", kept.name) and kept.parent == checkpoint.parent
+    assert kept.read_bytes() == original  # nothing lost ...
+    assert kept.with_name(kept.stem + "-best.safetensors").read_bytes() == b"that run's best weights"
+    assert_same_weights(straight, tmp_path)  # ... and nothing of it resumed
+
+    # The same checkpoint again (same mtime, so the same name): an earlier one is never replaced.
+    shutil.copy2(kept, checkpoint)
+    again = run_and_find_set_aside("written by another run")
+    assert again.name == kept.stem + "-2.pt" and kept.read_bytes() == again.read_bytes() == original
+
+    shutil.copy2(kept, checkpoint)
     monkeypatch.setattr(samba.resume, "code_digest", lambda: "other code")
-    with pytest.raises(CheckpointError, match="the code in src/samba differs"):
-        run(params, project, tmp_path)
+    run_and_find_set_aside("written by another run: the code in src/samba differs; set aside as",
+                           params, project / "data", project / "init", tmp_path / "out", tmp_path / "metrics",
+                           tmp_path / "ckpt")
     monkeypatch.undo()
     # same sizes, other content: new init weights, new token data
     init2, data2 = tmp_path / "init2", tmp_path / "data2"
     convert(params_with(sources, training={"seed": 5}), init2)
     assert (init2 / "model.safetensors").stat().st_size == (project / "init/model.safetensors").stat().st_size
-    with pytest.raises(CheckpointError, match="the init weights"):
-        train(params, project / "data", init2, tmp_path / "out", tmp_path / "metrics", tmp_path / "ckpt")
-    import shutil
-
+    shutil.copy2(kept, checkpoint)
+    run_and_find_set_aside(r"another run: the init weights differ; set aside as", params, project / "data", init2,
+                           tmp_path / "out", tmp_path / "metrics", tmp_path / "ckpt")
     shutil.copytree(project / "data", data2)
     tokens = (data2 / "train.bin").read_bytes()
     (data2 / "train.bin").write_bytes(tokens[2:4] + tokens[:2] + tokens[4:])  # same length
-    with pytest.raises(CheckpointError, match="the token data"):
-        train(params, data2, project / "init", tmp_path / "out", tmp_path / "metrics", tmp_path / "ckpt")
-    assert (tmp_path / "ckpt/last.pt").is_file()  # refused, not deleted
+    shutil.copy2(kept, checkpoint)
+    run_and_find_set_aside(r"another run: the token data differ; set aside as", params, data2, project / "init",
+                           tmp_path / "out", tmp_path / "metrics", tmp_path / "ckpt")
+    checkpoint.write_bytes(original[:1000])  # cut short, as a full disk would
+    unreadable = run_and_find_set_aside(r"last.pt cannot be read \(")
+    assert re.fullmatch(r"unreadable-\d{8}-\d{6}\.pt", unreadable.name)
+    assert unreadable.read_bytes() == original[:1000]
+    assert len(list(checkpoint.parent.glob("*.pt"))) == 6  # every one kept
+
+
+# What may change across a resume (README, "Interruptions and failures"): what changes neither the
+# weights after any step nor the weights kept. The data set, the pretrained source and the
+# teacher count through the files they give (token data, init weights, teacher weights), not
+# as params.
+OFF_TRAJECTORY = ("training.log_every", "training.checkpoint_every", "compute.", "eval.", "logging.", "dataset.",
+                  "pretrained.use_pretrained", "pretrained.model_name", "training.teacher")
+ONLY_WITH_KEEP_BEST = ("training.eval_every", "training.eval_batches")
+
+
+def _changed(data: dict, key: str) -> Params:
+    """``data`` with ``key`` set to another valid value."""
+    section, name = key.split(".")
+    value = data[section][name]
+    if isinstance(value, bool):
+        candidates = [not value]
+    elif isinstance(value, (int, float)):
+        candidates = [value + 1, value - 1, value * 2 + 2, value / 2, value + 0.25]
+    elif isinstance(value, list):
+        candidates = [[0.1], [0.0, 0.5]]
+    else:
+        candidates = ["auto", "cuda", "fp32", "bf16", "reference", "kernels", "l1", "best", "last", "other"]
+    for candidate in candidates:
+        if candidate != value:
+            try:
+                return Params.from_dict({**data, section: {**data[section], name: candidate}}, require_all=True)
+            except ConfigError:
+                pass
+    raise AssertionError(f"no other valid value for {key}")
+
+
+@pytest.mark.parametrize("keep", ["last", "best"])
+def test_the_fingerprint_holds_exactly_what_changes_the_trajectory(sources, project, keep):
+    data = tiny_params(sources)
+    data["training"]["keep"] = keep
+    inputs = {"init": project / "init", "data": project / "data"}
+    base = samba.resume.fingerprint(Params.from_dict(data, require_all=True), "fp32", inputs)
+    for key in flatten(data):
+        off = key.startswith(OFF_TRAJECTORY) or (keep == "last" and key in ONLY_WITH_KEEP_BEST)
+        reasons = samba.resume.differences(base, samba.resume.fingerprint(_changed(data, key), "fp32", inputs))
+        assert (reasons == []) == off, (key, reasons)
+        if not off:
+            assert f"{key}: " in reasons[0], reasons
+    # the precision as resolved on the device (auto is bf16 on CUDA, fp32 on the CPU)
+    bf16 = samba.resume.fingerprint(Params.from_dict(data, require_all=True), "bf16", inputs)
+    assert samba.resume.differences(base, bf16) == ["params differ (precision: 'fp32' -> 'bf16')"]
+
+
+def test_a_distillation_teacher_counts_by_its_files_not_its_path(sources, project, tmp_path, monkeypatch, caplog):
+    here, there = tmp_path / "teacher", tmp_path / "moved"
+    shutil.copytree(project / "init", here)
+    shutil.copytree(project / "init", there)
+    params = params_with(sources, training={"distill_weight": 1.0, "teacher": str(here), "max_steps": 12,
+                                            "checkpoint_every": 4, "eval_every": 6})
+    inputs = {"init": project / "init", "data": project / "data"}
+    key = samba.resume.fingerprint(params, "fp32", {**inputs, "teacher": here})
+    assert samba.resume.differences(key, samba.resume.fingerprint(params, "fp32", {**inputs, "teacher": there})) == []
+    # the train stage fingerprints the teacher it distils from
+    interrupt_during(monkeypatch, Trainer, "_validate", 1)
+    with pytest.raises(TrainingInterrupted, match="after step 6 of 12"):
+        run(params, project, tmp_path)
+    monkeypatch.undo()
+    weights = load_file(here / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, here / "model.safetensors")
+    with caplog.at_level("INFO", logger="samba"):
+        run(params, project, tmp_path)
+    assert "last.pt was written by another run: the teacher's weights differ; set aside as" in caplog.text
+
+
+def test_what_is_off_the_trajectory_may_change_across_a_resume_even_the_device(sources, project, straight, tmp_path,
+                                                                             monkeypatch, caplog):
+    interrupt_during(monkeypatch, Trainer, "_validate", 2)
+    with pytest.raises(TrainingInterrupted, match="after step 12 "):
+        run(RESUME_PARAMS(sources), project, tmp_path)
+    monkeypatch.undo()
+    # as a CUDA run with graphs saves its optimizer (fused, capturable, the rate a tensor)
+    state = torch.load(tmp_path / "ckpt/last.pt", weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(lr=torch.tensor(group["lr"]), capturable=True, fused=True)
+    torch.save(state, tmp_path / "ckpt/last.pt")
+    changed = params_with(sources, training={"max_steps": 0, "epochs": 2, "checkpoint_every": 7, "eval_every": 5,
+                                             "eval_batches": 1, "log_every": 3, "batch_size": 8, "seq_len": 64},
+                          compute={"precision": "fp32", "backend": "reference", "compile": False, "cuda_graphs": False},
+                          eval={"batch_size": 3, "near_zero_eps": 0.5}, logging={"project_name": "elsewhere"})
+    with caplog.at_level("INFO", logger="samba"):
+        run(changed, project, tmp_path)
+    assert "at step 12 of" in caplog.text and "set aside" not in caplog.text
+    assert_same_weights(straight, tmp_path)
+
+
+def test_resume_keeps_the_learning_rate_tensor_the_captured_step_reads(sources, project):
+    """Under CUDA graphs the captured step reads the learning rate from the device tensor that
+    make_optimizer made: loading a checkpoint must copy the saved rate into that tensor, not
+    replace it; and the optimizer keeps running as made here, whatever saved the checkpoint
+    (the CPU stands in for the device: tensor identity and flags are checked here, the GPU
+    tests check the steps)."""
+    from samba import Samba
+    from samba.train import make_optimizer
+
+    t, cpu = RESUME_PARAMS(sources).training, torch.device("cpu")
+    model = Samba.from_pretrained(project / "init")
+    for saved_with_graphs in (True, False):
+        before = make_optimizer(model, t, cpu, graphs=saved_with_graphs)
+        for g in before.param_groups:
+            g["lr"] = torch.tensor(0.123) if saved_with_graphs else 0.123  # the rate at the checkpoint
+        buffer = io.BytesIO()
+        torch.save(before.state_dict(), buffer)
+        for graphs in (True, False):
+            buffer.seek(0)
+            optimizer = make_optimizer(model, t, cpu, graphs=graphs)
+            made = [g["lr"] for g in optimizer.param_groups]
+            samba.resume.load_optimizer_state(optimizer, torch.load(buffer, map_location="cpu", weights_only=True))
+            for group, lr in zip(optimizer.param_groups, made):
+                if graphs:
+                    assert isinstance(lr, torch.Tensor) and group["lr"] is lr and float(lr) == pytest.approx(0.123)
+                else:
+                    assert type(group["lr"]) is float and group["lr"] == pytest.approx(0.123)
+                assert (group["capturable"], group["fused"]) == (graphs, False)  # as made here
+
+
+def test_kill_9_mid_step_then_resume_follows_the_schedule_to_the_uninterrupted_weights(sources, project, tmp_path):
+    """The GPU tests' check (tests/resume_probe.py) on the CPU: the stage killed during its 13th
+    step, run again; the learning rate read from the optimizer at every step."""
+    from resume_probe import check_interrupted_run_resumes_exactly
+
+    data = tiny_params(sources)
+    data["training"].update(max_steps=20, checkpoint_every=8)
+    check_interrupted_run_resumes_exactly(data, project, tmp_path, "KILL", 13)
 
 
 def test_validation_follows_eval_every_whatever_log_every(sources, project, tmp_path):

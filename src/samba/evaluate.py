@@ -27,7 +27,7 @@ from .checkpoint import require_model_dir
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .data import TokenWindows, check_vocab, load_split, read_meta
 from .errors import UserError
-from .io import write_json_atomic
+from .io import atomic_dir, write_json_atomic
 from .model import Samba
 from .ops import kernels, linear_nll_and_correct
 from .plots import write_magnitude_histogram, write_per_chunk_sparsity, write_prune_curve
@@ -157,9 +157,10 @@ def evaluate_pipeline(params, data_dir, baseline_dir, model_dir, out_json, plots
     plots_dir, t0 = Path(plots_dir), time.perf_counter()
     centres, trained_hist = counters["trained"].histogram()
     _, baseline_hist = counters["baseline"].histogram()
-    write_magnitude_histogram(plots_dir, centres, trained_hist, baseline_hist)
-    write_per_chunk_sparsity(plots_dir, trained["sparsity"], baseline["sparsity"])
-    write_prune_curve(plots_dir, trained["prune_curve"], baseline["prune_curve"])
+    with atomic_dir(plots_dir) as tmp:  # whole, or the earlier run's as it was
+        write_magnitude_histogram(tmp, centres, trained_hist, baseline_hist)
+        write_per_chunk_sparsity(tmp, trained["sparsity"], baseline["sparsity"])
+        write_prune_curve(tmp, trained["prune_curve"], baseline["prune_curve"])
     write_json_atomic(out_json, metrics)
     logger.info("plots and metrics written in %.1f s", time.perf_counter() - t0)
     if ev.max_ppl_increase > 0 and metrics["ppl_ratio"] > 1 + ev.max_ppl_increase:

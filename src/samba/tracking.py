@@ -1,10 +1,12 @@
 """Where training metrics go: dvclive always, Weights & Biases too when ``logging.use_wandb``
 (its run's config is the whole of params.yaml, which DVC tracks for dvclive's side).
 
-dvclive never writes a dvc.yaml here (the pipeline declares metrics and plots). Every logged
-row is also kept in memory and saved in the resumable checkpoint; a resumed run starts a fresh
-dvclive directory and writes those rows again first, so the curves hold every logged step
-exactly once whether DVC deleted the directory before rerunning the stage (it does) or not.
+dvclive never writes a dvc.yaml here (the pipeline declares metrics and plots). The train
+stage logs into a directory beside its checkpoint and moves it into place when the run
+completes (``train``), so an interrupted or failed run leaves the earlier metrics as they were.
+Every logged row is also kept in memory and saved in the resumable checkpoint; a resumed run
+starts a fresh dvclive directory and writes those rows again first, so the curves hold every
+logged step exactly once.
 """
 
 from __future__ import annotations

@@ -9,13 +9,16 @@ are summed on the device and read only every ``log_every`` steps.
 Interruptions. Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary: it
 saves a checkpoint of the completed steps and exits; a second Ctrl-C stops at once. A hard
 kill loses only the steps since the last periodic checkpoint. Either way, running the stage
-again resumes and ends at the weights an uninterrupted run ends at (``resume``).
+again resumes and ends at the weights an uninterrupted run ends at (``resume``). The model and
+the metrics directory are replaced whole only when the run completes: an interrupted, failed
+or refused run leaves the earlier ones as they were.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -29,11 +32,11 @@ from . import distributed, resume
 from .checkpoint import require_model_dir
 from .config import ConfigError, Params
 from .cuda_graphs import GraphedCallable, graphs_wanted
-from .distill import Teacher, distilling
+from .distill import Teacher, distilling, require_teacher
 from .data import DataError, TokenWindows, check_vocab, load_split, read_meta, tokenizer_files
 from .errors import TrainingInterrupted
 from .evaluate import evaluate_model
-from .io import atomic_file
+from .io import atomic_dir, atomic_file
 from .loss import SambaObjective
 from .model import Samba
 from .plots import plot_training_curves
@@ -183,6 +186,7 @@ class Trainer:
         self.data_dir, self.init_dir, self.out_dir, self.metrics_dir = data_dir, init_dir, out_dir, metrics_dir
         self.checkpoint_path = checkpoint_dir / resume.CHECKPOINT_FILE
         self.best_path = checkpoint_dir / resume.BEST_FILE
+        self.live_dir = checkpoint_dir / resume.LIVE_DIR  # metrics_dir's content until the run completes
         t = self.t
         self.dtype = autocast_dtype(params.compute, device)
         seed_everything(t.seed)
@@ -266,12 +270,16 @@ class Trainer:
 
     def run(self) -> dict:
         t, ctx, device = self.t, self.ctx, self.device
-        key = resume.fingerprint(self.params, self.data_dir, self.init_dir)
-        state = resume.load(self.checkpoint_path, key)
+        inputs = {"init": self.init_dir, "data": self.data_dir}
+        if distilling(t):
+            inputs["teacher"] = require_teacher(t.teacher)
+        key = resume.fingerprint(self.params, "bf16" if self.dtype is not None else "fp32", inputs)
+        state = resume.load(self.checkpoint_path, key, may_set_aside=ctx.is_main)
+        distributed.barrier()  # every process has read it before any writes a new one
         start, best, history, wandb_id, window = 0, None, [], None, None
         if state is not None:
             self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            resume.load_optimizer_state(self.optimizer, state["optimizer"])
             start, best, history, wandb_id = state["step"], state["best"], state["history"], state["wandb_id"]
             window = state["window"]
             logger.info("resuming from %s at step %d of %d", self.checkpoint_path, start, self.total_steps)
@@ -280,7 +288,7 @@ class Trainer:
                     describe(device, self.dtype), self.total_steps, self.steps_per_epoch,
                     sum(p.numel() for p in self.trainable), ", CUDA graphs" if self.graphs else "",
                     f", {ctx.world_size} processes" if ctx.distributed else "")
-        log = MetricsLogger(self.params, self.metrics_dir, history, wandb_id) if ctx.is_main else None
+        log = MetricsLogger(self.params, self.live_dir, history, wandb_id) if ctx.is_main else None
         flags = distributed.HostFlags()
         B, tokens_per_step = t.batch_size, t.batch_size * t.seq_len
         names = self.objective.part_names
@@ -388,9 +396,12 @@ class Trainer:
             self.model.set_sparsity(None)
             self.model.save_pretrained(self.out_dir, extra_files=tokenizer_files(self.data_dir))
             log.end()
-            plot_training_curves(log.history(), self.metrics_dir / "training_curves.png")
+            plot_training_curves(log.history(), self.live_dir / "training_curves.png")
+            with atomic_dir(self.metrics_dir) as tmp:  # whole, or the earlier run's as it was
+                shutil.copytree(self.live_dir, tmp, dirs_exist_ok=True)
             self.checkpoint_path.unlink(missing_ok=True)
             self.best_path.unlink(missing_ok=True)
+            shutil.rmtree(self.live_dir, ignore_errors=True)
             last = [m for _, m in log.rows if "val/ppl" in m]
             summary.update({k: v for k, v in (last[-1] if last else {}).items()})
         distributed.barrier()

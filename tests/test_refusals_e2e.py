@@ -1,0 +1,68 @@
+"""Refused runs under DVC, which deletes a stage's outputs before running it unless they are
+``persist``: after a complete ``dvc repro``, a ``dvc exp run`` that a stage refuses exits with
+its one line and leaves models/, metrics/ and data/ byte for byte as they were; a good run
+then still works, and DVC's cache still restores the outputs (``dvc checkout``, ``--temp``
+workspaces, ``dvc exp apply``)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import dvc, make_pipeline_repo, sh, tiny_params
+
+pytestmark = pytest.mark.e2e
+
+
+def outputs(repo: Path, dirs=("models", "metrics", "data")) -> dict[str, str]:
+    """sha256 of every file under ``dirs``."""
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for d in dirs for p in sorted((repo / d).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def repo(sources, tmp_path_factory) -> Path:
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("refusals"), tiny_params(sources))
+    dvc("repro", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "a complete run", cwd=repo)
+    return repo
+
+
+@pytest.mark.parametrize("stage,override,message", [
+    ("train", "training.batch_size=-4", "training.batch_size: must be > 0, got -4"),
+    ("prepare", "dataset.name=/no/such/corpus", "dataset.name: /no/such/corpus is not a directory"),
+    ("evaluate", "eval.batch_size=0", "eval.batch_size: must be > 0, got 0"),
+])
+def test_a_refused_exp_run_leaves_every_output_as_it_was(repo, stage, override, message):
+    before = outputs(repo)
+    assert {"models/samba/model.safetensors", "metrics/train/metrics.json", "metrics/eval.json",
+            "data/tokenized/train.bin"} <= set(before)
+    proc = dvc("exp", "run", "-S", override, cwd=repo, check=False)
+    sh("git", "checkout", "params.yaml", cwd=repo)  # a failed exp run leaves its -S in params.yaml
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(f"[{stage}] error:")]
+    assert len(lines) == 1 and message in lines[0], (proc.stdout + proc.stderr)[-3000:]
+    assert outputs(repo) == before
+    assert "up to date" in dvc("status", cwd=repo).stdout
+
+
+def test_after_refusals_runs_and_the_cache_still_give_the_right_outputs(repo):
+    dvc("exp", "run", "-S", "training.lr=0.02", "-n", "here", cwd=repo)
+    here = outputs(repo)
+    shutil.rmtree(repo / "models/samba")
+    shutil.rmtree(repo / "data/tokenized")
+    dvc("checkout", cwd=repo)
+    assert outputs(repo) == here
+    # the same experiment in a workspace of its own, brought back by exp apply
+    dvc("exp", "run", "--temp", "-S", "training.lr=0.02", "-n", "there", cwd=repo)
+    sh("git", "checkout", "--", ".", cwd=repo)
+    dvc("checkout", cwd=repo)
+    model = "models/samba/model.safetensors"
+    assert outputs(repo)[model] != here[model]  # back at the committed run
+    dvc("exp", "apply", "there", cwd=repo)
+    assert outputs(repo, ["models", "data"]) == {k: v for k, v in here.items() if not k.startswith("metrics/")}
+    assert "up to date" in dvc("status", cwd=repo).stdout
