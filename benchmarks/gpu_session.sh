@@ -175,7 +175,7 @@ if [[ $PARTS == *sweep* ]]; then  # issue 17's fresh-data protocol (benchmarks/r
   for f in 50 75 90 95; do queue topk$f -S model.sparsity_target=0.$f -S training.lr=3.0e-4; done
   queue topk95-kl10 -S model.sparsity_target=0.95 $kl -S training.distill_weight=10.0
   queue topk50-kl1 -S model.sparsity_target=0.5 $kl -S training.distill_weight=1.0
-  queue topk90-kl10-chunk1 -S model.sparsity_target=0.9 $kl -S training.distill_weight=10.0 -S training.distill_chunk_weight=1.0
+  # (2026-11-30 also ran topk90-kl10-chunk1, with training.distill_chunk_weight=1.0: removed since, it did not help)
   queue topk90-kl30 -S model.sparsity_target=0.9 $kl -S training.distill_weight=30.0
   queue topk75-kl1-baseline -S model.sparsity_target=0.75 -S training.lr=3.0e-4 -S training.distill_weight=1.0  # the teacher: models/init
   JOBS=$((4 * NGPU))

@@ -133,7 +133,8 @@ def input_tokens(lm: SambaLM, requests: list) -> int:
     for r in requests:
         if r.request_type == "loglikelihood_rolling":
             windows = get_rolling_token_windows(lm.tok_encode(r.args[0]), lm.eot_token_id, lm.max_length, 1)
-            total += sum(len(a) for a, _ in map(make_disjoint_window, windows))
+            # a window (context a, continuation b) feeds a + b[:-1]
+            total += sum(len(a) + len(b) - 1 for a, b in map(make_disjoint_window, windows))
         else:
             context, continuation = r.args
             total += min(len(lm.tok_encode(context + continuation)), lm.max_length + 1) - 1

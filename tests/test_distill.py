@@ -15,7 +15,7 @@ from samba import Samba
 from samba.checkpoint import CheckpointError
 from samba.config import ConfigError
 from samba.data import TokenWindows, load_split
-from samba.distill import Teacher, chunk_mse
+from samba.distill import Teacher
 from samba.loss import samba_loss
 from samba.ops import linear_kl_divergence
 from samba.train import train
@@ -33,19 +33,18 @@ def run(params, project: Path, where: Path) -> dict:
 
 
 def test_distill_is_zero_at_the_first_step_with_the_students_own_init_as_teacher(sources, project, tmp_path):
-    params = params_with(sources, training={"max_steps": 3, "log_every": 1, "distill_weight": 1.0,
-                                            "distill_chunk_weight": 0.5, "teacher": str(project / "init")})
+    params = params_with(sources, training={"max_steps": 3, "log_every": 1, "distill_weight": 1.5,
+                                            "teacher": str(project / "init")})
     run(params, project, tmp_path)
-    kl, chunk = logged(tmp_path, "train/distill"), logged(tmp_path, "train/distill_chunk")
-    assert kl[0][0] == 1 and abs(kl[0][1]) < 1e-6 and abs(chunk[0][1]) < 1e-9
+    kl = logged(tmp_path, "train/distill")
+    assert kl[0][0] == 1 and abs(kl[0][1]) < 1e-6
     assert kl[-1][1] > 1e-5  # once the student has moved, the teacher disagrees
-    # the total holds the weighted terms: loss = main CE + 0.5 readout CE + 0.5 penalty + 1 KL + 0.5 chunk
+    # the total holds the weighted terms: loss = main CE + readout CE + penalty + 1.5 KL, each weighted
     parts = {n: logged(tmp_path, f"train/{n}")[-1][1] for n in ("loss", "main_ce", "readout_ce", "penalty",
-                                                                "distill", "distill_chunk")}
+                                                                "distill")}
     t = params.training
     assert parts["loss"] == pytest.approx(parts["main_ce"] + t.readout_weight * parts["readout_ce"]
-                                          + t.pruning_weight * parts["penalty"] + parts["distill"]
-                                          + 0.5 * parts["distill_chunk"], rel=1e-5)
+                                          + t.pruning_weight * parts["penalty"] + 1.5 * parts["distill"], rel=1e-5)
 
 
 def test_no_teacher_logs_no_distillation(sources, project, tmp_path):
@@ -80,31 +79,19 @@ def test_distillation_pulls_a_sparse_student_towards_its_teacher(sources, projec
 def test_a_mamba_checkpoint_can_teach(sources, project):
     # a transformers checkpoint: the teacher's readout (unused) is made to fit the student's layout
     params = params_with(sources)
-    teacher = Teacher.load(sources / "mamba", params.model, "reference", torch.device("cpu"), chunks=True)
+    teacher = Teacher.load(sources / "mamba", params.model, "reference", torch.device("cpu"))
     ids = torch.randint(0, 264, (2, 9))
-    chunks, hidden = teacher(ids)
-    assert len(chunks) == params.model.n_chunks and hidden.shape == (2, 9, params.model.d_model)
+    hidden = teacher(ids)
+    assert hidden.shape == (2, 9, params.model.d_model)
     assert not hidden.requires_grad and not any(p.requires_grad for p in teacher.model.parameters())
     student = Samba.from_pretrained(project / "init")  # converted from that same checkpoint
-    same = samba_loss(student, ids, ids, 0.5, 0.5, "hoyer", teacher=teacher, distill_weight=1.0,
-                      distill_chunk_weight=1.0)
-    assert abs(same.distill) < 1e-6 and same.distill_chunk < 1e-10
+    same = samba_loss(student, ids, ids, 0.5, 0.5, "hoyer", teacher=teacher, distill_weight=1.0)
+    assert abs(same.distill) < 1e-6
     perturb_(student, seed=3)
-    parts = samba_loss(student, ids, ids, 0.5, 0.5, "hoyer", teacher=teacher, distill_weight=1.0,
-                       distill_chunk_weight=1.0)
+    parts = samba_loss(student, ids, ids, 0.5, 0.5, "hoyer", teacher=teacher, distill_weight=1.0)
     parts.total.backward()
-    assert parts.distill > 1e-3 and parts.distill_chunk > 1e-3
+    assert parts.distill > 1e-3
     assert all(p.grad is None for p in teacher.model.parameters())  # the teacher never learns
-
-
-def test_chunk_mse_is_scale_free_and_zero_on_agreement():
-    g = torch.Generator().manual_seed(0)
-    t = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]
-    s = [x + 0.1 * torch.randn(x.shape, generator=g) for x in t]
-    assert chunk_mse(t, t) == 0
-    assert chunk_mse([3 * x for x in s], [3 * x for x in t]) == pytest.approx(float(chunk_mse(s, t)), rel=1e-5)
-    hand = sum(((a - b) ** 2).mean() / (b ** 2).mean() for a, b in zip(s, t)) / 3
-    assert chunk_mse(s, t) == pytest.approx(float(hand), rel=1e-6)
 
 
 def test_bad_teachers_are_refused_naming_the_key(sources, project, tmp_path):
@@ -120,6 +107,5 @@ def test_bad_teachers_are_refused_naming_the_key(sources, project, tmp_path):
     params = params_with(sources, training={"distill_weight": 1.0, "teacher": str(other_vocab)})
     with pytest.raises(ConfigError, match=r"training.teacher: .* has a vocabulary of 272, the student 264"):
         run(params, project, tmp_path)
-    for key in ("distill_weight", "distill_chunk_weight"):
-        with pytest.raises(ConfigError, match=f"training.{key}: must be >= 0"):
-            params_with(sources, training={key: -1.0})
+    with pytest.raises(ConfigError, match="training.distill_weight: must be >= 0"):
+        params_with(sources, training={"distill_weight": -1.0})

@@ -175,31 +175,6 @@ def test_a_zero_weight_term_is_reported_without_gradient_work(model, monkeypatch
     assert all(p.grad is None for p in model.readout.parameters())
 
 
-def test_chunk_only_distillation_reports_the_kl_without_its_gradient(model, monkeypatch):
-    # distill_weight 0 with distill_chunk_weight > 0: the train stage loads a teacher and
-    # reports the KL of the main heads, which trains nothing; no slice may make its gradient
-    import copy
-
-    from samba.distill import Teacher
-
-    teacher_model = copy.deepcopy(model)
-    perturb_(teacher_model, seed=7)
-    calls = count_slice_calls(monkeypatch, "kl")
-    ids, targets = _batch(seed=6)
-    with torch.no_grad():
-        log_ps = torch.log_softmax(model(ids).logits.reshape(-1, 50).double(), -1)
-        log_pt = torch.log_softmax(teacher_model(ids).logits.reshape(-1, 50).double(), -1)
-    expected = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
-    objective = SambaObjective(model, 0.5, 0.0, "hoyer", teacher=Teacher(teacher_model), distill_weight=0.0,
-                               distill_chunk_weight=1.0)
-    step = training_step(objective, torch.optim.SGD(model.parameters(), lr=0.1), list(model.parameters()),
-                         1.0, torch.device("cpu"), None)
-    values = dict(zip(objective.part_names, step(ids, targets)))
-    assert calls == {"grad": 0, "loss": 1}
-    assert values["distill"] > 0.01
-    torch.testing.assert_close(values["distill"].double(), expected, rtol=1e-5, atol=1e-7)
-
-
 def test_the_stage_objective_freezes_an_unweighted_readout_and_still_reports_it(model):
     # train.training_objective (what the train stage and benchmarks/train_step.py build)
     ids, targets = _batch(seed=5)

@@ -199,10 +199,8 @@ class TrainingConfig(Section):
     pruning_weight: float = 0.5
     pruning_penalty: typing.Literal["l1", "hoyer"] = "hoyer"  # see sparsity.PENALTIES; the seed's: l1 at 0.05
     sparsity_warmup_steps: int = 0  # model.sparsity_target is reached linearly over these steps
-    # Distillation (distill.py): KL(teacher || student) of the main heads, per token, in nats;
-    # and a normalised MSE of each chunk output (before top-k) to the teacher's.
+    # Distillation (distill.py): KL(teacher || student) of the main heads, per token, in nats.
     distill_weight: float = 0.0
-    distill_chunk_weight: float = 0.0
     teacher: str = "models/init"  # a model directory; models/init is the converted baseline
     keep: typing.Literal["last", "best"] = "last"  # best: lowest validation ppl after the warm-up
     log_every: int = 10
@@ -217,8 +215,7 @@ class TrainingConfig(Section):
         for name in ("max_steps", "warmup_steps", "seed", "sparsity_warmup_steps"):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        for name in ("weight_decay", "grad_clip", "readout_weight", "pruning_weight", "distill_weight",
-                     "distill_chunk_weight"):
+        for name in ("weight_decay", "grad_clip", "readout_weight", "pruning_weight", "distill_weight"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value}")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")

@@ -17,7 +17,7 @@ its output) and writes to OUT_DIR:
 - ``frontier.png``: exact zeros against ppl over the best control, with the seeds' error bars.
 
 A control is a group with no sparsity, no penalty and no teacher (``model.sparsity_target``,
-``training.pruning_weight``, ``training.distill_weight`` and ``distill_chunk_weight`` all 0). A
+``training.pruning_weight`` and ``training.distill_weight`` all 0). A
 group's control is the one whose schedule (every other param) is the same; ``--control NAME``
 makes the group holding experiment NAME every group's control. The best control is the one with
 the lowest mean ppl: a fine-tune that looks free against a control that overfits (one with a
@@ -76,10 +76,8 @@ NOT_EXPERIMENTAL = {"compute.device", "compute.num_processes"}
 SEED = "training.seed"
 # What makes a run sparse or distilled; every other param is its schedule.
 TREATMENT = {"model.sparsity_target", "training.pruning_weight", "training.pruning_penalty",
-             "training.sparsity_warmup_steps", "training.distill_weight", "training.distill_chunk_weight",
-             "training.teacher"}
-CONTROL_ZEROS = ("model.sparsity_target", "training.pruning_weight", "training.distill_weight",
-                 "training.distill_chunk_weight")
+             "training.sparsity_warmup_steps", "training.distill_weight", "training.teacher"}
+CONTROL_ZEROS = ("model.sparsity_target", "training.pruning_weight", "training.distill_weight")
 
 
 def is_control(params: dict) -> bool:
@@ -93,7 +91,7 @@ def group_by_seed(runs: list[dict]) -> list[list[dict]]:
         key = json.dumps({k: v for k, v in run["params"].items() if k != SEED and k not in NOT_EXPERIMENTAL},
                          sort_keys=True)
         groups.setdefault(key, []).append(run)
-    return list(groups.values())
+    return [sorted(g, key=lambda r: r["params"].get(SEED) or 0) for g in groups.values()]  # seed 0 names it
 
 
 def _schedule(params: dict) -> str:

@@ -90,7 +90,7 @@ def training_objective(model: Samba, t, teacher: Teacher | None = None) -> Samba
     if t.readout_weight == 0:
         model.readout.requires_grad_(False)
     return SambaObjective(model, t.readout_weight, t.pruning_weight, t.pruning_penalty, teacher=teacher,
-                          distill_weight=t.distill_weight, distill_chunk_weight=t.distill_chunk_weight)
+                          distill_weight=t.distill_weight)
 
 
 def make_optimizer(model: Samba, t, device: torch.device, graphs: bool) -> torch.optim.AdamW:
@@ -166,14 +166,12 @@ def load_init(init_dir: Path, params: Params) -> Samba:
 
 
 def load_teacher(params: Params, device: torch.device) -> Teacher | None:
-    """The distillation teacher (training.teacher) when a distillation weight is > 0, else None."""
+    """The distillation teacher (training.teacher) when training.distill_weight is > 0, else None."""
     t = params.training
     if not distilling(t):
         return None
-    teacher = Teacher.load(t.teacher, params.model, params.compute.backend, device,
-                           chunks=t.distill_chunk_weight > 0)
-    logger.info("distilling from %s (KL weight %g, chunk weight %g)", t.teacher, t.distill_weight,
-                t.distill_chunk_weight)
+    teacher = Teacher.load(t.teacher, params.model, params.compute.backend, device)
+    logger.info("distilling from %s (KL weight %g)", t.teacher, t.distill_weight)
     return teacher
 
 
