@@ -154,7 +154,8 @@ def tiny_params(sources: Path) -> dict:
     params["model"].update(vocab_size=264, d_model=16, n_layers=4, d_state=4, readout_hidden_dim=8,
                            readout_stride=2)
     params["training"].update(batch_size=4, seq_len=32, epochs=1, max_steps=30, lr=1.0e-2,
-                              warmup_steps=2, log_every=5, eval_every=10, eval_batches=2)
+                              warmup_steps=2, log_every=5, eval_every=10, eval_batches=2,
+                              pruning_weight=0.5, sparsity_warmup_steps=0)  # the tests' runs: penalty on, no ramp
     params["compute"].update(device="cpu")
     params["eval"].update(prune_fractions=[0.0, 0.5, 0.75])
     return params

@@ -188,17 +188,17 @@ class TrainingConfig(Section):
     seed: int = 0
     batch_size: int = 16
     seq_len: int = 512
-    epochs: int = 10
+    epochs: int = 3
     max_steps: int = 0  # 0: no cap, ``epochs`` decides
-    lr: float = 5e-5
+    lr: float = 1e-4
     weight_decay: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables clipping
     readout_weight: float = 0.5
-    pruning_weight: float = 0.5
+    pruning_weight: float = 0.0
     pruning_penalty: typing.Literal["l1", "hoyer"] = "hoyer"  # see sparsity.PENALTIES; the seed's: l1 at 0.05
-    sparsity_warmup_steps: int = 0  # model.sparsity_target is reached linearly over these steps
+    sparsity_warmup_steps: int = 100  # model.sparsity_target is reached linearly over these steps
     # Distillation (distill.py): KL(teacher || student) of the main heads, per token, in nats.
     distill_weight: float = 0.0
     teacher: str = "models/init"  # a model directory; models/init is the converted baseline
