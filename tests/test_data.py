@@ -83,8 +83,8 @@ def test_hub_ids_fail_fast_offline_with_a_hint(monkeypatch, tmp_path):
         Samba.from_pretrained("state-spaces/mamba-130m-hf")
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "wikitext-2-tokenized").is_dir(),
-                    reason="needs ../shared/data (real WikiText-2 and the GPT-NeoX tokenizer)")
+@pytest.mark.skipif(not ((SHARED_DATA / "wikitext-2-raw").is_dir() and (SHARED_DATA / "tokenizers/gpt-neox-20b").is_dir()),
+                    reason="needs ../shared/data (real WikiText-2 raw and the GPT-NeoX tokenizer)")
 def test_real_wikitext2_with_the_mamba_tokenizer(tmp_path):
     # WikiText's own file names; Mamba's tokenizer (50,277 ids) fits uint16; decoding gives the text back
     corpus = tmp_path / "wt2"

@@ -156,6 +156,10 @@ def test_an_http_endpoint_is_asked_for_through_the_proxy(proxy_env, fake_proxy):
     proxy_env.setenv("HTTP_PROXY", proxy.url)
     assert hub_reachable(timeout=2)
     assert proxy.requests == ["HEAD http://hub.invalid:8080/"]
+    for status in (407, 502):  # a proxy that asks for credentials, or cannot reach the endpoint
+        refusing = fake_proxy(status=status)
+        proxy_env.setenv("HTTP_PROXY", refusing.url)
+        assert not hub_reachable(timeout=2) and refusing.requests == ["HEAD http://hub.invalid:8080/"]
 
 
 def test_no_proxy_goes_direct(proxy_env, fake_proxy):

@@ -160,6 +160,25 @@ def test_linear_kl_divergence_computes_gradients_only_when_autograd_uses_them(mo
     assert calls == {"grad": 5, "loss": 0} and hidden.grad is not None and weight.grad is not None
 
 
+def test_linear_kl_divergence_slices_by_default(monkeypatch):
+    # by default no slice holds more than MAX_SLICE_ELEMENTS logits of either model
+    import importlib
+
+    from conftest import count_slice_calls
+
+    module = importlib.import_module("samba.ops.linear_cross_entropy")
+    monkeypatch.setattr(module, "MAX_SLICE_ELEMENTS", 2 * 37 * 4)  # two (4, 37) logits a slice
+    calls = count_slice_calls(monkeypatch, "kl")
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(22, 8, generator=g, requires_grad=True)
+    weight, teacher = torch.randn(37, 8, generator=g), torch.randn(22, 8, generator=g)
+    sliced = linear_kl_divergence(hidden, weight, teacher, weight)
+    sliced.backward()
+    assert calls == {"grad": 6, "loss": 0}  # ceil(22 / 4) slices
+    whole = linear_kl_divergence(hidden.detach(), weight, teacher, weight, slice_tokens=22)
+    torch.testing.assert_close(sliced, whole)
+
+
 def test_linear_cross_entropy_rejects_mismatched_targets():
     with pytest.raises(ValueError, match="hidden vectors but"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))

@@ -35,6 +35,7 @@ def repo(sources, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("stage,override,message", [
     ("train", "training.batch_size=-4", "training.batch_size: must be > 0, got -4"),
     ("prepare", "dataset.name=/no/such/corpus", "dataset.name: /no/such/corpus is not a directory"),
+    ("convert", "pretrained.model_name=/no/such/ckpt", "/no/such/ckpt: no such directory"),
     ("evaluate", "eval.batch_size=0", "eval.batch_size: must be > 0, got 0"),
 ])
 def test_a_refused_exp_run_leaves_every_output_as_it_was(repo, stage, override, message):

@@ -220,11 +220,11 @@ def test_a_samba_directory_seeds_the_pipeline(sources, tmp_path):
 # ----------------------------------------------------------------------------- the frontier
 
 def _exp(name, pruning_weight, target, l0, ppl, readout_ppl, baseline_ppl=50.0, seed=0, lr=1e-4, distill=0.0,
-         accuracy=0.4, readout_accuracy=0.38):
+         accuracy=0.4, readout_accuracy=0.38, teacher="models/init"):
     sparsity = {"l0": l0, "l0_min_chunk": l0 - 0.01, "near_zero_rel": l0 + 0.005}
     return {"rev": name * 4, "name": name, "data": {
         "params": {"params.yaml": {"data": {"training": {"pruning_weight": pruning_weight, "lr": lr, "seed": seed,
-                                                         "distill_weight": distill},
+                                                         "distill_weight": distill, "teacher": teacher},
                                             "model": {"sparsity_target": target}}}},
         "metrics": {"metrics/eval.json": {"data": {"ppl": ppl, "readout_ppl": readout_ppl, "sparsity": sparsity,
                                                    "accuracy": accuracy, "readout_accuracy": readout_accuracy,
@@ -263,10 +263,15 @@ def test_frontier_groups_seeds_and_compares_with_the_control_of_the_same_schedul
     exps = [_exp(f"control-s{s}", 0.0, 0.0, 0.0, p, p + 1, seed=s, accuracy=a)
             for s, p, a in ((0, 62.77, 0.356), (1, 62.99, 0.355), (2, 62.79, 0.357))]
     exps += [_exp("control-lr3", 0.0, 0.0, 0.0, 69.3, 70.0, lr=3e-4)]  # overfits
+    # seeds listed out of order, as dvc exp show may list them; a teacher other than the controls'
     exps += [_exp(f"topk90-kl-s{s}", 0.0, 0.9, 0.9, p, p + 2, seed=s, lr=3e-4, distill=3.0, accuracy=0.35,
-                  readout_accuracy=r) for s, p, r in ((0, 65.79, 0.335), (1, 65.41, 0.336), (2, 65.91, 0.331))]
+                  readout_accuracy=r, teacher="/abs/control")
+             for s, p, r in ((2, 65.91, 0.331), (0, 65.79, 0.335), (1, 65.41, 0.336))]
+    # a dense run distilled from a teacher is no control, however low its ppl
+    exps += [_exp("dense-kl", 0.0, 0.0, 0.0, 60.0, 61.0, lr=3e-4, distill=1.0, teacher="/abs/control")]
     rows = {r["experiment"]: r for r in write_frontier(_shown(exps), tmp_path)}
-    assert set(rows) == {"control-s0", "control-lr3", "topk90-kl-s0"}  # one row per seed group
+    assert set(rows) == {"control-s0", "control-lr3", "topk90-kl-s0", "dense-kl"}  # one row per seed group
+    assert not rows["dense-kl"]["control"] and rows["dense-kl"]["control_experiment"] == "control-lr3"
     control, kl = rows["control-s0"], rows["topk90-kl-s0"]
     assert control["n_seeds"] == kl["n_seeds"] == 3 and kl["seeds"] == [0, 1, 2]
     assert kl["experiments"] == ["topk90-kl-s0", "topk90-kl-s1", "topk90-kl-s2"]
@@ -279,14 +284,32 @@ def test_frontier_groups_seeds_and_compares_with_the_control_of_the_same_schedul
     assert kl["ppl_vs_best_control"] == pytest.approx(0.045, abs=0.001)  # RESEARCH.md's +4.5%
     assert kl["readout_acc_vs_main"] == pytest.approx((0.335 + 0.336 + 0.331) / 3 / 0.35)
     assert kl["accuracy"] == pytest.approx(0.35) and control["accuracy"] == pytest.approx(0.356)
-    assert set(kl["params"]) == {"training.lr", "training.distill_weight", "model.sparsity_target"}
+    assert set(kl["params"]) == {"training.lr", "training.distill_weight", "training.teacher", "model.sparsity_target"}
     saved = json.loads((tmp_path / "frontier.json").read_text())
-    assert saved["control"] == "control-s0" and len(saved["rows"]) == 3
+    assert saved["control"] == "control-s0" and len(saved["rows"]) == 4
     assert "65.703 ± 0.261" in (tmp_path / "frontier.md").read_text()
     # --control names one experiment: its group is every row's control
     rows = {r["experiment"]: r for r in write_frontier(_shown(exps), tmp_path, "control-s1")}
     assert rows["topk90-kl-s0"]["control_experiment"] == "control-s0"
     assert rows["topk90-kl-s0"]["ppl_vs_control"] == pytest.approx(kl["ppl_vs_best_control"])
+
+
+def test_frontier_plot_has_the_seeds_error_bars(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from samba.frontier import write_frontier
+
+    drawn, real = [], matplotlib.axes.Axes.errorbar
+    def errorbar(self, x, y, yerr=None, **kwargs):
+        drawn.append((x, y, yerr))
+        return real(self, x, y, yerr=yerr, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    exps = [_exp(f"control-s{s}", 0.0, 0.0, 0.0, p, p, seed=s) for s, p in ((0, 60.0), (1, 62.0))]
+    exps += [_exp("topk75", 0.0, 0.75, 0.75, 63.0, 63.0)]
+    write_frontier(_shown(exps), tmp_path)
+    bars = {x: yerr for x, _, yerr in drawn}
+    # the control's two seeds: std 1.414 of a mean of 61, in % of the best control's ppl; one seed: no bar
+    assert bars[0.0] == pytest.approx(100 * 2 ** 0.5 / 61.0) and bars[75.0] is None
 
 
 def test_frontier_leaves_out_experiments_that_have_not_finished(tmp_path):
@@ -323,5 +346,6 @@ def test_frontier_command_refuses_in_one_line(tmp_path):
     saved.write_text(json.dumps([{"rev": "workspace", "data": {}}]))
     proc = subprocess.run([sys.executable, "-m", "samba.frontier", str(tmp_path / "out"), "--from-json", str(saved)],
                           capture_output=True, text=True, env=tool_env())
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "[frontier] error: no experiment has metrics/eval.json" in proc.stderr
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]  # the whole of stderr is the one line
+    assert proc.stderr.startswith("[frontier] error: no experiment has metrics/eval.json")

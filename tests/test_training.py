@@ -367,3 +367,14 @@ def test_keep_best_keeps_the_lowest_validation_ppl_after_the_warm_up(sources, pr
     assert m["ppl"] == pytest.approx(dict(val)[best_step], rel=1e-5)
     if best_step != 40:
         assert not math.isclose(dict(val)[40], dict(val)[best_step])
+
+
+def test_the_code_digest_follows_file_contents_not_only_names(tmp_path):
+    import shutil
+
+    package = Path(samba.resume.__file__).resolve().parent
+    copy = tmp_path / "samba"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert samba.resume.code_digest(copy) == samba.resume.code_digest()
+    (copy / "loss.py").write_text((copy / "loss.py").read_text().replace("readout_weight", "readout_weigth"))
+    assert samba.resume.code_digest(copy) != samba.resume.code_digest()  # same names, other code

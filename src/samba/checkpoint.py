@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, ModelConfig
 from .errors import UserError
 from .io import atomic_dir
-from .paths import resolve_local_path
+from .paths import resolve_local_path, written_as_path
 
 SAMBA_FORMAT = "samba"
 CONFIG_FILE = "config.json"
@@ -62,6 +62,8 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
         return path
     if path.exists():
         raise CheckpointError(f"{path}: a checkpoint must be a directory, not a file")
+    if written_as_path(str(name_or_path)):  # never a Hub id (those read org/name)
+        raise CheckpointError(f"{path}: no such directory (a local checkpoint directory; a Hub id reads org/name)")
     from .hub import download_snapshot
 
     return download_snapshot(str(name_or_path), allow_patterns=[

@@ -28,7 +28,7 @@ from .config import DatasetConfig
 from .errors import UserError
 from .hub import download_file, require_hub
 from .io import atomic_dir
-from .paths import resolve_local_path
+from .paths import resolve_local_path, written_as_path
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,6 @@ class DataError(UserError, ValueError):
 
 
 # ----------------------------------------------------------------------------- sources
-
-def _path_like(spec: str) -> bool:
-    """Written as a path (./x, /x, ~/x), so never to be taken for a Hub id."""
-    return spec.startswith((".", "/", "~"))
-
 
 def local_split_files(directory: Path) -> dict[str, Path]:
     files = {}
@@ -87,7 +82,7 @@ def read_split_lines(dataset: DatasetConfig) -> tuple[dict[str, list[str]], str]
         files = local_split_files(path)
         lines = {s: hub_line_convention(read_text_lines(f)) for s, f in files.items()}
         return lines, ", ".join(f"{s}={f}" for s, f in files.items())
-    if path.exists() or _path_like(dataset.name):
+    if path.exists() or written_as_path(dataset.name):
         raise DataError(f"dataset.name: {path} is not a directory; a local dataset is a "
                         f"directory holding {[n[0] for n in LOCAL_FILES.values()]}")
     require_hub(dataset.name, "dataset")
@@ -115,7 +110,7 @@ def load_tokenizer(spec: str):
         if not path.is_file():
             raise DataError(f"dataset.tokenizer: {spec} has no tokenizer.json")
     elif not path.is_file():
-        if _path_like(spec):
+        if written_as_path(spec):
             raise DataError(f"dataset.tokenizer: {path} does not exist")
         path = download_file(spec, "tokenizer.json", "tokenizer")
     try:

@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 EXPERIMENT_WORKSPACES = (".dvc", "tmp", "exps")  # where DVC's --temp and --queue copies live
 
 
+def written_as_path(spec: str) -> bool:
+    """Written as a path (./x, ../x, /x, ~/x), so never to be taken for a Hub id."""
+    return spec.startswith((".", "/", "~"))
+
+
 def experiment_origin(cwd: Path | None = None) -> Path | None:
     """The user's repository when ``cwd`` is a DVC experiment's workspace (inside
     ``<repo>/.dvc/tmp/exps/``), else None. (DVC's DVC_ROOT names the same directory there.)"""

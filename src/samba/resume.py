@@ -64,9 +64,10 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def code_digest() -> str:
-    """sha256 over every Python file of the imported ``samba`` package (paths and contents)."""
-    root = Path(__file__).resolve().parent
+def code_digest(root: Path | None = None) -> str:
+    """sha256 over every Python file of the imported ``samba`` package (paths and contents), or
+    of the package directory ``root``."""
+    root = root or Path(__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
