@@ -109,3 +109,30 @@ def test_bad_teachers_are_refused_naming_the_key(sources, project, tmp_path):
         run(params, project, tmp_path)
     with pytest.raises(ConfigError, match="training.distill_weight: must be >= 0"):
         params_with(sources, training={"distill_weight": -1.0})
+
+
+def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused(sources, project, tmp_path):
+    # a same-size vocabulary over other tokens: the KL would compare unrelated distributions
+    from tokenizers import Tokenizer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(project / "init", teacher)
+    tok = Tokenizer.from_file(str(project / "data/tokenizer.json"))
+    vocab = tok.get_vocab()
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    tok.save(str(teacher / "tokenizer.json"))
+    swapped = json.loads((teacher / "tokenizer.json").read_text())
+    swapped["model"]["vocab"][a], swapped["model"]["vocab"][b] = vocab[b], vocab[a]  # two ids swapped
+    (teacher / "tokenizer.json").write_text(json.dumps(swapped))
+    params = params_with(sources, training={"distill_weight": 1.0, "teacher": str(teacher), "max_steps": 2})
+    with pytest.raises(ConfigError, match="training.teacher: .* records another tokenizer than the data's"):
+        run(params, project, tmp_path / "refused")
+    tok.save(str(teacher / "tokenizer.json"))  # the data's own tokenizer: accepted
+    run(params, project, tmp_path / "accepted")
+
+
+def test_a_run_shorter_than_the_sparsity_ramp_says_so(sources, project, tmp_path, caplog):
+    params = params_with(sources, model={"sparsity_target": 0.5}, training={"max_steps": 4, "sparsity_warmup_steps": 100})
+    with caplog.at_level("WARNING", logger="samba"):
+        run(params, project, tmp_path)
+    assert "sparsity_warmup_steps (100) is longer than the run (4 steps): training ends at a fraction of 0.015" in caplog.text

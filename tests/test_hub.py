@@ -197,3 +197,16 @@ def test_a_silent_proxy_is_given_up_after_the_timeout(proxy_env):
         start = time.monotonic()
         assert not hub_reachable(timeout=0.5)
         assert 0.4 < time.monotonic() - start < 2
+
+
+def test_offline_mode_with_nothing_cached_says_so_once(tmp_path, monkeypatch):
+    from samba.hub import HubUnavailableError, download_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty/hub"))
+    with pytest.raises(HubUnavailableError) as info:
+        download_file("EleutherAI/gpt-neox-20b", "tokenizer.json", "tokenizer")
+    message = str(info.value)
+    assert "HF_HUB_OFFLINE is set, so only the Hugging Face cache is read" in message
+    assert "Or set HF_HUB_OFFLINE" not in message and ".." not in message and "\n" not in message

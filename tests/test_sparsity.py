@@ -269,9 +269,15 @@ def test_frontier_groups_seeds_and_compares_with_the_control_of_the_same_schedul
              for s, p, r in ((2, 65.91, 0.331), (0, 65.79, 0.335), (1, 65.41, 0.336))]
     # a dense run distilled from a teacher is no control, however low its ppl
     exps += [_exp("dense-kl", 0.0, 0.0, 0.0, 60.0, 61.0, lr=3e-4, distill=1.0, teacher="/abs/control")]
+    # the stand-in's own pretraining, on other data: a dense run, but no control of the fine-tunes
+    standin = _exp("standin", 0.0, 0.0, 0.0, 40.0, 41.0, lr=6e-4)
+    standin["data"]["params"]["params.yaml"]["data"]["dataset"] = {"train_range": [0.0, 0.5]}
+    exps += [standin]
     rows = {r["experiment"]: r for r in write_frontier(_shown(exps), tmp_path)}
-    assert set(rows) == {"control-s0", "control-lr3", "topk90-kl-s0", "dense-kl"}  # one row per seed group
+    assert set(rows) == {"control-s0", "control-lr3", "topk90-kl-s0", "dense-kl", "standin"}  # a row per seed group
     assert not rows["dense-kl"]["control"] and rows["dense-kl"]["control_experiment"] == "control-lr3"
+    assert rows["standin"]["control"] and rows["standin"]["best_control_experiment"] == "standin"
+    assert rows["dense-kl"]["best_control_experiment"] == "control-s0"
     control, kl = rows["control-s0"], rows["topk90-kl-s0"]
     assert control["n_seeds"] == kl["n_seeds"] == 3 and kl["seeds"] == [0, 1, 2]
     assert kl["experiments"] == ["topk90-kl-s0", "topk90-kl-s1", "topk90-kl-s2"]
@@ -284,9 +290,10 @@ def test_frontier_groups_seeds_and_compares_with_the_control_of_the_same_schedul
     assert kl["ppl_vs_best_control"] == pytest.approx(0.045, abs=0.001)  # RESEARCH.md's +4.5%
     assert kl["readout_acc_vs_main"] == pytest.approx((0.335 + 0.336 + 0.331) / 3 / 0.35)
     assert kl["accuracy"] == pytest.approx(0.35) and control["accuracy"] == pytest.approx(0.356)
-    assert set(kl["params"]) == {"training.lr", "training.distill_weight", "training.teacher", "model.sparsity_target"}
+    assert set(kl["params"]) == {"training.lr", "training.distill_weight", "training.teacher", "model.sparsity_target",
+                                 "dataset.train_range"}
     saved = json.loads((tmp_path / "frontier.json").read_text())
-    assert saved["control"] == "control-s0" and len(saved["rows"]) == 4
+    assert saved["control"] == "control-s0" and len(saved["rows"]) == 5
     assert "65.703 ± 0.261" in (tmp_path / "frontier.md").read_text()
     # --control names one experiment: its group is every row's control
     rows = {r["experiment"]: r for r in write_frontier(_shown(exps), tmp_path, "control-s1")}

@@ -278,6 +278,13 @@ def test_command_writes_results_and_compare_tabulates_them(tmp_path, tokenizer, 
         va, vb = a["results"]["tiny_mc"][f"{metric},none"], b["results"]["tiny_mc"][f"{metric},none"]
         cells = [c.strip() for c in rows["tiny_mc", metric].strip("|").split("|")]
         assert cells[2:] == [f"{va:.4f}", f"{vb:.4f}", f"{vb - va:+.4f}"]
+    assert "note:" not in capsys.readouterr().out  # the same documents on both sides
+    smaller = json.loads((tmp_path / "sparse.json").read_text())
+    smaller["results"]["tiny_mc"]["sample_len"] -= 1  # as from a run with a smaller --limit
+    (tmp_path / "smaller.json").write_text(json.dumps(smaller))
+    zeroshot.main(["compare", str(tmp_path / "dense.json"), str(tmp_path / "smaller.json")])
+    n = a["results"]["tiny_mc"]["sample_len"]
+    assert f"note: tiny_mc: A scored {n} documents and B {n - 1}" in capsys.readouterr().out
     with pytest.raises(zeroshot.ZeroShotError, match="has no 'results'"):
         zeroshot.main(["compare", str(tmp_path / "dense.json"), str(tmp_path / "tokenizer.json")])
 

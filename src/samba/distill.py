@@ -24,6 +24,7 @@ import torch
 
 from .checkpoint import SAMBA_FORMAT, CheckpointError, detect_format, read_config
 from .config import ConfigError, ModelConfig
+from .data import TOKENIZER_FILE, load_tokenizer
 from .model import Samba
 from .paths import resolve_local_path
 
@@ -40,10 +41,17 @@ class Teacher:
         self.model = model.eval().requires_grad_(False)
 
     @classmethod
-    def load(cls, path: str | Path, student: ModelConfig, backend: str, device: torch.device) -> "Teacher":
+    def load(cls, path: str | Path, student: ModelConfig, backend: str, device: torch.device,
+             tokenizer: Path | None = None) -> "Teacher":
         """The model in ``path``, checked against the student: the same vocabulary (the KL compares
-        next-token distributions)."""
+        next-token distributions), and, where the teacher records its tokenizer, the same tokens
+        as ``tokenizer`` (the student's data's): a vocabulary of the same size can still mean
+        other tokens."""
         path = require_teacher(path)
+        if tokenizer is not None and (path / TOKENIZER_FILE).is_file() and tokenizer.is_file():
+            if load_tokenizer(str(path / TOKENIZER_FILE)).get_vocab() != load_tokenizer(str(tokenizer)).get_vocab():
+                raise ConfigError(f"training.teacher: {path} records another tokenizer than the data's ({tokenizer}); "
+                                  "the KL compares distributions over the same tokens")
         overrides = {}
         if detect_format(read_config(path), path) != SAMBA_FORMAT:  # Mamba says nothing of a readout
             overrides = {"readout_stride": student.readout_stride, "readout_hidden_dim": student.readout_hidden_dim}

@@ -94,6 +94,14 @@ def group_by_seed(runs: list[dict]) -> list[list[dict]]:
     return [sorted(g, key=lambda r: r["params"].get(SEED) or 0) for g in groups.values()]  # seed 0 names it
 
 
+def _start(params: dict) -> str:
+    """What a run starts from and sees: its data, its initial model and the architecture. Runs
+    are compared only with controls that share it (a stand-in's pretraining is no control of its
+    fine-tunes)."""
+    return json.dumps({k: v for k, v in params.items() if k.split(".")[0] in ("dataset", "pretrained", "model")
+                       and k != "model.sparsity_target"}, sort_keys=True)
+
+
 def _schedule(params: dict) -> str:
     return json.dumps({k: v for k, v in params.items() if k not in TREATMENT | NOT_EXPERIMENTAL | {SEED}},
                       sort_keys=True)
@@ -139,33 +147,41 @@ def summarize(group: list[dict]) -> dict:
 
 
 def table(runs: list[dict], control_name: str | None = None) -> tuple[list[dict], dict | None]:
-    """The rows (one per seed group, by exact zeros) and the best control's row (None if none)."""
+    """The rows (one per seed group, by exact zeros) and the best control's row (None if none): the
+    best of the controls that start from what most rows start from (``_start``)."""
     if control_name is not None and control_name not in [r["name"] for r in runs]:
         raise FrontierError(f"--control {control_name}: no experiment of that name among {[r['name'] for r in runs]}")
     keys = sorted({k for r in runs for k in r["params"]} - NOT_EXPERIMENTAL - {SEED})
     groups = group_by_seed(runs)
     differ = [k for k in keys if len({json.dumps(g[0]["params"].get(k)) for g in groups}) > 1]
-    rows, schedules = [], []
+    rows, schedules, starts = [], [], []
     for group in groups:
         row = summarize(group)
         row["params"] = {k: group[0]["params"].get(k) for k in differ}
         row["control"] = (control_name in row["experiments"]) if control_name else is_control(group[0]["params"])
         rows.append(row)
         schedules.append(_schedule(group[0]["params"]))
-    controls = [(r, s) for r, s in zip(rows, schedules) if r["control"]]
-    best = min((r for r, _ in controls), key=lambda r: r["ppl"]) if controls else None
-    for row, schedule in zip(rows, schedules):
-        same = [c for c, s in controls if control_name or s == schedule]
+        starts.append(_start(group[0]["params"]))
+    controls = [(r, s, st) for r, s, st in zip(rows, schedules, starts) if r["control"]]
+    best_of = {st: min((c for c, _, s2 in controls if s2 == st), key=lambda r: r["ppl"])
+               for _, _, st in controls}  # start -> its best control
+    for row, schedule, start in zip(rows, schedules, starts):
+        same = [c for c, s, st in controls if control_name or (s == schedule and st == start)]
         control = same[0] if same else None
+        best = best_of.get(start)
         row["control_experiment"] = control["experiment"] if control else None
         row["ppl_vs_control"] = row["ppl"] / control["ppl"] - 1 if control else None
+        row["best_control_experiment"] = best["experiment"] if best else None
         row["ppl_vs_best_control"] = row["ppl"] / best["ppl"] - 1 if best else None
         row["ppl_vs_baseline"] = row["ppl"] / row["baseline_ppl"] - 1
         row["readout_vs_main"] = row["readout_ppl"] / row["ppl"] - 1
-    for row, front in zip(rows, pareto([(r["exact_zeros"], r["ppl"]) for r in rows])):
-        row["pareto"] = front
+    for start in set(starts):  # the front among runs that start alike
+        mine = [r for r, st in zip(rows, starts) if st == start]
+        for row, front in zip(mine, pareto([(r["exact_zeros"], r["ppl"]) for r in mine])):
+            row["pareto"] = front
     rows.sort(key=lambda r: (r["exact_zeros"], -r["ppl"]))
-    return rows, best
+    main = max(set(starts), key=starts.count)  # what most rows start from
+    return rows, best_of.get(main)
 
 
 def _pct(x: float | None) -> str:
@@ -205,6 +221,8 @@ def plot(rows: list[dict], best: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     key = "ppl_vs_best_control" if best else "ppl_vs_baseline"
+    if best:  # the runs compared with that control: those that start from what it starts from
+        rows = [r for r in rows if r["best_control_experiment"] == best["experiment"]]
     x = [100 * r["exact_zeros"] for r in rows]
     y = [100 * r[key] for r in rows]
     err = [100 * r["ppl_std"] / (best["ppl"] if best else r["baseline_ppl"]) for r in rows]

@@ -21,6 +21,17 @@ OFFLINE_HINT = (
     "dataset.tokenizer at a directory or tokenizer.json file; pretrained.model_name at a "
     "checkpoint directory (transformers or mamba-ssm format). Or set HF_HUB_OFFLINE=1 to use "
     "what the Hugging Face cache already holds.")
+CACHE_HINT = ("HF_HUB_OFFLINE is set, so only the Hugging Face cache is read, and it does not hold this: "
+              "fetch it once where the Hub can be reached, or point params.yaml at local files.")
+
+
+def hint() -> str:
+    """What to do instead, for the mode the Hub is used in."""
+    return CACHE_HINT if hub_offline_mode() else OFFLINE_HINT
+
+
+def _sentence(err: Exception) -> str:
+    return str(err).strip().rstrip(".")
 
 
 class HubUnavailableError(UserError, RuntimeError):
@@ -106,8 +117,8 @@ def download_snapshot(repo_id: str, allow_patterns: list[str], what: str) -> Pat
     try:
         return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
     except Exception as err:  # offline cache miss, unknown repo, network failure
-        raise HubUnavailableError(f"could not fetch {what} {repo_id!r} from the Hub: {err}. "
-                                  + OFFLINE_HINT) from None
+        raise HubUnavailableError(f"could not fetch {what} {repo_id!r} from the Hub: {_sentence(err)}. "
+                                  + hint()) from None
 
 
 def download_file(repo_id: str, filename: str, what: str) -> Path:
@@ -117,5 +128,5 @@ def download_file(repo_id: str, filename: str, what: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename))
     except Exception as err:
-        raise HubUnavailableError(f"could not fetch {filename} of {what} {repo_id!r}: {err}. "
-                                  + OFFLINE_HINT) from None
+        raise HubUnavailableError(f"could not fetch {filename} of {what} {repo_id!r}: {_sentence(err)}. "
+                                  + hint()) from None

@@ -33,7 +33,7 @@ from .checkpoint import require_model_dir
 from .config import ConfigError, Params
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .distill import Teacher, distilling, require_teacher
-from .data import DataError, TokenWindows, check_vocab, load_split, read_meta, tokenizer_files
+from .data import TOKENIZER_FILE, DataError, TokenWindows, check_vocab, load_split, read_meta, tokenizer_files
 from .errors import TrainingInterrupted
 from .evaluate import evaluate_model
 from .io import atomic_dir, atomic_file
@@ -165,12 +165,14 @@ def load_init(init_dir: Path, params: Params) -> Samba:
     return model
 
 
-def load_teacher(params: Params, device: torch.device) -> Teacher | None:
-    """The distillation teacher (training.teacher) when training.distill_weight is > 0, else None."""
+def load_teacher(params: Params, device: torch.device, data_dir: Path | None = None) -> Teacher | None:
+    """The distillation teacher (training.teacher) when training.distill_weight is > 0, else None;
+    checked against the tokenizer the data in ``data_dir`` was made with."""
     t = params.training
     if not distilling(t):
         return None
-    teacher = Teacher.load(t.teacher, params.model, params.compute.backend, device)
+    tokenizer = tokenizer_files(data_dir).get(TOKENIZER_FILE) if data_dir is not None else None
+    teacher = Teacher.load(t.teacher, params.model, params.compute.backend, device, tokenizer)
     logger.info("distilling from %s (KL weight %g)", t.teacher, t.distill_weight)
     return teacher
 
@@ -210,10 +212,16 @@ class Trainer:
         self.total_steps = t.epochs * self.steps_per_epoch
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
+        if self.model.sparse and t.sparsity_warmup_steps > self.total_steps:
+            logger.warning("training.sparsity_warmup_steps (%d) is longer than the run (%d steps): training ends at "
+                           "a fraction of %.3g, while the saved model applies model.sparsity_target %g",
+                           t.sparsity_warmup_steps, self.total_steps,
+                           ramp(self.total_steps - 1, t.sparsity_warmup_steps, self.model.config.sparsity_target),
+                           self.model.config.sparsity_target)
 
         self.graphs = graphs_wanted(params.compute.cuda_graphs, device)
         # before the optimizer: at readout_weight 0 it freezes the readout
-        self.objective = training_objective(self.model, t, load_teacher(params, device))
+        self.objective = training_objective(self.model, t, load_teacher(params, device, data_dir))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, t, device, self.graphs)
         step = training_step(self._data_parallel(self.objective), self.optimizer, self.trainable, t.grad_clip,

@@ -401,12 +401,14 @@ def check_sources(names: list[str], include_paths: list[Path], hub_ok: bool) -> 
                 for f in files:
                     if "://" not in f and not any(c in f for c in "*?[") and not Path(f).expanduser().exists():
                         raise ZeroShotError(f"task {where}: data file {f} not found (a relative path is read "
-                                            f"from the current directory, {Path.cwd()})")
+                                            f"from the current directory, {Path.cwd()}; the tasks of "
+                                            "benchmarks/zeroshot_tasks/ read .gpu/zeroshot/, which its README "
+                                            "says how to build)")
             elif path and Path(str(path)).expanduser().is_dir():
                 continue
             elif not hub_ok:
                 source = (f"reads {path!r}" if path else
-                          "is not defined under --include-path, so it is lm-eval's own and reads its data")
+                          "is not defined under --include-path: if it is one of lm-eval's own, it reads its data")
                 raise HubUnavailableError(
                     f"task {where} {source} from the Hugging Face Hub, which cannot be reached: point a task at "
                     "local files (dataset_path: json, dataset_kwargs: {data_files: ...}) in a directory given as "
@@ -569,8 +571,17 @@ def compare(argv: list[str]) -> str:
     parser.add_argument("b")
     args = parser.parse_args(argv)
     table = format_compare(compare_rows(read_metrics(args.a), read_metrics(args.b)), args.a, args.b)
+    a, b = sample_counts(args.a), sample_counts(args.b)
+    table += "".join(f"\nnote: {task}: A scored {a[task]} documents and B {b[task]}; the two are not the same test"
+                     for task in sorted(set(a) & set(b)) if a[task] != b[task])
     print(table)
     return table
+
+
+def sample_counts(path: str | Path) -> dict[str, int]:
+    """task -> the number of documents scored (lm-eval's sample_len), from a ``--output`` file."""
+    results = json.loads(Path(path).read_text())["results"]
+    return {task: int(m["sample_len"]) for task, m in results.items() if isinstance(m.get("sample_len"), int)}
 
 
 def main(argv: list[str] | None = None) -> None:
