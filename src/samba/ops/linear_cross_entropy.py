@@ -152,30 +152,37 @@ def _scaled_grads(ctx, grad_out):
     return dh, dw
 
 
+def _sliced_forward(ctx, hidden, weight, compute_dtype, slice_tokens, fns, operand):
+    """The loop both sliced losses share. hidden: (T, H); weight: (V, H); ``fns``: the per-slice
+    (loss and d(logits), loss only) pair; ``operand(start, stop)``: the slice's other operand (its
+    targets, or the teacher's logits). Returns the mean loss; d(hidden), d(weight) are saved."""
+    T = hidden.shape[0]
+    with_grad, loss_only = fns
+    h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    grads = _SliceGrads(hidden, weight, h, acc, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    for start in range(0, T, slice_tokens):
+        h_s = h[start:start + slice_tokens]
+        logits, other = h_s @ w.t(), operand(start, start + slice_tokens)  # (S, V), compute dtype
+        if not grads.needed:
+            total += loss_only(logits, other, acc)
+            continue
+        loss, g = with_grad(logits, other, acc)
+        del logits, other
+        total += loss
+        grads.add(g, w, h_s, start)
+    ctx.save_for_backward(grads.h, grads.w)
+    ctx.T, ctx.weight_dtype = T, weight.dtype
+    return total / T
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, compute_dtype, slice_tokens, compiled):
         # hidden: (T, H); weight: (V, H); targets: (T,) int64
-        T = hidden.shape[0]
-        nll_and_grad, nll_only = _slice_fns(compiled)
-        h = hidden.to(compute_dtype)
-        w = weight.to(compute_dtype)
-        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        grads = _SliceGrads(hidden, weight, h, acc, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        for start in range(0, T, slice_tokens):
-            h_s, t_s = h[start:start + slice_tokens], targets[start:start + slice_tokens]
-            logits = h_s @ w.t()  # (S, V), compute dtype
-            if not grads.needed:
-                total += nll_only(logits, t_s, acc)
-                continue
-            nll, g = nll_and_grad(logits, t_s, acc)
-            del logits
-            total += nll
-            grads.add(g, w, h_s, start)
-        ctx.save_for_backward(grads.h, grads.w)
-        ctx.T, ctx.weight_dtype = T, weight.dtype
-        return total / T
+        return _sliced_forward(ctx, hidden, weight, compute_dtype, slice_tokens, _slice_fns(compiled),
+                               lambda start, stop: targets[start:stop])
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -186,26 +193,9 @@ class _LinearKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, compute_dtype, slice_tokens, compiled):
         # hidden: (T, H); weight: (V, H); teacher_hidden: (T, H_t); teacher_weight: (V, H_t)
-        T = hidden.shape[0]
-        kl_and_grad, kl_only = _slice_fns(compiled, "kl")
-        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         th, tw = teacher_hidden.to(compute_dtype), teacher_weight.to(compute_dtype)
-        acc = torch.promote_types(compute_dtype, torch.float32)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        grads = _SliceGrads(hidden, weight, h, acc, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        for start in range(0, T, slice_tokens):
-            h_s = h[start:start + slice_tokens]
-            logits, t_logits = h_s @ w.t(), th[start:start + slice_tokens] @ tw.t()  # (S, V) each
-            if not grads.needed:
-                total += kl_only(logits, t_logits, acc)
-                continue
-            kl, g = kl_and_grad(logits, t_logits, acc)
-            del logits, t_logits
-            total += kl
-            grads.add(g, w, h_s, start)
-        ctx.save_for_backward(grads.h, grads.w)
-        ctx.T, ctx.weight_dtype = T, weight.dtype
-        return total / T
+        return _sliced_forward(ctx, hidden, weight, compute_dtype, slice_tokens, _slice_fns(compiled, "kl"),
+                               lambda start, stop: th[start:stop] @ tw.t())  # the teacher's (S, V) logits
 
     @staticmethod
     def backward(ctx, grad_out):
