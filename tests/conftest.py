@@ -26,6 +26,13 @@ BIN = Path(sys.executable).parent  # the test environment's python, dvc, torchru
 WORDS = ("the cat sat on a mat and dog ran to big red house in town where people live with many "
          "trees near old river under bright sky").split()
 
+def _tiny_samba_config():
+    from samba import ModelConfig
+
+    return ModelConfig(vocab_size=264, d_model=16, n_layers=4, d_state=4, readout_hidden_dim=8, readout_stride=2)
+
+
+TINY_SAMBA = _tiny_samba_config()
 # Tiny Mamba: 4 layers so that stride 2 gives 2 chunks; vocab not a power of two.
 TINY = dict(vocab_size=96, hidden_size=16, num_hidden_layers=4, state_size=4, expand=2,
             conv_kernel=4, layer_norm_epsilon=1e-5)
@@ -50,6 +57,18 @@ def count_slice_calls(monkeypatch, kind: str = "nll") -> dict[str, int]:
             return _real(*args)
         monkeypatch.setattr(module, name, counted)
     return calls
+
+
+def tiny_samba(target: float = 0.0, seed: int = 0):
+    """A tiny Samba (2 chunks of 2 layers, vocabulary 264), weights moved off their init, in eval
+    mode, with ``target`` as its sparsity."""
+    from samba import Samba
+
+    torch.manual_seed(seed)
+    model = Samba(TINY_SAMBA).eval()
+    perturb_(model, seed)
+    model.set_sparsity_target(target)
+    return model
 
 
 def make_transformers_mamba(seed: int = 0, **overrides):

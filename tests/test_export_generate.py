@@ -10,24 +10,17 @@ import sys
 import pytest
 import torch
 
-from samba import ModelConfig, Samba
+from samba import Samba
 from samba.config import Params
 from samba.convert import convert
 from samba.data import prepare_tokens
 from samba.export import ExportError, export
 from samba.generate import Decoder, generate, sample
 
-from conftest import perturb_, relative_error, tiny_params, tool_env
+from conftest import TINY_SAMBA, relative_error, tiny_params, tiny_samba, tool_env
 
-CFG = ModelConfig(vocab_size=264, d_model=16, n_layers=4, d_state=4, readout_hidden_dim=8, readout_stride=2)
+CFG = TINY_SAMBA  # the tiny Samba of conftest.tiny_samba
 
-
-def _model(target: float = 0.0, seed: int = 0) -> Samba:
-    torch.manual_seed(seed)
-    model = Samba(CFG).eval()
-    perturb_(model, seed)
-    model.set_sparsity_target(target)
-    return model
 
 
 # ----------------------------------------------------------------------------- the recurrent step
@@ -36,7 +29,7 @@ def _model(target: float = 0.0, seed: int = 0) -> Samba:
 @pytest.mark.parametrize("head", ["main", "readout"])
 @pytest.mark.parametrize("prompt_len", [1, 5])
 def test_recurrent_step_equals_the_full_forward(target, head, prompt_len):
-    model = _model(target)
+    model = tiny_samba(target)
     ids = torch.randint(0, 264, (2, 13), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids)
@@ -67,7 +60,7 @@ def test_export_gives_transformers_the_main_head_and_samba_everything_back(tmp_p
 
     from conftest import make_corpus, make_tokenizer
 
-    model = _model()
+    model = tiny_samba()
     make_corpus(tmp_path / "corpus")
     make_tokenizer(tmp_path / "corpus", tmp_path / "tok", vocab_size=264)
     model.save_pretrained(tmp_path / "samba", extra_files={"tokenizer.json": tmp_path / "tok/tokenizer.json"})
@@ -90,7 +83,7 @@ def test_export_gives_transformers_the_main_head_and_samba_everything_back(tmp_p
 def test_greedy_main_head_equals_transformers_generate(tmp_path):
     from transformers import MambaForCausalLM
 
-    model = _model(seed=3)
+    model = tiny_samba(seed=3)
     model.save_pretrained(tmp_path / "samba")
     export(tmp_path / "samba", tmp_path / "hf")
     hf = MambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -101,7 +94,7 @@ def test_greedy_main_head_equals_transformers_generate(tmp_path):
 
 
 def test_a_kept_decoder_gives_what_a_fresh_one_gives():
-    model = _model(target=0.5, seed=8)
+    model = tiny_samba(target=0.5, seed=8)
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, 264, (2, n), generator=g) for n in (5, 9)]
     decoder = Decoder(model, 2, "readout")
@@ -178,7 +171,7 @@ def test_generate_says_there_is_no_model_where_there_is_none(tmp_path):
 
 
 def test_export_command_refuses_in_one_line(project, tmp_path):
-    model = _model()
+    model = tiny_samba()
     model.set_sparsity_target(0.5)
     model.save_pretrained(tmp_path / "sparse")
     proc = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "sparse"), str(tmp_path / "hf"),
@@ -193,7 +186,7 @@ def test_export_command_refuses_in_one_line(project, tmp_path):
 
 
 def test_export_refuses_to_replace_a_directory_unless_forced(tmp_path):
-    _model().save_pretrained(tmp_path / "samba")
+    tiny_samba().save_pretrained(tmp_path / "samba")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf/mine.txt").write_text("the user's")
     command = [sys.executable, "-m", "samba.export", str(tmp_path / "samba"), str(tmp_path / "hf")]

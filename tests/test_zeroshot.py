@@ -15,27 +15,20 @@ import pytest
 import torch
 import yaml
 
-from samba import ModelConfig, Samba
+from samba import Samba
 from samba.data import TokenWindows
 from samba.evaluate import evaluate_model
 from samba.generate import generate
 from samba.hub import HubUnavailableError
 
-from conftest import WORDS, make_corpus, make_tokenizer, perturb_, tool_env
+from conftest import TINY_SAMBA, WORDS, make_corpus, make_tokenizer, tiny_samba, tool_env
 
 import samba.zeroshot as zeroshot  # lm-eval is in requirements.txt: a failing import is a failure, not a skip
 from lm_eval.api.instance import Instance
 
-CFG = ModelConfig(vocab_size=264, d_model=16, n_layers=4, d_state=4, readout_hidden_dim=8, readout_stride=2)
+CFG = TINY_SAMBA  # the tiny Samba of conftest.tiny_samba
 EOT = "<|endoftext|>"
 
-
-def _model(target: float = 0.0, seed: int = 0) -> Samba:
-    torch.manual_seed(seed)
-    model = Samba(CFG).eval()
-    perturb_(model, seed)
-    model.set_sparsity_target(target)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +93,7 @@ def _choice_logprobs(model, head, tokenizer, doc) -> list[float]:
 def test_multiple_choice_acc_equals_the_full_logits(tmp_path, tokenizer, target, head, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    model = _model(target, seed=1)
+    model = tiny_samba(target, seed=1)
     docs = _mc_docs()
     lls = [_choice_logprobs(model, head, tokenizer, d) for d in docs]
     best = [max(range(3), key=lambda i: ll[i]) for ll in lls]
@@ -125,7 +118,7 @@ def test_loglikelihoods_equal_a_transformers_export(tmp_path, tokenizer):
 
     from samba.export import export
 
-    model = _model(seed=2)
+    model = tiny_samba(seed=2)
     model.save_pretrained(tmp_path / "samba")
     export(tmp_path / "samba", tmp_path / "hf")
     hf = MambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -147,7 +140,7 @@ def test_loglikelihoods_equal_a_transformers_export(tmp_path, tokenizer):
 
 
 def test_long_inputs_are_cut_from_the_left_and_buckets_do_not_change_the_numbers(tokenizer):
-    model = _model(seed=4)
+    model = tiny_samba(seed=4)
     rng = random.Random(5)
     pairs = [(tokenizer.encode(_sentence(rng, 5, 40)).ids, tokenizer.encode(" " + _sentence(rng, 1, 3)).ids)
              for _ in range(20)]
@@ -170,7 +163,7 @@ def test_rolling_loglikelihood_equals_the_projects_evaluation(tokenizer, head):
     """lm-eval's windows of L tokens: the first feeds [EOT] + tokens[:L-1]; window j >= 1 feeds
     tokens[jL-1 : (j+1)L-1] and scores tokens[jL : (j+1)L] -- the project's windows shifted by
     L-1 tokens (TokenWindows' offset)."""
-    model, L = _model(0.5, seed=6), 16
+    model, L = tiny_samba(0.5, seed=6), 16
     rng, text = random.Random(7), ""
     while True:
         text += _sentence(rng) + " .\n"
@@ -194,8 +187,8 @@ def test_rolling_loglikelihood_equals_the_projects_evaluation(tokenizer, head):
 # ----------------------------------------------------------------------------- sparsity, generation
 
 def test_the_models_sparsity_is_applied(tokenizer):
-    sparse = _model(0.75, seed=8)
-    dense = _model(0.75, seed=8)
+    sparse = tiny_samba(0.75, seed=8)
+    dense = tiny_samba(0.75, seed=8)
     dense.set_sparsity_target(0.0)
     rng = random.Random(9)
     requests = [Instance("loglikelihood", {}, (_sentence(rng), " " + _sentence(rng, 1, 3)), 0) for _ in range(8)]
@@ -207,7 +200,7 @@ def test_the_models_sparsity_is_applied(tokenizer):
 
 @pytest.mark.parametrize("head", ["main", "readout"])
 def test_generation_is_samba_generate_greedy_cut_at_the_stop_string(tokenizer, head):
-    model = _model(0.5, seed=10)
+    model = tiny_samba(0.5, seed=10)
     lm = _lm(model, tokenizer, head)
     context = "the cat sat on"
     new = generate(model, torch.tensor([tokenizer.encode(context).ids]), 12, head, temperature=0.0)[0].tolist()
@@ -243,7 +236,7 @@ def test_tasks_that_need_the_hub_or_missing_files_are_refused_by_name(tmp_path, 
 
 
 def test_command_refuses_a_hub_task_within_seconds_in_one_line(tmp_path):
-    _model().save_pretrained(tmp_path / "m")
+    tiny_samba().save_pretrained(tmp_path / "m")
     env = {k: v for k, v in tool_env().items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: the Hub cannot be reached
     t0 = time.monotonic()
@@ -263,7 +256,7 @@ def test_command_writes_results_and_compare_tabulates_them(tmp_path, tokenizer, 
     tasks = _write_mc_task(tmp_path / "mc", _mc_docs())
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     for name, target in (("dense", 0.0), ("sparse", 0.75)):
-        _model(target, seed=11).save_pretrained(tmp_path / name,
+        tiny_samba(target, seed=11).save_pretrained(tmp_path / name,
                                                 extra_files={"tokenizer.json": tmp_path / "tokenizer.json"})
         zeroshot.main([str(tmp_path / name), "--tasks", "tiny_mc", "--include-path", str(tasks), "--device", "cpu",
                        "--bootstrap-iters", "0", "--output", str(tmp_path / f"{name}.json")])
