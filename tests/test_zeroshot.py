@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 
-from samba import Samba
 from samba.data import TokenWindows
 from samba.evaluate import evaluate_model
 from samba.generate import generate
