@@ -20,6 +20,7 @@ without gradients, inside the training step (and its CUDA graph), on the same ba
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 
 from .checkpoint import SAMBA_FORMAT, CheckpointError, detect_format, read_config
@@ -37,8 +38,9 @@ class Teacher:
     A plain object, not a module: it is not the student's parameter, buffer or state, and
     DistributedDataParallel around the objective never sees it."""
 
-    def __init__(self, model: Samba):
+    def __init__(self, model: Samba, path: Path | None = None):
         self.model = model.eval().requires_grad_(False)
+        self.path = path  # the directory it was loaded from: its files are part of a run's fingerprint
 
     @classmethod
     def load(cls, path: str | Path, student: ModelConfig, backend: str, device: torch.device,
@@ -60,7 +62,7 @@ class Teacher:
         if c.vocab_size != student.vocab_size:
             raise ConfigError(f"training.teacher: {path} has a vocabulary of {c.vocab_size}, the student "
                               f"{student.vocab_size}; the KL compares distributions over one vocabulary")
-        return cls(model.to(device))
+        return cls(model.to(device), path)
 
     @property
     def head_weight(self) -> torch.Tensor:

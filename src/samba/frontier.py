@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -107,16 +108,9 @@ def _schedule(params: dict) -> str:
                       sort_keys=True)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _std(values: list[float]) -> float:
     """Sample standard deviation (0 for a single seed)."""
-    if len(values) < 2:
-        return 0.0
-    m = _mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _last(per_chunk: dict | None) -> float | None:
@@ -128,7 +122,7 @@ def summarize(group: list[dict]) -> dict:
     evals = [r["eval"] for r in group]
 
     def mean(f) -> float:
-        return _mean([f(e) for e in evals])
+        return statistics.fmean([f(e) for e in evals])
 
     ppls = [e["ppl"] for e in evals]
     accuracy = mean(lambda e: e.get("accuracy", math.nan))
@@ -138,7 +132,7 @@ def summarize(group: list[dict]) -> dict:
             "exact_zeros": mean(lambda e: e["sparsity"]["l0"]),
             "exact_zeros_min_chunk": mean(lambda e: e["sparsity"].get("l0_min_chunk", e["sparsity"]["l0"])),
             "near_zero_rel": mean(lambda e: e["sparsity"]["near_zero_rel"]),
-            "ppl": _mean(ppls), "ppl_std": _std(ppls), "readout_ppl": mean(lambda e: e["readout_ppl"]),
+            "ppl": statistics.fmean(ppls), "ppl_std": _std(ppls), "readout_ppl": mean(lambda e: e["readout_ppl"]),
             "accuracy": accuracy, "readout_accuracy": readout_accuracy,
             "readout_acc_vs_main": readout_accuracy / accuracy if accuracy else None,
             "last_chunk_rms": mean(lambda e: _last(e["sparsity"].get("chunk_rms")) or 0.0),

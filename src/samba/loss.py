@@ -8,7 +8,7 @@ scale-free Hoyer ratio), taken on the chunk outputs before any top-k zeroing, so
 the entries top-k would drop towards 0. Both cross-entropies go through
 ``linear_cross_entropy`` so neither head's logits are ever stored in full. A term whose weight
 is 0 adds nothing; it is still computed (without gradient) for reporting when ``report_all``.
-The distillation terms (``distill.py``) exist only with a teacher.
+The distillation term (``distill.py``) exists only with a teacher.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ from . import distributed, resume
 from .checkpoint import require_model_dir
 from .config import ConfigError, Params
 from .cuda_graphs import GraphedCallable, graphs_wanted
-from .distill import Teacher, distilling, require_teacher
 from .data import TOKENIZER_FILE, DataError, TokenWindows, check_vocab, load_split, read_meta, tokenizer_files
+from .distill import Teacher, distilling
 from .errors import TrainingInterrupted
 from .evaluate import evaluate_model
 from .io import atomic_dir, atomic_file
@@ -277,8 +277,8 @@ class Trainer:
     def run(self) -> dict:
         t, ctx, device = self.t, self.ctx, self.device
         inputs = {"init": self.init_dir, "data": self.data_dir}
-        if distilling(t):
-            inputs["teacher"] = require_teacher(t.teacher)
+        if self.objective.teacher is not None:  # the directory the teacher was loaded from
+            inputs["teacher"] = self.objective.teacher.path
         key = resume.fingerprint(self.params, "bf16" if self.dtype is not None else "fp32", inputs)
         state = resume.load(self.checkpoint_path, key, may_set_aside=ctx.is_main)
         distributed.barrier()  # every process has read it before any writes a new one
