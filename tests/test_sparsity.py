@@ -183,12 +183,18 @@ def test_prune_curve_against_an_independent_computation():
     ("training", "pruning_penalty", "l2", r"training.pruning_penalty: must be one of \['l1', 'hoyer'\]"),
     ("training", "keep", "first", r"training.keep: must be one of \['last', 'best'\]"),
     ("training", "sparsity_warmup_steps", -1, r"training.sparsity_warmup_steps: must be >= 0"),
+    ("training", "sparsity_warmup_fraction", 1.5, r"training.sparsity_warmup_fraction: must be in \[0, 1\]"),
+    # tiny_params' sparsity_warmup_steps is 0; here both are set
+    ("training", "sparsity_warmup_fraction", 0.2, None),
     ("eval", "prune_fractions", [0.5, 1.0], r"eval.prune_fractions\[1\]: must be in \[0, 1\)"),
     ("eval", "prune_fractions", 0.5, r"eval.prune_fractions: must be a list"),
 ])
 def test_bad_sparsity_values_are_refused_naming_the_key(sources, section, key, value, match):
     data = tiny_params(sources)
     data[section][key] = value
+    if match is None:  # a fraction beside a number of steps
+        data["training"]["sparsity_warmup_steps"] = 100
+        match = r"training.sparsity_warmup_fraction: is 0.2 while sparsity_warmup_steps is 100: the ramp is one"
     with pytest.raises(ConfigError, match=match):
         Params.from_dict(data, require_all=True)
 

@@ -346,13 +346,14 @@ def test_non_finite_loss_stops_at_its_step_keeping_checkpoint_and_outputs(source
     assert (tmp_path / "out/earlier.txt").read_text() == "earlier output"
 
 
-def test_keep_best_keeps_the_lowest_validation_ppl_after_the_warm_up(sources, project, tmp_path):
-    # a learning rate high enough to make validation ppl go up again: best != last
+def test_keep_best_keeps_the_lowest_validation_ppl_at_the_target(sources, project, tmp_path):
+    # a learning rate high enough to make validation ppl go up again: best != last. The validation
+    # after step 10 runs at the fraction of step index 9 (0.45): no candidate.
     params = params_with(sources, training={"max_steps": 40, "eval_every": 5, "lr": 0.2, "warmup_steps": 1,
                                             "keep": "best", "sparsity_warmup_steps": 10},
                          model={"sparsity_target": 0.5})
     summary = run(params, project, tmp_path)
-    val = [(s, p) for s, p in logged(tmp_path, "val/ppl") if s >= 10]
+    val = [(s, p) for s, p in logged(tmp_path, "val/ppl") if s > 10]
     best_step = min(val, key=lambda r: r[1])[0]
     assert summary["kept_step"] == best_step
     # the kept model is that step's: evaluate it and compare with the logged validation ppl
@@ -367,6 +368,26 @@ def test_keep_best_keeps_the_lowest_validation_ppl_after_the_warm_up(sources, pr
     assert m["ppl"] == pytest.approx(dict(val)[best_step], rel=1e-5)
     if best_step != 40:
         assert not math.isclose(dict(val)[40], dict(val)[best_step])
+
+
+def test_keep_best_keeps_no_weights_validated_below_the_target(sources, project, tmp_path, caplog):
+    # the ramp ends with the run: the last validation (step 40) ran at the fraction of step index 39,
+    # 0.4875, while the saved model applies 0.5. Nothing is kept as best; the run says so.
+    params = params_with(sources, training={"max_steps": 40, "eval_every": 5, "keep": "best",
+                                            "sparsity_warmup_steps": 40}, model={"sparsity_target": 0.5})
+    summary = run(params, project, tmp_path)
+    assert "kept_step" not in summary
+    assert "no validation ran at model.sparsity_target" in caplog.text
+    assert "the sparsity ramp (40 steps) does not end before the run's last step" in caplog.text
+
+
+def test_the_ramp_can_be_a_fraction_of_the_run(sources, project, tmp_path):
+    # 40 steps, a quarter of them ramping: the fraction reaches 0.5 at step index 10
+    params = params_with(sources, training={"max_steps": 40, "log_every": 1, "sparsity_warmup_steps": 0,
+                                            "sparsity_warmup_fraction": 0.25}, model={"sparsity_target": 0.5})
+    run(params, project, tmp_path)
+    fractions = dict(logged(tmp_path, "train/sparsity_fraction"))
+    assert [fractions[s] for s in (1, 5, 10, 11, 40)] == pytest.approx([0.0, 0.2, 0.45, 0.5, 0.5])
 
 
 def test_the_code_digest_follows_file_contents_not_only_names(tmp_path):

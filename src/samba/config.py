@@ -199,6 +199,8 @@ class TrainingConfig(Section):
     pruning_weight: float = 0.0
     pruning_penalty: typing.Literal["l1", "hoyer"] = "hoyer"  # see sparsity.PENALTIES; the seed's: l1 at 0.05
     sparsity_warmup_steps: int = 100  # model.sparsity_target is reached linearly over these steps
+    # > 0: the ramp lasts this fraction of the run's steps instead (sparsity_warmup_steps must be 0)
+    sparsity_warmup_fraction: float = 0.0
     # Distillation (distill.py): KL(teacher || student) of the main heads, per token, in nats.
     distill_weight: float = 0.0
     teacher: str = "models/init"  # a model directory; models/init is the converted baseline
@@ -219,6 +221,17 @@ class TrainingConfig(Section):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value}")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(0 <= self.sparsity_warmup_fraction <= 1, "sparsity_warmup_fraction",
+                 f"must be in [0, 1] (a fraction of the run's steps), got {self.sparsity_warmup_fraction}")
+        _require(not (self.sparsity_warmup_fraction > 0 and self.sparsity_warmup_steps > 0), "sparsity_warmup_fraction",
+                 f"is {self.sparsity_warmup_fraction} while sparsity_warmup_steps is {self.sparsity_warmup_steps}: "
+                 "the ramp is one or the other; set training.sparsity_warmup_steps=0 to ramp over a fraction")
+
+    def sparsity_ramp_steps(self, total_steps: int) -> int:
+        """The steps over which model.sparsity_target is reached, in a run of ``total_steps``."""
+        if self.sparsity_warmup_fraction > 0:
+            return round(self.sparsity_warmup_fraction * total_steps)
+        return self.sparsity_warmup_steps
 
 
 @dataclass(frozen=True)

@@ -212,12 +212,13 @@ class Trainer:
         self.total_steps = t.epochs * self.steps_per_epoch
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
-        if self.model.sparse and t.sparsity_warmup_steps > self.total_steps:
-            logger.warning("training.sparsity_warmup_steps (%d) is longer than the run (%d steps): training ends at "
-                           "a fraction of %.3g, while the saved model applies model.sparsity_target %g",
-                           t.sparsity_warmup_steps, self.total_steps,
-                           ramp(self.total_steps - 1, t.sparsity_warmup_steps, self.model.config.sparsity_target),
-                           self.model.config.sparsity_target)
+        self.ramp_steps = t.sparsity_ramp_steps(self.total_steps)
+        target = self.model.config.sparsity_target
+        if self.model.sparse and ramp(self.total_steps - 1, self.ramp_steps, target) < target:
+            logger.warning("the sparsity ramp (%d steps) does not end before the run's last step (%d steps): training "
+                           "ends at a fraction of %.3g, while the saved model applies model.sparsity_target %g",
+                           self.ramp_steps, self.total_steps, ramp(self.total_steps - 1, self.ramp_steps, target),
+                           target)
 
         self.graphs = graphs_wanted(params.compute.cuda_graphs, device)
         # before the optimizer: at readout_weight 0 it freezes the readout
@@ -256,7 +257,7 @@ class Trainer:
             else:
                 group["lr"] = lr
         if self.model.sparse:
-            self.model.set_sparsity(ramp(step, t.sparsity_warmup_steps, self.model.config.sparsity_target))
+            self.model.set_sparsity(ramp(step, self.ramp_steps, self.model.config.sparsity_target))
         return lr
 
     def _validate(self) -> dict[str, float]:
@@ -377,9 +378,9 @@ class Trainer:
         return self._finish(log, best)
 
     def _keep_best(self, step: int, row: dict, best: dict | None) -> dict | None:
-        """With training.keep: best, save the weights of the lowest validation ppl seen after the
-        sparsity warm-up (on the rank that validates)."""
-        if self.t.keep != "best" or step < self.t.sparsity_warmup_steps:
+        """With training.keep: best, save the weights of the lowest validation ppl among the
+        validations that ran at model.sparsity_target (after the ramp; on the rank that validates)."""
+        if self.t.keep != "best" or self.model.sparsity_value < self.model.config.sparsity_target:
             return best
         if best is None or row["val/ppl"] < best["val_ppl"]:
             with atomic_file(self.best_path) as tmp:
@@ -393,8 +394,8 @@ class Trainer:
         if self.ctx.is_main:
             if self.t.keep == "best":
                 if best is None:
-                    logger.warning("training.keep: best, but no validation came after the sparsity warm-up "
-                                   "(training.sparsity_warmup_steps); keeping the last weights")
+                    logger.warning("training.keep: best, but no validation ran at model.sparsity_target (after "
+                                   "the sparsity ramp); keeping the last weights")
                 else:
                     self.model.load_state_dict(load_file(self.best_path, device=str(self.device)), strict=False)
                     logger.info("keeping the weights of step %d (validation ppl %.3f)", best["step"], best["val_ppl"])
