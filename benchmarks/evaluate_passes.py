@@ -9,7 +9,7 @@ autocast, CUDA graphs), over a WikiText-2-test-sized stream of random tokens (57
                 the passes' wall time this says whether the stage waits on the GPU or the host
   kernels       the CUDA kernels of one eager batch: main pass and a pruned pass
 
-  python benchmarks/evaluate_passes.py --out benchmarks/results/evaluate_passes.md --json benchmarks/results/evaluate_passes.json
+  python benchmarks/evaluate_passes.py --out benchmarks/results/DATE/evaluate_passes.md --json benchmarks/results/DATE/evaluate_passes.json
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ share of greedy tokens on which samba and mamba_ssm agree (bf16 drifts apart lat
 ``--profile``: the CUDA kernels of 64 decoding steps at batch 1, launched eagerly (the kernels a
 graph replays), for samba, samba_readout and mamba_ssm: GPU time and kernel count per token.
 
-  python benchmarks/generate.py --out benchmarks/results/generate.md --json benchmarks/results/generate.json
+  python benchmarks/generate.py --out benchmarks/results/DATE/generate.md --json benchmarks/results/DATE/generate.json
 """
 
 from __future__ import annotations

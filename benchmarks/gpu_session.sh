@@ -24,7 +24,7 @@ DEADLINE=${DEADLINE:-450}   # seconds: stop waiting on the sweep and pack what i
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # The machine's site-packages hold no bytecode, and its environment sets PYTHONDONTWRITEBYTECODE,
 # so every process compiled ~2,000 modules (torch._dynamo, sympy, transformers) from source:
-# 6-14 s of each stage's start-up (evaluate_stage_no_bytecode.log). A normal install has its
+# 6-14 s of each stage's start-up (results/2026-11-29/evaluate_stage_no_bytecode.log). A normal install has its
 # bytecode; here it is written to /tmp once and read by every later process.
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=/tmp/pycache

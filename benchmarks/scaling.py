@@ -9,7 +9,7 @@ window, with the warm-up and capture, left out). Writes Markdown and JSON. With 
 step a at its batch size (target: within 5%). On one GPU only the one-GPU runs are made.
 
   python benchmarks/scaling.py --params params.yaml --data data/tokenized --init models/init \
-      --out benchmarks/results/scaling.md --json benchmarks/results/scaling.json
+      --out benchmarks/results/DATE/scaling.md --json benchmarks/results/DATE/scaling.json
 """
 
 from __future__ import annotations

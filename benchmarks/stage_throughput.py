@@ -1,6 +1,6 @@
 """The train stage's throughput (dvclive's train/tokens_per_s) next to the benchmark's step a.
 
-    python benchmarks/stage_throughput.py METRICS_DIR benchmarks/results/train_step.json [--batch 16]
+    python benchmarks/stage_throughput.py METRICS_DIR benchmarks/results/2026-11-30/train_step.json [--batch 16]
 
 METRICS_DIR is a train stage's dvclive directory (metrics/train). The first logged window holds
 the warm-up, compilation and CUDA-graph capture and is left out. ``scaling.py`` reads its runs

@@ -22,7 +22,7 @@ batch 32, and (``--ce``) the head's linear cross-entropy on its own: ours (slice
 liger-kernel's fused linear cross-entropy and Apple's cut-cross-entropy.
 Writes Markdown and JSON (``results`` entries: key, batch, tokens_per_s, peak_gib, ...):
 
-  python benchmarks/train_step.py --out benchmarks/results/train_step.md --json benchmarks/results/train_step.json
+  python benchmarks/train_step.py --out benchmarks/results/DATE/train_step.md --json benchmarks/results/DATE/train_step.json
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from report import cuda_kernels, run_meta  # noqa: E402  (benchmarks/report.py)
 L, VOCAB, D_MODEL, N_LAYERS = 512, 50280, 768, 24
 GiB = 1 << 30
 DEVICE = torch.device("cuda")
-# the step as measured in results/train_step.md: the seed's L1 penalty (the stage's default is now Hoyer)
+# the step as measured in results/2026-11-30/train_step.md: the seed's L1 penalty (the stage's default is now Hoyer)
 TRAINING = TrainingConfig(lr=1e-4, readout_weight=0.5, pruning_weight=0.05, pruning_penalty="l1", grad_clip=1.0)
 
 

@@ -5,7 +5,7 @@ in compute.num_processes data-parallel processes.
         --out models/samba --metrics metrics/train --checkpoints checkpoints/train
 
 With compute.num_processes > 1 this starts the processes itself (torchrun --standalone); on
-several hosts, start it with torchrun on each (README, "Several GPUs").
+several hosts, start it with torchrun on each (docs/gpu.md, "Several GPUs").
 """
 
 import argparse

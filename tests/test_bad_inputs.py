@@ -1,4 +1,4 @@
-"""Every bad input of the README's table "When something is wrong", one test per row: the stage,
+"""Every bad input of docs/failures.md's table "When something is wrong", one test per row: the stage,
 run as a user runs it, exits with code 2, its whole stderr is one line naming the problem in
 the user's terms, and it leaves the outputs of an earlier run untouched."""
 
@@ -119,7 +119,7 @@ def _short_validation_split(tmp: Path) -> dict:
     return {"--data": str(data)}
 
 
-# The README's table, row for row.
+# docs/failures.md's table, row for row.
 CASES = {
     "malformed YAML": Case("prepare", r"params.yaml: not valid YAML at line 2, column 6: expected ',' or '\]', but got "
                                       r"':' \(while parsing a flow sequence started at line 1, column 11\)$",

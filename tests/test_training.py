@@ -180,10 +180,10 @@ def test_a_checkpoint_of_another_run_is_set_aside_and_the_run_starts_afresh(sour
     assert len(list(checkpoint.parent.glob("*.pt"))) == 6  # every one kept
 
 
-# What may change across a resume (README, "Interruptions and failures"): what changes neither the
-# weights after any step nor the weights kept. The data set, the pretrained source and the
-# teacher count through the files they give (token data, init weights, teacher weights), not
-# as params.
+# What may change across a resume (docs/failures.md, "Interruptions and resuming"): what
+# changes neither the weights after any step nor the weights kept. The data set, the
+# pretrained source and the teacher count through the files they give (token data, init
+# weights, teacher weights), not as params.
 OFF_TRAJECTORY = ("training.log_every", "training.checkpoint_every", "compute.", "eval.", "logging.", "dataset.",
                   "pretrained.use_pretrained", "pretrained.model_name", "training.teacher")
 ONLY_WITH_KEEP_BEST = ("training.eval_every", "training.eval_batches")

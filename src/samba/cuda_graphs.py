@@ -1,7 +1,7 @@
 """The CUDA-graph fast path: a function's kernels captured once, then replayed.
 
 A Samba training step launches about 1,700 kernels; launched one by one from Python, the
-GPU sat idle waiting for the host for about 40% of the step (benchmarks/results/
+GPU sat idle waiting for the host for about 40% of the step (benchmarks/results/2026-11-30/
 train_step.md). Captured in a CUDA graph (``torch.cuda.graph``), one replay launches them all.
 Training (the whole step: forward, backward, clipping, AdamW), evaluation (one batch) and
 decoding (one token) each go through ``GraphedCallable``.

@@ -8,7 +8,7 @@ processes follow one process's trajectory. Rank 0 alone validates, logs and writ
 Two ways in:
 - ``dvc repro`` runs ``python stages/train.py`` plainly; with ``num_processes`` > 1 the stage
   starts the processes on this host itself (``launch``: ``torch.distributed.run --standalone``).
-- By hand, over several hosts, torchrun starts the stage on each (README: "Several GPUs");
+- By hand, over several hosts, torchrun starts the stage on each (docs/gpu.md: "Several GPUs");
   the stage sees torchrun's environment (``under_launcher``) and is one of the ranks.
 """
 

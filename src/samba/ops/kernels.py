@@ -20,7 +20,7 @@ import sys
 logger = logging.getLogger(__name__)
 
 # mamba-ssm's Triton RMSNorm is autotuned in every new process, by default: about 2 s at the
-# first batch of each stage on an H200 (benchmarks/results/gpu_session_2026-11-29b.log). Triton
+# first batch of each stage on an H200 (benchmarks/results/2026-11-29/gpu_session_2.log). Triton
 # keeps the tuned choice on disk, beside its compiled kernels, when this is set before mamba-ssm
 # is imported; a value the user set wins.
 os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
@@ -34,7 +34,7 @@ def defer_package_init(name: str) -> None:
     Why: mamba-ssm's ``__init__`` imports its models, and through them transformers' generation
     utilities, torch.distributed, sympy and scikit-learn, for none of the kernels used here. On
     an H200 the evaluate stage took 22.6 s with it and 15.3 s without, in one call
-    (benchmarks/results/evaluate_imports.log)."""
+    (benchmarks/results/2026-11-29/evaluate_imports.log)."""
     if name in sys.modules:
         return
     spec = importlib.util.find_spec(name)

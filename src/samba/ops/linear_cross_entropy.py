@@ -7,7 +7,7 @@ d(hidden) and d(weight), which are computed right away (so backward costs no rec
 On CUDA the train stage compiles each slice's softmax work (``compute.compile``, the default)
 into two fused passes; the CPU runs the same code eagerly.
 
-Why this and not a library (measured on an H200, benchmarks/results/train_step_run1.md:
+Why this and not a library (measured on an H200, benchmarks/results/2026-11-28/train_step.md:
 8,192 tokens x 50,280, forward + backward, bf16): this, compiled, 5.3 ms (hidden 768) and
 4.1 ms (512); liger-kernel's fused linear cross-entropy 13.5 / 17.2 ms; cut-cross-entropy
 12.9 / 9.9 ms exact, or 6.4 / 5.1 ms with its default gradient filtering, which is an
