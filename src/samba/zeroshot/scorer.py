@@ -100,6 +100,9 @@ class Scorer:
             if not continuation or len(continuation) > self.max_length:
                 raise ZeroShotError(f"a continuation of {len(continuation)} tokens cannot be scored with "
                                     f"max_length {self.max_length}")
+            if not context:  # else the first token is scored from flat position r * length - 1, not this row's
+                raise ZeroShotError("an empty context gives the continuation's first token nothing to be "
+                                    "predicted from: put the end-of-text token there, as lm-eval does")
             tokens = (list(context) + list(continuation))[-(self.max_length + 1):]
             inp = tokens[:-1]  # left-truncated to max_length, as lm-eval's transformers backend does
             groups[bucket(len(inp), self.lengths), bucket(len(continuation), self.widths)].append(
