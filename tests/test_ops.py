@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samba.ops import linear_cross_entropy, linear_kl_divergence, linear_nll_and_correct, selective_scan_reference
+from samba.ops import (linear_cross_entropy, linear_kl_divergence, linear_nll_and_correct, linear_token_logprobs,
+                       selective_scan_reference)
 from samba.ops.selective_scan import _prefix_scan
 
 from conftest import count_slice_calls
@@ -206,6 +207,21 @@ def test_nll_and_top1_for_evaluation_match_full_logits(slice_tokens):
     logits = (hidden @ weight.t()).view(-1, 41)
     torch.testing.assert_close(nll, F.cross_entropy(logits, targets.view(-1), reduction="sum"), rtol=1e-12, atol=1e-12)
     assert int(correct) == int((logits.argmax(-1) == targets.view(-1)).sum()) >= 4
+
+
+@pytest.mark.parametrize("slice_tokens", [1, 4, 64, None])
+def test_token_logprobs_for_scoring_match_full_logits_in_fp64(slice_tokens):
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 9, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(41, 8, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 41, (3, 9), generator=g)
+    targets[1, 2:6] = (hidden[1, 2:6] @ weight.t()).argmax(-1)  # some right answers for sure
+    logprobs, hits = linear_token_logprobs(hidden, weight, targets, slice_tokens=slice_tokens)
+    full = (hidden @ weight.t()).view(-1, 41).log_softmax(-1)  # (27, 41)
+    want = full.gather(1, targets.view(-1, 1)).squeeze(1)
+    assert logprobs.shape == hits.shape == (27,) and logprobs.dtype == torch.float64 and hits.dtype == torch.bool
+    torch.testing.assert_close(logprobs, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(hits, full.argmax(-1) == targets.view(-1)) and int(hits.sum()) >= 4
 
 
 def _package(root, name, init):

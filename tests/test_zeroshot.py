@@ -155,6 +155,21 @@ def test_long_inputs_are_cut_from_the_left_and_buckets_do_not_change_the_numbers
     assert max(abs(a[0] - b[0]) for a, b in zip(got, again)) < 1e-5
 
 
+def test_an_empty_context_is_refused_and_lm_evals_empty_contexts_are_scored(tokenizer):
+    model = tiny_samba(seed=12)
+    lm = _lm(model, tokenizer, batch_size=4)
+    continuation = tokenizer.encode(" the cat sat").ids
+    with pytest.raises(zeroshot.ZeroShotError, match="an empty context"):  # not position -1 of the batch
+        lm.scorer.score([(tokenizer.encode("a dog").ids, continuation), ([], continuation)])
+    # lm-eval itself never sends one: an empty context becomes the end-of-text token, or the
+    # continuation's first token where that is the end-of-text token
+    requests = [Instance("loglikelihood", {}, ("", " the cat sat"), 0),
+                Instance("loglikelihood", {}, ("", EOT + " the cat sat"), 1)]
+    got = [ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+    want = _full_logprob(model, "main", [tokenizer.token_to_id(EOT)], continuation)
+    assert got == pytest.approx([want, want], abs=1e-4)
+
+
 # ----------------------------------------------------------------------------- rolling windows
 
 @pytest.mark.parametrize("head", ["main", "readout"])

@@ -16,6 +16,9 @@ neither library can sit inside the captured CUDA graph of the train stage's step
 forward reads the number of non-ignored targets with ``.item()``, cut-cross-entropy builds
 its index of valid targets with ``nonzero()``, both host synchronisations.
 
+For evaluation the same slices give the summed NLL and top-1 hits (``linear_nll_and_correct``)
+and, for lm-eval's scoring, each token's log-probability (``linear_token_logprobs``).
+
 On CUDA, two matrix products write fp32 straight from bf16 / fp16 operands (``out_dtype``):
 each slice's d(weight) is added to the fp32 sum inside the GEMM (no bf16 product, cast and
 separate add per slice), and evaluation's logits come out in fp32 for the softmax.
@@ -65,6 +68,13 @@ def _slice_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, acc: torch.dty
     """Summed KL(teacher || student) of one slice, without its gradient."""
     return F.kl_div(F.log_softmax(logits.to(acc), dim=-1), F.log_softmax(teacher_logits.to(acc), dim=-1),
                     reduction="sum", log_target=True)
+
+
+def _slice_logprobs(logits: torch.Tensor, targets: torch.Tensor, acc: torch.dtype):
+    """log P(target) of each of one slice's tokens (S,) from its logits (already ``acc``), and
+    whether each target is the top-1 prediction (S,)."""
+    logprobs = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return logprobs, logits.argmax(dim=-1) == targets
 
 
 _compiled: dict[str, object] = {}
@@ -152,37 +162,51 @@ def _scaled_grads(ctx, grad_out):
     return dh, dw
 
 
-def _sliced_forward(ctx, hidden, weight, compute_dtype, slice_tokens, fns, operand):
-    """The loop both sliced losses share. hidden: (T, H); weight: (V, H); ``fns``: the per-slice
-    (loss and d(logits), loss only) pair; ``operand(start, stop)``: the slice's other operand (its
-    targets, or the teacher's logits). Returns the mean loss; d(hidden), d(weight) are saved."""
-    T = hidden.shape[0]
-    with_grad, loss_only = fns
+def _sliced_forward(ctx, hidden, weight, compute_dtype, slice_tokens, fns, operand, fp32_logits=False):
+    """The loop every sliced head op shares. hidden: (T, H); weight: (V, H); ``fns``: the per-slice
+    (value and d(logits), value only) pair; ``operand(start, stop)``: the slice's other operand (its
+    targets, or the teacher's logits). Returns each slice's value, in order. With an autograd
+    ``ctx`` whose inputs need them, d(hidden) and d(weight) of the values' sum are made slice by
+    slice and saved on it; ``fp32_logits``: the GEMM writes the logits in fp32 (for scoring), else
+    they are in compute_dtype (the losses', whose slice functions cast them)."""
+    with_grad, value_only = fns
     h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
     acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
-    total = torch.zeros((), dtype=acc, device=hidden.device)
-    grads = _SliceGrads(hidden, weight, h, acc, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-    for start in range(0, T, slice_tokens):
+    need_h, need_w = ctx.needs_input_grad[:2] if ctx is not None else (False, False)
+    grads = _SliceGrads(hidden, weight, h, acc, need_h, need_w)
+    values = []
+    for start in range(0, hidden.shape[0], slice_tokens):
         h_s = h[start:start + slice_tokens]
-        logits, other = h_s @ w.t(), operand(start, start + slice_tokens)  # (S, V), compute dtype
+        logits = _logits_fp32(h_s, w, acc) if fp32_logits else h_s @ w.t()  # (S, V)
+        other = operand(start, start + slice_tokens)
         if not grads.needed:
-            total += loss_only(logits, other, acc)
+            values.append(value_only(logits, other, acc))
             continue
-        loss, g = with_grad(logits, other, acc)
+        value, g = with_grad(logits, other, acc)
         del logits, other
-        total += loss
+        values.append(value)
         grads.add(g, w, h_s, start)
-    ctx.save_for_backward(grads.h, grads.w)
-    ctx.T, ctx.weight_dtype = T, weight.dtype
-    return total / T
+    if ctx is not None:
+        ctx.save_for_backward(grads.h, grads.w)
+    return values
+
+
+def _mean_loss(ctx, hidden, weight, compute_dtype, slice_tokens, fns, operand):
+    """A sliced loss's forward: the mean over the T tokens of the slices' summed losses, summed in
+    order as they come; d(hidden), d(weight) of the sum saved on ``ctx`` for ``_scaled_grads``."""
+    total = torch.zeros((), dtype=torch.promote_types(compute_dtype, torch.float32), device=hidden.device)
+    for loss in _sliced_forward(ctx, hidden, weight, compute_dtype, slice_tokens, fns, operand):
+        total += loss
+    ctx.T, ctx.weight_dtype = hidden.shape[0], weight.dtype
+    return total / hidden.shape[0]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, compute_dtype, slice_tokens, compiled):
         # hidden: (T, H); weight: (V, H); targets: (T,) int64
-        return _sliced_forward(ctx, hidden, weight, compute_dtype, slice_tokens, _slice_fns(compiled),
-                               lambda start, stop: targets[start:stop])
+        return _mean_loss(ctx, hidden, weight, compute_dtype, slice_tokens, _slice_fns(compiled),
+                          lambda start, stop: targets[start:stop])
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -194,8 +218,8 @@ class _LinearKL(torch.autograd.Function):
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, compute_dtype, slice_tokens, compiled):
         # hidden: (T, H); weight: (V, H); teacher_hidden: (T, H_t); teacher_weight: (V, H_t)
         th, tw = teacher_hidden.to(compute_dtype), teacher_weight.to(compute_dtype)
-        return _sliced_forward(ctx, hidden, weight, compute_dtype, slice_tokens, _slice_fns(compiled, "kl"),
-                               lambda start, stop: th[start:stop] @ tw.t())  # the teacher's (S, V) logits
+        return _mean_loss(ctx, hidden, weight, compute_dtype, slice_tokens, _slice_fns(compiled, "kl"),
+                          lambda start, stop: th[start:stop] @ tw.t())  # the teacher's (S, V) logits
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -248,6 +272,27 @@ def linear_nll_and_correct(hidden: torch.Tensor, weight: torch.Tensor, targets: 
             nll += _slice_nll(logits, t_s, acc)
             correct += (logits.argmax(dim=-1) == t_s).sum()
     return nll, correct
+
+
+@torch.no_grad()
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          slice_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For scoring: each token's log P(target) under softmax(hidden @ weight.T), and whether the
+    target is its top-1 prediction, the logits made slice by slice (in fp32, as in
+    ``linear_nll_and_correct``) and never stored in full.
+
+    hidden: (..., H); weight: (V, H); targets: (...) with ids in [0, V) -> log-probabilities (N,)
+    in fp32 (fp64 for fp64 inputs) and hits (N,) bool, N the number of targets.
+    """
+    hidden, targets = _flatten(hidden, targets)
+    compute_dtype = _compute_dtype(hidden, weight)
+    if slice_tokens is None:
+        slice_tokens = max(1, MAX_SLICE_ELEMENTS // weight.shape[0])
+    with torch.autocast(hidden.device.type, enabled=False):
+        slices = _sliced_forward(None, hidden, weight, compute_dtype, slice_tokens, (None, _slice_logprobs),
+                                 lambda start, stop: targets[start:stop], fp32_logits=True)
+    logprobs, hits = zip(*slices)
+    return torch.cat(logprobs), torch.cat(hits)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
