@@ -124,10 +124,12 @@ CASES = {
     "malformed YAML": Case("prepare", r"params.yaml: not valid YAML at line 2, column 6: expected ',' or '\]', but got "
                                       r"':' \(while parsing a flow sequence started at line 1, column 11\)$",
                            edit=lambda p, tmp: p.update({"__raw__": "training: [1, 2\nmodel: {"})),
-    "unknown key": Case("prepare", r"unknown key\(s\) training.batch_sizes", edit=_set("training", batch_sizes=4)),
+    "unknown key": Case("prepare", r"unknown key\(s\) training.batch_sizes; did you mean training.batch_size\? "
+                                   r"known keys of training: \['batch_size', .*\]$",
+                        edit=_set("training", batch_sizes=4)),
     "missing key": Case("prepare", r"training.seq_len: missing", edit=lambda p, tmp: p["training"].pop("seq_len")),
-    "mistyped key": Case("train", r"training.lr: must be a number, got the string '5e-5' \(write floats as 5.0e-5\)",
-                         edit=_set("training", lr="5e-5")),
+    "mistyped key": Case("train", r"training.lr: must be a number, got the string '1e-4,'$",
+                         edit=_set("training", lr="1e-4,")),
     "out-of-range key": Case("train", r"training.lr: must be > 0, got -1.0", edit=_set("training", lr=-1.0)),
     "sparsity target of 1": Case("train", r"model.sparsity_target: must be in \[0, 1\)",
                                  edit=_set("model", sparsity_target=1.0)),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from samba.config import ConfigError, ModelConfig, Params, load_params
+from samba.config import ConfigError, EvalConfig, ModelConfig, Params, TrainingConfig, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_repository_params_are_valid_and_the_real_experiment():
     ({"d_model": "768"}, "model.d_model: must be an integer"),
     ({"d_model": 7.5}, "model.d_model: must be an integer"),
     ({"expand_factor": True}, "model.expand_factor: must be an integer"),
-    ({"norm_eps": "1e-5"}, "model.norm_eps: must be a number, got the string '1e-5'"),
+    ({"norm_eps": "1e-5x"}, "model.norm_eps: must be a number, got the string '1e-5x'"),
     ({"readout_strides": 4}, "unknown key.*model.readout_strides"),
 ])
 def test_model_config_refusals(data, match):
@@ -52,7 +52,9 @@ def _params_file(tmp_path, edit):
 
 @pytest.mark.parametrize("edit,match", [
     (lambda d: d["training"].update(lr=-1.0), "training.lr: must be > 0"),
-    (lambda d: d["training"].update(lr="5e-5"), "training.lr: .*write floats as 5.0e-5"),
+    (lambda d: d["training"].update(lr="1e-4,"), "training.lr: must be a number, got the string '1e-4,'"),
+    (lambda d: d["eval"].update(max_ppl_increase=float("inf")),
+     "eval.max_ppl_increase: must be a finite number, got inf"),
     (lambda d: d["training"].update(batch_sizes=4), "unknown key.*training.batch_sizes"),
     (lambda d: d["training"].pop("seq_len"), "training.seq_len: missing"),
     (lambda d: d["compute"].update(precision="fp16"), r"compute.precision: must be one of \['auto', 'bf16', 'fp32'\]"),
@@ -61,6 +63,7 @@ def _params_file(tmp_path, edit):
     (lambda d: d["eval"].update(near_zero_eps=0.0), "eval.near_zero_eps: must be > 0"),
     (lambda d: d.pop("logging"), r"missing section\(s\) \['logging'\]"),
     (lambda d: d.update(extra={}), "unknown key.*extra"),
+    (lambda d: d.update(trainig=d.pop("training")), r"unknown key\(s\) trainig; did you mean training\? known keys"),
 ])
 def test_params_file_refusals(tmp_path, edit, match):
     with pytest.raises(ConfigError, match=match):
@@ -70,3 +73,61 @@ def test_params_file_refusals(tmp_path, edit, match):
 def test_params_round_trip():
     params = load_params(REPO / "params.yaml")
     assert Params.from_dict(params.to_dict(), require_all=True) == params
+
+
+# ----------------------------------------------------------------------------- values as typed
+
+@pytest.mark.parametrize("text,value", [("5e-05", 5e-5), ("1E-4", 1e-4), ("3.0e-4", 3e-4), ("1e-4", 1e-4),
+                                        (".5", 0.5), ("2", 2.0), ("+1.5e+2", 150.0)])
+def test_a_string_that_is_exactly_a_float_literal_is_that_float(text, value):
+    assert TrainingConfig.from_dict({"lr": text}, "training").lr == value
+    assert EvalConfig.from_dict({"prune_fractions": ["0", "1e-05"]}).prune_fractions == (0.0, 1e-5)  # list items too
+
+
+@pytest.mark.parametrize("value,message", [
+    # float() takes these; a learning rate never is one: refused, naming the key
+    ("nan", "training.lr: must be a number, got the string 'nan'"),
+    ("inf", "training.lr: must be a number, got the string 'inf'"),
+    ("-Infinity", "training.lr: must be a number, got the string '-Infinity'"),
+    ("1_000", "training.lr: must be a number, got the string '1_000'"),
+    (" 5e-5", "training.lr: must be a number, got the string ' 5e-5'"),
+    ("0x1p-3", "training.lr: must be a number, got the string '0x1p-3'"),
+    ("true", "training.lr: must be a number, got the string 'true'"),
+    (True, r"training.lr: must be a number, got True \(bool\)"),
+    ("1e999", "training.lr: must be a finite number, got '1e999'"),
+    (float("nan"), "training.lr: must be a finite number, got nan"),  # YAML's .nan
+    (float("-inf"), "training.lr: must be a finite number, got -inf"),
+    ("-5e-5", "training.lr: must be > 0, got -5e-05"),  # a literal, then the range check
+])
+def test_other_strings_booleans_and_non_finite_numbers_are_refused_by_name(value, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        TrainingConfig.from_dict({"lr": value}, "training")
+
+
+def test_a_params_file_as_dvc_exp_run_writes_it_loads(tmp_path):
+    """dvc exp run -S training.lr=5e-5 writes 'lr: 5e-05' (DVC's own writer, used here), a string
+    to YAML 1.1: load_params reads the float."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(path, ["training.lr=5e-5", "model.norm_eps=1e-6", "eval.prune_fractions=[0.0,1e-5]"])
+    text = path.read_text()
+    assert "  lr: 5e-05\n" in text and yaml.safe_load(text)["training"]["lr"] == "5e-05"
+    params = load_params(path)
+    assert (params.training.lr, params.model.norm_eps, params.eval.prune_fractions) == (5e-5, 1e-6, (0.0, 1e-5))
+    assert params.training == TrainingConfig(lr=5e-5)  # nothing else moved
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"pruning_weigth": 0.5}, r"unknown key\(s\) training.pruning_weigth; did you mean training.pruning_weight\? "
+                              r"known keys of training: \['batch_size', .*'pruning_weight', .*\]$"),
+    ({"batch_sizes": 4, "lrr": 1.0}, r"unknown key\(s\) training.batch_sizes, training.lrr; did you mean "
+                                     r"training.batch_size for training.batch_sizes, training.lr for training.lrr\? "
+                                     r"known keys of training: \[.*\]$"),
+    ({"learning_rate": 1e-4}, r"unknown key\(s\) training.learning_rate; known keys of training: \[.*\]$"),
+])
+def test_an_unknown_key_says_the_nearest_known_one_first_then_all(data, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        TrainingConfig.from_dict(data, "training")
+    assert all(f"'{name}'" in str(err.value) for name in TrainingConfig.__dataclass_fields__)

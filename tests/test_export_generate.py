@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ from samba import Samba
 from samba.config import Params
 from samba.convert import convert
 from samba.data import prepare_tokens
-from samba.export import ExportError, export
+from samba.export import EXPORT_FILES, TOKENIZER_FILES, ExportError, export
 from samba.generate import Decoder, generate, sample
 
 from conftest import TINY_SAMBA, relative_error, tiny_params, tiny_samba, tool_env
@@ -66,6 +68,8 @@ def test_export_gives_transformers_the_main_head_and_samba_everything_back(tmp_p
     model.save_pretrained(tmp_path / "samba", extra_files={"tokenizer.json": tmp_path / "tok/tokenizer.json"})
     report = export(tmp_path / "samba", tmp_path / "hf")
     assert report["tokenizer"]
+    # exactly what --force may replace (samba.export.describe_out_dir)
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == EXPORT_FILES | TOKENIZER_FILES
     hf = MambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(0, 264, (2, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -86,6 +90,7 @@ def test_greedy_main_head_equals_transformers_generate(tmp_path):
     model = tiny_samba(seed=3)
     model.save_pretrained(tmp_path / "samba")
     export(tmp_path / "samba", tmp_path / "hf")
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == EXPORT_FILES  # no tokenizer recorded
     hf = MambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     prompt = torch.randint(0, 264, (2, 6), generator=torch.Generator().manual_seed(4))
     ours = generate(model, prompt, 20, temperature=0.0)
@@ -114,20 +119,58 @@ def test_a_kept_decoder_gives_what_a_fresh_one_gives():
         generate(model, prompts[0], 3, head="main", decoder=decoder)
 
 
-def test_export_refuses_sparsity_unless_dropped_and_says_what_it_costs(sources, tmp_path):
+def _spoil_weights(model_dir):
+    """A model directory whose config is sound and whose weights cannot be read: what is
+    refused from the config alone is refused here as there."""
+    (model_dir / "model.safetensors").write_bytes(b"not the weights")
+    return model_dir
+
+
+def test_a_sparse_model_is_refused_from_its_config_and_dropped_reads_back_dense(sources, tmp_path):
+    from transformers import MambaForCausalLM
+
     params = Params.from_dict(tiny_params(sources), require_all=True)
     prepare_tokens(params.dataset, tmp_path / "data")
     convert(params, tmp_path / "init")
-    model = Samba.from_pretrained(tmp_path / "init")
+    model = Samba.from_pretrained(tmp_path / "init").eval()
     model.set_sparsity_target(0.75)
     model.save_pretrained(tmp_path / "sparse")
-    with pytest.raises(ExportError, match=r"zeroes 75% of every chunk output .* plain Mamba cannot compute "
-                                          r"\(test ppl [\d.]+ with it, [\d.]+ without, .*--drop-sparsity"):
-        export(tmp_path / "sparse", tmp_path / "hf", data_dir=tmp_path / "data")
+    model.save_pretrained(tmp_path / "spoilt")
+    _spoil_weights(tmp_path / "spoilt")
+    for source in ("sparse", "spoilt"):
+        with pytest.raises(ExportError) as refused:
+            export(tmp_path / source, tmp_path / "hf", data_dir=tmp_path / "data")
+        assert str(refused.value) == (
+            f"{tmp_path / source} zeroes 75% of every chunk output (model.sparsity_target 0.75), which plain Mamba "
+            "cannot compute; pass --drop-sparsity to export the dense model instead, which measures what that costs "
+            f"(test ppl with and without on {tmp_path / 'data'}: minutes on a CPU, shown with a progress bar), "
+            "prints it and records it in samba.json")
+    for data, why in ((None, "none was given"), (tmp_path, f"{tmp_path} has no test.bin")):
+        with pytest.raises(ExportError, match=rf"sparsity_target 0.75\), .*--drop-sparsity .* given --data naming "
+                                              rf"tokenized data \({re.escape(why)}\), also measures and prints"):
+            export(tmp_path / "spoilt", tmp_path / "hf", data_dir=data)
     assert not (tmp_path / "hf").exists()
+
     report = export(tmp_path / "sparse", tmp_path / "hf", drop_sparsity=True, data_dir=tmp_path / "data")
-    assert report["ppl_with_sparsity"] != report["ppl_without"]
-    assert Samba.from_pretrained(tmp_path / "hf").config.sparsity_target == 0.75  # Samba's own config kept
+    dropped = report["dropped_sparsity"]
+    assert report["sparsity_target"] == 0.0 and dropped["sparsity_target"] == 0.75
+    assert dropped["ppl_with_sparsity"] != dropped["ppl_without"] and dropped["windows"] > 0
+    written = json.loads((tmp_path / "hf/samba.json").read_text())
+    assert written["model"]["sparsity_target"] == 0.0 and written["dropped_sparsity"] == dropped
+    # one folder, one model: Samba.from_pretrained (and so samba.generate) and transformers read
+    # the dense model that was exported, and the source is as it was
+    back = Samba.from_pretrained(tmp_path / "hf").eval()
+    hf = MambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert back.config == dataclasses.replace(model.config, sparsity_target=0.0)
+    ids = torch.randint(0, 264, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        sparse = model(ids)
+        model.set_sparsity_target(0.0)
+        dense, again, theirs = model(ids), back(ids), hf(ids).logits
+    assert torch.equal(again.logits, dense.logits) and torch.equal(again.readout_logits, dense.readout_logits)
+    assert relative_error(theirs, again.logits) < 1e-4
+    assert relative_error(sparse.logits, dense.logits) > 1e-2  # the sparsity did matter
+    assert Samba.from_pretrained(tmp_path / "sparse").config.sparsity_target == 0.75
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -170,30 +213,123 @@ def test_generate_says_there_is_no_model_where_there_is_none(tmp_path):
                            "first (dvc repro train)\n")
 
 
-def test_export_command_refuses_in_one_line(project, tmp_path):
+def test_export_command_refuses_a_sparse_model_at_once_and_shows_progress_when_dropping(project, tmp_path):
     model = tiny_samba()
     model.set_sparsity_target(0.5)
     model.save_pretrained(tmp_path / "sparse")
-    proc = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "sparse"), str(tmp_path / "hf"),
-                           "--data", str(project / "data")], capture_output=True, text=True, env=tool_env())
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr  # the cost measured, quietly
-    assert re.fullmatch(r"\[export\] error: .* \(test ppl [\d.]+ with it, [\d.]+ without, .*--drop-sparsity .*\n",
-                        proc.stderr), proc.stderr
-    ok = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "sparse"), str(tmp_path / "hf"),
-                         "--drop-sparsity"], capture_output=True, text=True, env=tool_env())
+    model.save_pretrained(tmp_path / "spoilt")
+    _spoil_weights(tmp_path / "spoilt")  # refused before the weights are read: these never are
+    command = [sys.executable, "-m", "samba.export", "--data", str(project / "data")]
+    proc = subprocess.run(command + [str(tmp_path / "spoilt"), str(tmp_path / "hf")],
+                          capture_output=True, text=True, env=tool_env())
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr == (
+        f"[export] error: {tmp_path / 'spoilt'} zeroes 50% of every chunk output (model.sparsity_target 0.5), which "
+        "plain Mamba cannot compute; pass --drop-sparsity to export the dense model instead, which measures what that "
+        f"costs (test ppl with and without on {project / 'data'}: minutes on a CPU, shown with a progress bar), "
+        "prints it and records it in samba.json\n")
+    ok = subprocess.run(command + [str(tmp_path / "sparse"), str(tmp_path / "hf"), "--drop-sparsity"],
+                        capture_output=True, text=True, env=tool_env())
     assert ok.returncode == 0, ok.stderr
-    assert (tmp_path / "hf/config.json").is_file() and (tmp_path / "hf/readout.safetensors").is_file()
+    assert "test ppl with the sparsity" in ok.stderr and "test ppl without" in ok.stderr  # the progress bars
+    assert re.search(r"\[export\] dropping the chunk-output sparsity \(0.5\): test ppl [\d.]+ with it, [\d.]+ "
+                     r"without, on the first \d+ windows\n", ok.stderr), ok.stderr
+    report = json.loads(ok.stdout.removeprefix(f"wrote {tmp_path / 'hf'}: "))
+    assert report["sparsity_target"] == 0.0 and report["dropped_sparsity"]["sparsity_target"] == 0.5
+    assert json.loads((tmp_path / "hf/samba.json").read_text())["dropped_sparsity"] == report["dropped_sparsity"]
 
 
-def test_export_refuses_to_replace_a_directory_unless_forced(tmp_path):
-    tiny_samba().save_pretrained(tmp_path / "samba")
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf/mine.txt").write_text("the user's")
-    command = [sys.executable, "-m", "samba.export", str(tmp_path / "samba"), str(tmp_path / "hf")]
-    proc = subprocess.run(command, capture_output=True, text=True, env=tool_env())
+def _contents(path):
+    """Everything at ``path``, to compare before and after: bytes, links and folders."""
+    if path.is_symlink():
+        return ("link", str(path.readlink()))
+    if path.is_file():
+        return path.read_bytes()
+    return {str(p.relative_to(path)): _contents(p) if not p.is_dir() or p.is_symlink() else "folder"
+            for p in sorted(path.rglob("*"))}
+
+
+def test_export_command_never_replaces_a_folder_that_is_not_an_earlier_export(tmp_path):
+    # the report of issue 23: another model and a notes file, exported into with --force
+    tiny_samba(seed=1).save_pretrained(tmp_path / "samba")
+    tiny_samba(seed=2).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf/notes.txt").write_text("the user's")
+    before = _contents(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "samba.export", str(tmp_path / "samba"), str(tmp_path / "hf"),
+                           "--force"], capture_output=True, text=True, env=tool_env())
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == f"[export] error: {tmp_path / 'hf'} exists already; pass --force to replace it\n"
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["mine.txt"]
-    forced = subprocess.run(command + ["--force"], capture_output=True, text=True, env=tool_env())
-    assert forced.returncode == 0, forced.stderr
-    assert (tmp_path / "hf/config.json").is_file() and not (tmp_path / "hf/mine.txt").exists()
+    assert proc.stderr == (f"[export] error: {tmp_path / 'hf'} exists and is not an earlier export (it holds "
+                           "notes.txt, which export does not write); --force replaces only an earlier export: "
+                           "export to another folder\n")
+    assert _contents(tmp_path) == before
+
+
+def test_force_replaces_an_earlier_export_and_nothing_else(tmp_path):
+    from conftest import make_corpus, make_tokenizer
+
+    make_corpus(tmp_path / "corpus")
+    make_tokenizer(tmp_path / "corpus", tmp_path / "tok", vocab_size=264)
+    a, b = tiny_samba(seed=1), tiny_samba(seed=2)
+    a.save_pretrained(tmp_path / "a", extra_files={"tokenizer.json": tmp_path / "tok/tokenizer.json"})
+    b.save_pretrained(tmp_path / "b")
+    sources = _contents(tmp_path / "a"), _contents(tmp_path / "b")
+    out = tmp_path / "out"
+
+    export(tmp_path / "a", out)  # with the tokenizer's files
+    with pytest.raises(ExportError) as refused:
+        export(tmp_path / "b", out)
+    assert str(refused.value) == f"{out} exists already (an earlier export); pass --force to replace it"
+    export(tmp_path / "b", out, force=True)
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES  # b's, whole: a's tokenizer went with a's export
+    replaced = Samba.from_pretrained(out).state_dict()
+    assert all(torch.equal(replaced[k], v) for k, v in b.state_dict().items())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match=r"empty exists already \(empty\); pass --force"):
+        export(tmp_path / "b", tmp_path / "empty")
+    export(tmp_path / "b", tmp_path / "empty", force=True)
+
+    def spoil(how):
+        target = tmp_path / how
+        shutil.copytree(out, target)
+        if how == "notes":
+            (target / "notes.txt").write_text("the user's")
+        elif how == "subfolder":
+            (target / "runs").mkdir()
+        elif how == "samba model":
+            shutil.rmtree(target)
+            shutil.copytree(tmp_path / "a", target)  # config.json, model.safetensors, tokenizer.json
+        elif how == "samba.json":
+            (target / "samba.json").write_text("{}")
+        elif how == "linked file":
+            (target / "readout.safetensors").unlink()
+            (target / "readout.safetensors").symlink_to(out / "readout.safetensors")
+        elif how == "file":
+            shutil.rmtree(target)
+            target.write_text("a file")
+        elif how == "link":
+            shutil.rmtree(target)
+            target.symlink_to(out)
+        return target
+
+    for how, why in [("notes", "it holds notes.txt, which export does not write"),
+                     ("subfolder", "it holds runs/, which export does not write"),
+                     ("samba model", "it has no readout.safetensors, samba.json"),
+                     ("samba.json", "its samba.json is not an export's"),
+                     ("linked file", "it holds readout.safetensors (a link), which export does not write"),
+                     ("file", "a file"), ("link", "a symbolic link")]:
+        target = spoil(how)
+        before = _contents(tmp_path)
+        for force in (True, False):
+            with pytest.raises(ExportError) as refused:
+                export(tmp_path / "b", target, force=force)
+            assert str(refused.value) == (f"{target} exists and is not an earlier export ({why}); --force replaces "
+                                          "only an earlier export: export to another folder"), how
+        assert _contents(tmp_path) == before, how
+
+    # the source model itself (an export is a source too), or a folder inside it
+    exported = _contents(out)
+    with pytest.raises(ExportError, match=f"^{re.escape(str(out))} is the source model; export to a folder outside"):
+        export(out, out, force=True)
+    with pytest.raises(ExportError, match=f"a/hf lies inside the source model {re.escape(str(tmp_path / 'a'))};"):
+        export(tmp_path / "a", tmp_path / "a/hf", force=True)
+    assert _contents(out) == exported and (_contents(tmp_path / "a"), _contents(tmp_path / "b")) == sources

@@ -52,14 +52,16 @@ def test_a_refused_exp_run_leaves_every_output_as_it_was(repo, stage, override, 
 
 
 def test_after_refusals_runs_and_the_cache_still_give_the_right_outputs(repo):
-    dvc("exp", "run", "-S", "training.lr=0.02", "-n", "here", cwd=repo)
+    # 5e-5 as researchers type it: DVC writes 'lr: 5e-05', a string to YAML 1.1, and the stages take it
+    dvc("exp", "run", "-S", "training.lr=5e-5", "-n", "here", cwd=repo)
+    assert "  lr: 5e-05\n" in (repo / "params.yaml").read_text()
     here = outputs(repo)
     shutil.rmtree(repo / "models/samba")
     shutil.rmtree(repo / "data/tokenized")
     dvc("checkout", cwd=repo)
     assert outputs(repo) == here
     # the same experiment in a workspace of its own, brought back by exp apply
-    dvc("exp", "run", "--temp", "-S", "training.lr=0.02", "-n", "there", cwd=repo)
+    dvc("exp", "run", "--temp", "-S", "training.lr=5e-5", "-n", "there", cwd=repo)
     sh("git", "checkout", "--", ".", cwd=repo)
     dvc("checkout", cwd=repo)
     model = "models/samba/model.safetensors"

@@ -289,13 +289,26 @@ def load_model(model_class: ModelClass, name_or_path: str | Path, backend: str =
     return model.to(device) if device is not None else model
 
 
+def read_export_config(directory: Path) -> ModelConfig:
+    """The ModelConfig an export's ``samba.json`` holds under ``model``."""
+    path = directory / EXPORT_CONFIG_FILE
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text())["model"], prefix="model")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a Samba export config ({err})") from None
+
+
+def local_model_config(directory: Path) -> ModelConfig:
+    """The ModelConfig of a local model directory (Samba's, an export, a Mamba checkpoint), read
+    from its config files alone: no weights are loaded."""
+    if (directory / EXPORT_CONFIG_FILE).is_file():
+        return read_export_config(directory)
+    return checkpoint_model_config(directory)[1]
+
+
 def load_export(model_class: ModelClass, directory: Path, backend: str = "auto") -> nn.Module:
     """A directory written by ``samba.export``: the transformers backbone, the readout beside."""
-    try:
-        config = ModelConfig.from_dict(json.loads((directory / EXPORT_CONFIG_FILE).read_text())["model"],
-                                       prefix="model")
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{directory / EXPORT_CONFIG_FILE}: not a Samba export config ({err})") from None
+    config = read_export_config(directory)
     model = model_from_weights(model_class, "transformers", config, read_weights(directory), backend,
                                where=str(directory))
     readout = read_safetensors(directory / READOUT_FILE)

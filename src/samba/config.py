@@ -9,7 +9,9 @@ back to a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,18 @@ from .errors import UserError
 
 class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+# A decimal number as researchers and DVC write it: 5e-05, 1E-4, 3.0e-4, .5, -2. Not what
+# float() alone also takes (nan, inf, 1_000, surrounding spaces): those stay strings, refused.
+FLOAT_LITERAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _to_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float's range
+        return math.inf
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
@@ -46,12 +60,15 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: must be an integer, got {value!r} ({type(value).__name__})")
         return value
     if annotation is float:
-        # YAML reads '5e-5' (no dot) as a string: say how to write it.
-        if isinstance(value, str):
-            raise ConfigError(f"{key}: must be a number, got the string {value!r} (write floats as 5.0e-5)")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # YAML 1.1 reads 5e-05 (no dot), as DVC's -S writes 5e-5, as a string
+        number = float(value) if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value) else value
+        if isinstance(number, str):
+            raise ConfigError(f"{key}: must be a number, got the string {value!r}")
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {value!r} ({type(value).__name__})")
-        return float(value)
+        if not math.isfinite(number := _to_float(number)):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if annotation is str:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: must be a non-empty string, got {value!r}")
@@ -62,6 +79,23 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         item = typing.get_args(annotation)[0]
         return tuple(_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def _unknown_keys_message(unknown: list, known: list[str], prefix: str, where: str) -> str:
+    """'unknown key(s) training.pruning_weigth; did you mean training.pruning_weight? known keys
+    of training: [...]': the nearest known key (difflib) first, then all of them."""
+    def full(k) -> str:
+        return f"{prefix}.{k}" if prefix else str(k)
+
+    guesses = {k: difflib.get_close_matches(str(k), known, n=1) for k in unknown}
+    guesses = {k: g[0] for k, g in guesses.items() if g}
+    if len(unknown) == 1 and guesses:
+        hint = f"did you mean {full(guesses[unknown[0]])}? "
+    elif guesses:
+        hint = "did you mean " + ", ".join(f"{full(g)} for {full(k)}" for k, g in guesses.items()) + "? "
+    else:
+        hint = ""
+    return f"unknown key(s) {', '.join(map(full, unknown))}; {hint}known keys of {where}: {known}"
 
 
 class Section:
@@ -75,10 +109,9 @@ class Section:
             raise ConfigError(f"{where}: must be a mapping of keys to values, got {type(data).__name__}")
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
+        unknown = sorted(set(data) - set(fields), key=str)
         if unknown:
-            names = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
-            raise ConfigError(f"unknown key(s) {names}; known keys of {where}: {sorted(fields)}")
+            raise ConfigError(_unknown_keys_message(unknown, sorted(fields), prefix, where))
         kwargs = {}
         for name, f in fields.items():
             key = f"{prefix}.{name}" if prefix else name
@@ -322,7 +355,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML {describe_yaml_error(err)}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: must hold a mapping of sections")
-    missing = [f.name for f in dataclasses.fields(Params) if f.name not in data]
+    sections = [f.name for f in dataclasses.fields(Params)]
+    unknown = sorted(set(data) - set(sections), key=str)
+    if unknown:  # before the missing ones: a misspelt section is both, and its name is the news
+        raise ConfigError(_unknown_keys_message(unknown, sorted(sections), "", str(path)))
+    missing = [name for name in sections if name not in data]
     if missing:
         raise ConfigError(f"{path}: missing section(s) {missing}")
     return Params.from_dict(data, require_all=True)
