@@ -135,4 +135,5 @@ def test_a_run_shorter_than_the_sparsity_ramp_says_so(sources, project, tmp_path
     params = params_with(sources, model={"sparsity_target": 0.5}, training={"max_steps": 4, "sparsity_warmup_steps": 100})
     with caplog.at_level("WARNING", logger="samba"):
         run(params, project, tmp_path)
-    assert "sparsity_warmup_steps (100) is longer than the run (4 steps): training ends at a fraction of 0.015" in caplog.text
+    assert ("the sparsity ramp (100 steps) does not end before the run's last step (4 steps): training ends at a "
+            "fraction of 0.015") in caplog.text

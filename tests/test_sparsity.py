@@ -13,8 +13,9 @@ from samba import ModelConfig, Samba
 from samba.config import ConfigError, Params
 from samba.convert import convert
 from samba.data import TokenWindows
-from samba.evaluate import evaluate_model, prune_curve
-from samba.sparsity import SparsityCounter, hoyer_penalty, keep_largest, l1_penalty, ramp, zero_count
+from samba.evaluate import evaluate_model, pca_bases, prune_curve, prune_curve_in_basis
+from samba.sparsity import (SecondMoment, SparsityCounter, hoyer_penalty, keep_largest, keep_largest_in_basis,
+                            l1_penalty, ramp, zero_count)
 
 from conftest import perturb_, relative_error, tiny_params
 
@@ -175,6 +176,82 @@ def test_prune_curve_against_an_independent_computation():
     assert curve5["0.75"]["ppl"] == pytest.approx(curve["0.75"]["ppl"], rel=1e-6)
 
 
+# ----------------------------------------------------------------------------- pruning in the PCA basis
+
+def test_the_pca_basis_is_orthonormal_and_holds_the_principal_axes():
+    gen = torch.Generator().manual_seed(5)
+    # correlated data: a random mixing of coordinates of very different scales
+    x = (torch.randn(2, 300, 16, generator=gen) * torch.logspace(0, -2, 16)) @ torch.randn(16, 16, generator=gen)
+    moment = SecondMoment(n_chunks=2, d_model=16, device=torch.device("cpu"))
+    moment.update([x[0], x[1]])
+    moment.update([x[0, :100], x[1, :100]])  # a second batch adds up
+    for c, basis in enumerate(moment.bases()):
+        assert relative_error(basis.t() @ basis, torch.eye(16)) < 1e-5
+        data = torch.cat([x[c], x[c, :100]]).double()
+        second = data.t() @ data / len(data)
+        projected = basis.double().t() @ second @ basis.double()  # diagonal, by decreasing variance
+        eigenvalues = torch.linalg.eigvalsh(second).flip(0)
+        assert relative_error(projected.diagonal(), eigenvalues) < 1e-5
+        assert (projected - torch.diag(projected.diagonal())).abs().max() < 1e-5 * eigenvalues[0]
+
+
+def test_keep_largest_in_basis_zeroes_coordinates_in_that_basis():
+    x = torch.tensor([[3.0, 1.0, 0.5, 2.0]])
+    assert torch.equal(keep_largest_in_basis(x, 2, torch.eye(4)), keep_largest(x, 2))
+    # a rotation of the first two axes by 45 degrees: coordinates (4, 2)/sqrt(2), 0.5, 2
+    c = 2 ** -0.5
+    basis = torch.tensor([[c, -c, 0, 0], [c, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    kept = keep_largest_in_basis(x, 2, basis)  # keeps 4/sqrt(2) and 2; drops 2/sqrt(2) and 0.5
+    assert torch.allclose(kept, torch.tensor([[2.0, 2.0, 0.0, 2.0]]), atol=1e-6)
+    assert torch.equal(keep_largest_in_basis(x, 0, basis), x)
+
+
+def test_prune_curve_in_the_pca_basis_against_a_hand_computation():
+    torch.manual_seed(3)
+    model = Samba(CFG).eval()
+    perturb_(model)
+    gen = torch.Generator().manual_seed(4)
+    test = TokenWindows(torch.randint(0, 50, (200,), generator=gen), seq_len=16)
+    validation = TokenWindows(torch.randint(0, 50, (300,), generator=gen), seq_len=16)
+    main, _ = evaluate_model(model, test, 4, desc=None)
+    bases = pca_bases(model, validation, 4, n_windows=12)
+    curve = prune_curve_in_basis(model, test, (0.0, 0.5, 0.75), main, 4, bases, desc=None)
+    assert curve["0"] == {"fraction": 0.0, "ppl": main["ppl"], "readout_ppl": main["readout_ppl"]}
+    assert model.prune_basis is None  # left as it was
+
+    with torch.no_grad():  # each chunk's axes by hand: eigenvectors of its outputs' second moment
+        outputs = [[] for _ in model.chunks]
+        for inputs, _ in validation.batches(4, 12):
+            x = model.embedding(inputs).float()
+            for c, chunk in enumerate(model.chunks):
+                x = chunk(x)
+                outputs[c].append(x.reshape(-1, 16).double())
+        axes = [torch.linalg.eigh(torch.cat(o).t() @ torch.cat(o))[1].float() for o in outputs]
+
+    def by_hand(fraction):
+        n_zero, nll, r_nll = round(fraction * 16), 0.0, 0.0
+        with torch.no_grad():
+            for inputs, targets in test.batches(4):
+                x, outs = model.embedding(inputs).float(), []
+                for chunk, v in zip(model.chunks, axes):
+                    y = chunk(x) @ v  # coordinates on the axes
+                    order = y.abs().argsort(dim=-1, stable=True)
+                    x = y.scatter(-1, order[..., :n_zero], 0.0) @ v.t()
+                    outs.append(x)
+                logits = model.norm_f(x) @ model.embedding.weight.t()
+                nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+                r_nll += F.cross_entropy(model.readout(outs).flatten(0, 1), targets.flatten(), reduction="sum").item()
+        n = len(test) * 16
+        return math.exp(nll / n), math.exp(r_nll / n)
+
+    for f in (0.5, 0.75):
+        ppl, r_ppl = by_hand(f)
+        assert curve[f"{f:g}"]["ppl"] == pytest.approx(ppl, rel=1e-4)
+        assert curve[f"{f:g}"]["readout_ppl"] == pytest.approx(r_ppl, rel=1e-4)
+    native = prune_curve(model, test, (0.75,), main, 4, desc=None)
+    assert curve["0.75"]["ppl"] != pytest.approx(native["0.75"]["ppl"], rel=1e-3)  # another basis, another model
+
+
 # ----------------------------------------------------------------------------- config and sources
 
 @pytest.mark.parametrize("section,key,value,match", [
@@ -221,144 +298,3 @@ def test_a_samba_directory_seeds_the_pipeline(sources, tmp_path):
     with pytest.raises(Exception, match="readout_hidden_dim"):
         convert(Params.from_dict(data, require_all=True), tmp_path / "init2")
     assert relative_error(init.embedding.weight, trained.embedding.weight) == 0
-
-
-# ----------------------------------------------------------------------------- the frontier
-
-def _exp(name, pruning_weight, target, l0, ppl, readout_ppl, baseline_ppl=50.0, seed=0, lr=1e-4, distill=0.0,
-         accuracy=0.4, readout_accuracy=0.38, teacher="models/init"):
-    sparsity = {"l0": l0, "l0_min_chunk": l0 - 0.01, "near_zero_rel": l0 + 0.005}
-    return {"rev": name * 4, "name": name, "data": {
-        "params": {"params.yaml": {"data": {"training": {"pruning_weight": pruning_weight, "lr": lr, "seed": seed,
-                                                         "distill_weight": distill, "teacher": teacher},
-                                            "model": {"sparsity_target": target}}}},
-        "metrics": {"metrics/eval.json": {"data": {"ppl": ppl, "readout_ppl": readout_ppl, "sparsity": sparsity,
-                                                   "accuracy": accuracy, "readout_accuracy": readout_accuracy,
-                                                   "baseline": {"ppl": baseline_ppl}}}}}}
-
-
-def _shown(exps):
-    return [{"rev": "workspace", "data": {}, "experiments": [{"revs": [e]} for e in exps]}]
-
-
-def test_frontier_table_and_plot(tmp_path):
-    from samba.frontier import write_frontier
-
-    exps = [_exp("control", 0.0, 0.0, 0.0, 60.0, 61.0), _exp("l1", 0.05, 0.0, 0.0, 61.0, 62.0),
-            _exp("topk50", 0.0, 0.5, 0.5, 62.0, 62.5), _exp("topk75", 0.0, 0.75, 0.75, 63.0, 63.1),
-            _exp("topk75-worse", 0.05, 0.75, 0.75, 66.0, 66.2), _exp("topk90", 0.0, 0.9, 0.9, 80.0, 81.0)]
-    rows = {r["experiment"]: r for r in write_frontier(_shown(exps), tmp_path)}
-    assert rows["control"]["control"] and rows["topk75"]["ppl_vs_control"] == pytest.approx(63 / 60 - 1)
-    assert rows["topk75"]["ppl_vs_baseline"] == pytest.approx(63 / 50 - 1)
-    assert rows["topk90"]["readout_vs_main"] == pytest.approx(81 / 80 - 1)
-    assert rows["topk90"]["readout_acc_vs_main"] == pytest.approx(0.38 / 0.4)
-    # on the front: no run with as many zeros at no higher ppl
-    assert {n for n, r in rows.items() if r["pareto"]} == {"control", "topk50", "topk75", "topk90"}
-    assert set(rows["l1"]["params"]) == {"training.pruning_weight", "model.sparsity_target"}
-    text = (tmp_path / "frontier.md").read_text()
-    assert "Best control: `control`" in text and "| topk75 | 1 | " in text and "+5.0%" in text
-    assert (tmp_path / "frontier.png").stat().st_size > 10_000
-
-
-def test_frontier_groups_seeds_and_compares_with_the_control_of_the_same_schedule(tmp_path):
-    import json
-    import statistics
-
-    from samba.frontier import write_frontier
-
-    exps = [_exp(f"control-s{s}", 0.0, 0.0, 0.0, p, p + 1, seed=s, accuracy=a)
-            for s, p, a in ((0, 62.77, 0.356), (1, 62.99, 0.355), (2, 62.79, 0.357))]
-    exps += [_exp("control-lr3", 0.0, 0.0, 0.0, 69.3, 70.0, lr=3e-4)]  # overfits
-    # seeds listed out of order, as dvc exp show may list them; a teacher other than the controls'
-    exps += [_exp(f"topk90-kl-s{s}", 0.0, 0.9, 0.9, p, p + 2, seed=s, lr=3e-4, distill=3.0, accuracy=0.35,
-                  readout_accuracy=r, teacher="/abs/control")
-             for s, p, r in ((2, 65.91, 0.331), (0, 65.79, 0.335), (1, 65.41, 0.336))]
-    # a dense run distilled from a teacher is no control, however low its ppl
-    exps += [_exp("dense-kl", 0.0, 0.0, 0.0, 60.0, 61.0, lr=3e-4, distill=1.0, teacher="/abs/control")]
-    # the stand-in's own pretraining, on other data: a dense run, but no control of the fine-tunes
-    standin = _exp("standin", 0.0, 0.0, 0.0, 40.0, 41.0, lr=6e-4)
-    standin["data"]["params"]["params.yaml"]["data"]["dataset"] = {"train_range": [0.0, 0.5]}
-    exps += [standin]
-    rows = {r["experiment"]: r for r in write_frontier(_shown(exps), tmp_path)}
-    assert set(rows) == {"control-s0", "control-lr3", "topk90-kl-s0", "dense-kl", "standin"}  # a row per seed group
-    assert not rows["dense-kl"]["control"] and rows["dense-kl"]["control_experiment"] == "control-lr3"
-    assert rows["standin"]["control"] and rows["standin"]["best_control_experiment"] == "standin"
-    assert rows["dense-kl"]["best_control_experiment"] == "control-s0"
-    control, kl = rows["control-s0"], rows["topk90-kl-s0"]
-    assert control["n_seeds"] == kl["n_seeds"] == 3 and kl["seeds"] == [0, 1, 2]
-    assert kl["experiments"] == ["topk90-kl-s0", "topk90-kl-s1", "topk90-kl-s2"]
-    assert kl["ppl"] == pytest.approx((65.79 + 65.41 + 65.91) / 3)
-    assert kl["ppl_std"] == pytest.approx(statistics.stdev([65.79, 65.41, 65.91]))
-    assert control["ppl"] == pytest.approx((62.77 + 62.99 + 62.79) / 3)
-    # against the control of its own schedule (lr 3e-4), and against the best control (lr 1e-4)
-    assert kl["control_experiment"] == "control-lr3" and kl["ppl_vs_control"] == pytest.approx(kl["ppl"] / 69.3 - 1)
-    assert kl["ppl_vs_best_control"] == pytest.approx(kl["ppl"] / control["ppl"] - 1)
-    assert kl["ppl_vs_best_control"] == pytest.approx(0.045, abs=0.001)  # RESEARCH.md's +4.5%
-    assert kl["readout_acc_vs_main"] == pytest.approx((0.335 + 0.336 + 0.331) / 3 / 0.35)
-    assert kl["accuracy"] == pytest.approx(0.35) and control["accuracy"] == pytest.approx(0.356)
-    assert set(kl["params"]) == {"training.lr", "training.distill_weight", "training.teacher", "model.sparsity_target",
-                                 "dataset.train_range"}
-    saved = json.loads((tmp_path / "frontier.json").read_text())
-    assert saved["control"] == "control-s0" and len(saved["rows"]) == 5
-    assert "65.703 ± 0.261" in (tmp_path / "frontier.md").read_text()
-    # --control names one experiment: its group is every row's control
-    rows = {r["experiment"]: r for r in write_frontier(_shown(exps), tmp_path, "control-s1")}
-    assert rows["topk90-kl-s0"]["control_experiment"] == "control-s0"
-    assert rows["topk90-kl-s0"]["ppl_vs_control"] == pytest.approx(kl["ppl_vs_best_control"])
-
-
-def test_frontier_plot_has_the_seeds_error_bars(tmp_path, monkeypatch):
-    import matplotlib.axes
-
-    from samba.frontier import write_frontier
-
-    drawn, real = [], matplotlib.axes.Axes.errorbar
-    def errorbar(self, x, y, yerr=None, **kwargs):
-        drawn.append((x, y, yerr))
-        return real(self, x, y, yerr=yerr, **kwargs)
-    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
-    exps = [_exp(f"control-s{s}", 0.0, 0.0, 0.0, p, p, seed=s) for s, p in ((0, 60.0), (1, 62.0))]
-    exps += [_exp("topk75", 0.0, 0.75, 0.75, 63.0, 63.0)]
-    write_frontier(_shown(exps), tmp_path)
-    bars = {x: yerr for x, _, yerr in drawn}
-    # the control's two seeds: std 1.414 of a mean of 61, in % of the best control's ppl; one seed: no bar
-    assert bars[0.0] == pytest.approx(100 * 2 ** 0.5 / 61.0) and bars[75.0] is None
-
-
-def test_frontier_leaves_out_experiments_that_have_not_finished(tmp_path):
-    from samba.frontier import write_frontier
-
-    shown = _shown([_exp("control", 0.0, 0.0, 0.0, 60.0, 61.0), _exp("topk75", 0.0, 0.75, 0.75, 63.0, 63.1)])
-    running = {"executor": {"state": "running", "name": "dvc-task"}, "name": "still-running",
-               "revs": [_exp("still-running", 0.0, 0.75, 0.0, 60.0, 61.0, lr=2e-4)]}  # the base commit's metrics
-    shown[0]["experiments"] += [running, {**running, "executor": {"state": "failed"}, "name": "failed"},
-                                {**running, "executor": {"state": "success"}, "name": "done",
-                                 "revs": [_exp("done", 0.0, 0.5, 0.5, 61.0, 62.0)]}]
-    rows = {r["experiment"] for r in write_frontier(shown, tmp_path)}
-    assert rows == {"control", "topk75", "done"}
-
-
-def test_frontier_refusals(tmp_path):
-    from samba.frontier import FrontierError, write_frontier
-
-    with pytest.raises(FrontierError, match="no experiment has metrics/eval.json"):
-        write_frontier([{"rev": "workspace", "data": {}}], tmp_path)
-    with pytest.raises(FrontierError, match="--control nope: no experiment of that name"):
-        write_frontier([{"rev": "w", "data": {}, "experiments": [{"revs": [_exp("a", 0.0, 0.0, 0, 1, 1)]}]}],
-                       tmp_path, "nope")
-
-
-def test_frontier_command_refuses_in_one_line(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    from conftest import tool_env
-
-    saved = tmp_path / "exp_show.json"
-    saved.write_text(json.dumps([{"rev": "workspace", "data": {}}]))
-    proc = subprocess.run([sys.executable, "-m", "samba.frontier", str(tmp_path / "out"), "--from-json", str(saved)],
-                          capture_output=True, text=True, env=tool_env())
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines() == [proc.stderr.strip()]  # the whole of stderr is the one line
-    assert proc.stderr.startswith("[frontier] error: no experiment has metrics/eval.json")

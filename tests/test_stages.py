@@ -20,7 +20,7 @@ from samba.checkpoint import CheckpointError
 from samba.config import ConfigError
 from samba.convert import convert
 from samba.data import DataError
-from samba.evaluate import QualityError, evaluate_pipeline
+from samba.evaluate import QualityError, evaluate_pipeline, headline
 from samba.train import train
 
 from conftest import REPO, make_transformers_mamba, params_with, save_as_mamba_ssm, tiny_params
@@ -165,6 +165,39 @@ def test_evaluate_against_transformers(sources, project, tmp_path):
     assert len(rows) == params.eval.histogram_bins
     assert sum(r["trained"] for r in rows) == pytest.approx(1.0)
     assert metrics["protocol"]["precision"] == "fp32" and metrics["protocol"]["backend"] == "reference"
+
+
+def test_evaluate_writes_the_pca_prune_curve_and_the_headline(sources, project, tmp_path):
+    params = params_with(sources, eval={"prune_basis": ["native", "pca"], "pca_windows": 4,
+                                        "prune_fractions": [0.0, 0.5]})
+    summary = tmp_path / "summary.json"
+    metrics = evaluate_pipeline(params, project / "data", project / "init", project / "init",
+                                tmp_path / "eval.json", tmp_path / "plots", summary)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    for record in (saved, saved["baseline"]):
+        assert record["prune_curve_pca"].keys() == record["prune_curve"].keys() == {"0", "0.5"}
+        assert record["prune_curve_pca"]["0"] == {"fraction": 0.0, "ppl": record["ppl"],
+                                                  "readout_ppl": record["readout_ppl"]}
+        assert record["prune_curve_pca"]["0.5"]["ppl"] != record["prune_curve"]["0.5"]["ppl"]
+    assert saved["protocol"]["prune_basis"] == ["native", "pca"] and saved["protocol"]["pca_windows"] == 4
+    rows = json.loads((tmp_path / "plots/prune_curve.json").read_text())
+    assert [r["fraction"] for r in rows] == [0.0, 0.5]
+    assert rows[1]["trained_pca_ppl"] == saved["prune_curve_pca"]["0.5"]["ppl"]
+    # the headline: what DVC tabulates, a few numbers, the per-chunk detail left in eval.json
+    head = json.loads(summary.read_text())
+    assert head == headline(metrics) and head["ppl"] == saved["ppl"]
+    assert head["sparsity"]["l0"] == saved["sparsity"]["l0"] and "per_chunk" not in head["sparsity"]
+    assert "prune_curve" not in head and head["baseline"]["ppl"] == saved["baseline"]["ppl"]
+
+
+def test_the_headline_takes_the_last_chunk_and_the_largest_max_over_rms():
+    chunks = [str(c) for c in range(12)]  # '11' is the last chunk, though '9' sorts after it as text
+    sparsity = {"l0": 0.5, "l0_min_chunk": 0.4, "near_zero_rel": 0.6, "chunk_rms": {c: float(c) for c in chunks},
+                "max_over_rms": {c: 3.0 if c != "7" else 30.0 for c in chunks}}
+    metrics = {"ppl": 10.0, "readout_ppl": 11.0, "accuracy": 0.3, "readout_accuracy": 0.28, "ppl_ratio": 0.5,
+               "sparsity": sparsity, "baseline": {"ppl": 20.0, "readout_ppl": 21.0, "accuracy": 0.2}}
+    head = headline(metrics)
+    assert head["sparsity"]["last_chunk_rms"] == 11.0 and head["sparsity"]["max_over_rms"] == 30.0
 
 
 def test_evaluate_needs_the_trained_model(sources, project, tmp_path):

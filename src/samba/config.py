@@ -295,6 +295,10 @@ class EvalConfig(Section):
     max_ppl_increase: float = 0.0  # >0: fail evaluate when ppl > baseline * (1 + this)
     # ppl when the smallest fraction f of each chunk-output vector is zeroed at inference
     prune_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.6, 0.75, 0.9)
+    # the bases the prune curve zeroes in: native (prune_curve), pca (prune_curve_pca: each chunk's
+    # principal axes, from the evaluated model's outputs on pca_windows validation windows)
+    prune_basis: tuple[typing.Literal["native", "pca"], ...] = ("native",)
+    pca_windows: int = 32
 
     def __post_init__(self):
         _require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
@@ -306,6 +310,9 @@ class EvalConfig(Section):
                  f"must be >= 0, got {self.max_ppl_increase}")
         for i, f in enumerate(self.prune_fractions):
             _require(0 <= f < 1, f"prune_fractions[{i}]", f"must be in [0, 1), got {f}")
+        _require(len(self.prune_basis) > 0 and len(set(self.prune_basis)) == len(self.prune_basis), "prune_basis",
+                 f"must list native and/or pca, each once, got {list(self.prune_basis)}")
+        _require(self.pca_windows > 0, "pca_windows", f"must be > 0, got {self.pca_windows}")
 
 
 @dataclass(frozen=True)

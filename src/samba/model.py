@@ -33,7 +33,7 @@ from .checkpoint import load_model, save_model
 from .config import ModelConfig
 from .ops import kernels
 from .ops.selective_scan import selective_scan_reference
-from .sparsity import keep_largest, zero_count
+from .sparsity import keep_largest, keep_largest_in_basis, zero_count
 
 
 @dataclass
@@ -294,6 +294,10 @@ class Samba(nn.Module):
                              persistent=False)
         self.sparsity_value = float(config.sparsity_target)  # the same, on the host
         self.sparse = config.sparsity_target > 0
+        # Evaluation only (the prune curve in each chunk's PCA basis): per chunk an orthonormal
+        # basis and how many coordinates to zero in it, after the model's own sparsity.
+        self.prune_basis: tuple[torch.Tensor, ...] | None = None
+        self.prune_basis_zeros = 0
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.chunks = nn.ModuleList(Chunk(config, backend) for _ in range(config.n_chunks))
         self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
@@ -348,16 +352,32 @@ class Samba(nn.Module):
         self.sparsity_value = float(fraction)
         self.sparse = fraction > 0 or self.config.sparsity_target > 0
 
-    def sparsify(self, x: torch.Tensor) -> torch.Tensor:
-        """A chunk output as it flows on: x itself, or x with its smallest entries zeroed.
+    def set_prune_basis(self, bases: Sequence[torch.Tensor] | None, fraction: float = 0.0) -> None:
+        """From now on also zero the smallest ``fraction`` of each chunk output's coordinates in
+        that chunk's orthonormal basis (``bases``: n_chunks tensors (d_model, d_model), columns
+        the basis vectors), after the model's own sparsity; None: no longer. For evaluation."""
+        if bases is not None:
+            d = self.config.d_model
+            if len(bases) != self.config.n_chunks or any(tuple(b.shape) != (d, d) for b in bases):
+                raise ValueError(f"need {self.config.n_chunks} bases of shape ({d}, {d})")
+            if not 0 <= fraction < 1:
+                raise ValueError(f"prune fraction must be in [0, 1), got {fraction}")
+        self.prune_basis = None if bases is None else tuple(bases)
+        self.prune_basis_zeros = 0 if bases is None else zero_count(fraction, self.config.d_model)
+
+    def sparsify(self, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """Chunk ``chunk``'s output as it flows on: x itself, or x with its smallest entries
+        zeroed (and, with a prune basis, its smallest coordinates in that basis too).
 
         Training reads the fraction from the device tensor (it ramps while a captured CUDA
         graph stays valid); evaluation and decoding, with a fixed fraction, pass it as a number
         (``keep_largest`` then takes the cheaper top-k path)."""
-        if not self.sparse:
-            return x
-        fraction = self.sparsity_fraction if self.training else self.sparsity_value
-        return keep_largest(x, zero_count(fraction, x.shape[-1]))
+        if self.sparse:
+            fraction = self.sparsity_fraction if self.training else self.sparsity_value
+            x = keep_largest(x, zero_count(fraction, x.shape[-1]))
+        if self.prune_basis is not None:
+            x = keep_largest_in_basis(x, self.prune_basis_zeros, self.prune_basis[chunk])
+        return x
 
     def chunk_outputs(self, input_ids: torch.Tensor, return_dense: bool = False,
                       states: Sequence[Sequence[MixerState]] | None = None, step: bool = False):
@@ -376,9 +396,9 @@ class Samba(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
             x = wide(self.embedding(input_ids))  # (B, L, D), or (B, D) for a step
             outputs, dense = [], []
-            for chunk, chunk_states in zip(self.chunks, states or [None] * len(self.chunks)):
+            for c, (chunk, chunk_states) in enumerate(zip(self.chunks, states or [None] * len(self.chunks))):
                 dense.append(chunk.step(x, chunk_states) if step else chunk(x, chunk_states))
-                x = self.sparsify(dense[-1])
+                x = self.sparsify(dense[-1], c)
                 outputs.append(x)
         return (tuple(outputs), tuple(dense)) if return_dense else tuple(outputs)
 

@@ -50,23 +50,35 @@ def write_per_chunk_sparsity(directory: Path, trained: dict, baseline: dict) -> 
     plt.close(fig)
 
 
+PRUNE_CURVES = {"prune_curve": "", "prune_curve_pca": "pca_"}  # curve -> the prefix of its columns
+
+
 def write_prune_curve(directory: Path, trained: dict, baseline: dict) -> None:
-    """ppl of both heads against the fraction zeroed at inference, trained vs baseline."""
-    keys = sorted(trained, key=lambda k: trained[k]["fraction"])
-    rows = [{"fraction": trained[k]["fraction"], "trained_ppl": trained[k]["ppl"],
-             "baseline_ppl": baseline[k]["ppl"], "trained_readout_ppl": trained[k]["readout_ppl"],
-             "baseline_readout_ppl": baseline[k]["readout_ppl"]} for k in keys]
+    """ppl of both heads against the fraction zeroed at inference, trained vs baseline: one row per
+    fraction, columns trained_ppl, baseline_readout_ppl, ... (trained_pca_ppl, ... for the PCA basis)."""
+    curves = [(name, prefix) for name, prefix in PRUNE_CURVES.items() if name in trained]
+    rows = {}
+    for name, prefix in curves:
+        for key, point in trained[name].items():
+            row = rows.setdefault(key, {"fraction": point["fraction"]})
+            for model, metrics in (("trained", trained), ("baseline", baseline)):
+                row[f"{model}_{prefix}ppl"] = metrics[name][key]["ppl"]
+                row[f"{model}_{prefix}readout_ppl"] = metrics[name][key]["readout_ppl"]
+    rows = sorted(rows.values(), key=lambda r: r["fraction"])
     write_json_atomic(directory / "prune_curve.json", rows)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     x = [r["fraction"] for r in rows]
-    for key, style in (("baseline_ppl", "o--"), ("baseline_readout_ppl", "s--"),
-                       ("trained_ppl", "o-"), ("trained_readout_ppl", "s-")):
-        ax.plot(x, [r[key] for r in rows], style, label=key.replace("_", " "))
+    for _, prefix in curves:
+        for model, head, style in (("baseline", "", "o--"), ("baseline", "readout_", "s--"),
+                                   ("trained", "", "o-"), ("trained", "readout_", "s-")):
+            key = f"{model}_{prefix}{head}ppl"
+            ax.plot(x, [r[key] for r in rows], style, alpha=1.0 if not prefix else 0.6,
+                    label=f"{model} {head.rstrip('_') or 'main'}{' (PCA basis)' if prefix else ''}")
     ax.set_yscale("log")
-    ax.set_xlabel("fraction of each chunk-output vector zeroed at inference (smallest |x|)")
+    ax.set_xlabel("fraction of each chunk-output vector zeroed at inference (smallest)")
     ax.set_ylabel("test perplexity")
     ax.set_title("Prune curve")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(directory / "prune_curve.png", dpi=120)
     plt.close(fig)

@@ -7,6 +7,12 @@ position. ``n_zero`` may be a device tensor, so a changing fraction (the warm-up
 prune curve) needs no new shapes and no host sync, and a captured CUDA graph stays valid.
 The gradient reaches the kept entries only (d/dx of x * mask is the mask).
 
+In a basis (training-free pruning, ``eval.prune_basis: [pca]``): ``keep_largest_in_basis``
+takes each vector's coordinates in an orthonormal basis V (x V), zeroes the smallest there and
+rotates back (V^T). ``SecondMoment`` gives each chunk's V: the eigenvectors of the uncentred
+second moment E[x x^T] of its outputs (the principal axes), so that few coordinates carry most
+of the energy (LaRoSa, Liu et al., ICML 2025). The zeros are then counted in that basis.
+
 Penalties (``training.pruning_penalty``):
   l1     mean |x| over every element: the seed's term. Every block RMS-normalises its input,
          so this is met by shrinking the whole residual stream, not by zeros.
@@ -62,6 +68,40 @@ def keep_largest(x: torch.Tensor, n_zero: torch.Tensor | int) -> torch.Tensor:
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
     mask.scatter_(-1, order, keep_ranked.expand(order.shape))
     return x * mask
+
+
+def keep_largest_in_basis(x: torch.Tensor, n_zero: int, basis: torch.Tensor) -> torch.Tensor:
+    """x (..., d) with the n_zero smallest of its coordinates in the orthonormal ``basis`` (d, d),
+    columns the basis vectors, set to 0, back in the native coordinates: keep_largest(x V) V^T.
+    In fp32 whatever the autocast (a bf16 rotation would blur what it keeps)."""
+    if n_zero <= 0:
+        return x
+    with torch.autocast(x.device.type, enabled=False):
+        coords = x.float() @ basis  # (..., d)
+        return (keep_largest(coords, n_zero) @ basis.t()).to(x.dtype)
+
+
+class SecondMoment:
+    """Accumulates each chunk's uncentred second moment sum_t x_t x_t^T (fp64, on the device);
+    ``bases()`` gives its eigenvectors, by decreasing eigenvalue."""
+
+    def __init__(self, n_chunks: int, d_model: int, device: torch.device):
+        self.sums = torch.zeros(n_chunks, d_model, d_model, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    @torch.no_grad()
+    def update(self, chunk_outputs: Sequence[torch.Tensor]) -> None:
+        for c, x in enumerate(chunk_outputs):
+            x = x.double().reshape(-1, x.shape[-1])  # (T, D)
+            self.sums[c] += x.t() @ x
+        self.tokens += chunk_outputs[0].numel() // chunk_outputs[0].shape[-1]
+
+    def bases(self) -> tuple[torch.Tensor, ...]:
+        """One (D, D) fp32 orthonormal basis per chunk, columns ordered by decreasing eigenvalue."""
+        if self.tokens == 0:
+            raise ValueError("no chunk outputs were accumulated")
+        _, vectors = torch.linalg.eigh(self.sums / self.tokens)  # ascending eigenvalues
+        return tuple(v.flip(-1).float().contiguous() for v in vectors)
 
 
 def ramp(step: int, warmup_steps: int, target: float) -> float:

@@ -36,7 +36,7 @@ from .data import TOKENIZER_FILE, DataError, TokenWindows, check_vocab, load_spl
 from .distill import Teacher, distilling
 from .errors import TrainingInterrupted
 from .evaluate import evaluate_model
-from .io import atomic_dir, atomic_file
+from .io import atomic_dir, atomic_file, write_json_atomic
 from .loss import SambaObjective
 from .model import Samba
 from .plots import plot_training_curves
@@ -388,6 +388,12 @@ class Trainer:
             best = {"step": step, "val_ppl": row["val/ppl"]}
         return best
 
+    def _headline(self, log: MetricsLogger, summary: dict) -> dict:
+        validated = [m["val/ppl"] for _, m in log.rows if "val/ppl" in m]
+        kept = [m["val/ppl"] for step, m in log.rows if step == summary.get("kept_step") and "val/ppl" in m]
+        return training_headline(self.total_steps, self.t.batch_size * self.t.seq_len,
+                                 (kept or validated or [None])[-1])
+
     def _finish(self, log: MetricsLogger | None, best: dict | None) -> dict:
         distributed.barrier()
         summary = {"steps": self.total_steps}
@@ -404,6 +410,7 @@ class Trainer:
             self.model.save_pretrained(self.out_dir, extra_files=tokenizer_files(self.data_dir))
             log.end()
             plot_training_curves(log.history(), self.live_dir / "training_curves.png")
+            write_json_atomic(self.live_dir / SUMMARY_FILE, self._headline(log, summary))
             with atomic_dir(self.metrics_dir) as tmp:  # whole, or the earlier run's as it was
                 shutil.copytree(self.live_dir, tmp, dirs_exist_ok=True)
             self.checkpoint_path.unlink(missing_ok=True)
@@ -413,6 +420,15 @@ class Trainer:
             summary.update({k: v for k, v in (last[-1] if last else {}).items()})
         distributed.barrier()
         return summary
+
+
+SUMMARY_FILE = "summary.json"  # in the metrics directory: what DVC tabulates of a training run
+
+
+def training_headline(steps: int, tokens_per_step: int, val_ppl: float | None) -> dict:
+    """The run's headline: its budget (optimizer steps and the training tokens they saw) and the
+    validation ppl of the weights it kept."""
+    return {"steps": steps, "tokens": steps * tokens_per_step, "val_ppl": val_ppl}
 
 
 def train(params: Params, data_dir: str | Path, init_dir: str | Path, out_dir: str | Path,

@@ -1,0 +1,196 @@
+"""samba.frontier: each sparse group against its dense twin and the best dense model, seed means,
+the grouping that ignores params that do nothing, a deterministic headline, the refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from samba.frontier import EVAL_FILE, TRAIN_FILE, FrontierError, write_frontier
+
+from conftest import tool_env
+
+
+def _exp(name, ppl, *, target=0.0, pruning=0.0, seed=0, lr=1e-4, distill=0.0, teacher="models/init", zeros=None,
+         readout_ppl=None, accuracy=0.4, readout_accuracy=0.38, baseline_ppl=50.0, tokens=1_000_000,
+         near_zero_rel=None, rms=1.0, max_over_rms=5.0, penalty="hoyer", ramp=100, max_windows=0,
+         train_range=(0.5, 1.0)):
+    """One experiment as ``dvc exp show --json`` lists it: params, evaluation and training headlines."""
+    zeros = target if zeros is None else zeros
+    params = {"dataset": {"train_range": list(train_range)}, "model": {"sparsity_target": target},
+              "training": {"pruning_weight": pruning, "pruning_penalty": penalty, "sparsity_warmup_steps": ramp,
+                           "lr": lr, "seed": seed, "distill_weight": distill, "teacher": teacher, "seq_len": 512,
+                           "epochs": max(1, tokens // 1_000_000)},
+              "eval": {"max_windows": max_windows}, "compute": {"device": f"cuda:{seed % 2}"}}
+    scores = {"ppl": ppl, "readout_ppl": readout_ppl or ppl + 1, "accuracy": accuracy,
+              "readout_accuracy": readout_accuracy, "ppl_ratio": ppl / baseline_ppl,
+              "sparsity": {"l0": zeros, "l0_min_chunk": max(zeros - 0.01, 0.0),
+                           "near_zero_rel": zeros + 0.005 if near_zero_rel is None else near_zero_rel,
+                           "last_chunk_rms": rms, "max_over_rms": max_over_rms},
+              "baseline": {"ppl": baseline_ppl, "readout_ppl": baseline_ppl + 1, "accuracy": 0.3}}
+    return {"rev": name * 4, "name": name, "data": {
+        "params": {"params.yaml": {"data": params}},
+        "metrics": {EVAL_FILE: {"data": scores}, TRAIN_FILE: {"data": {"steps": tokens // 8192, "tokens": tokens}}}}}
+
+
+def _shown(exps):
+    return [{"rev": "workspace", "data": {}, "experiments": [{"revs": [e]} for e in exps]}]
+
+
+def _rows(tmp_path, exps):
+    return {r["experiment"]: r for r in write_frontier(_shown(exps), tmp_path)}
+
+
+def test_each_sparse_group_against_its_twin_and_the_best_dense_model(tmp_path):
+    kl = dict(lr=3e-4, distill=10.0, teacher="/abs/control")
+    exps = [_exp(f"control-s{s}", p, seed=s) for s, p in ((0, 64.85), (1, 64.82), (2, 64.75))]
+    exps += [_exp(f"twin-s{s}", p, seed=s, **kl) for s, p in ((0, 58.32), (1, 58.53), (2, 58.24))]
+    exps += [_exp(f"topk90-s{s}", p, seed=s, target=0.9, pruning=0.5, **kl) for s, p in ((1, 67.0), (0, 67.13))]
+    exps += [_exp("topk95-kl30", 80.0, target=0.95, pruning=0.5, lr=3e-4, distill=30.0, teacher="/abs/control")]
+    rows = _rows(tmp_path, exps)
+    twin, sparse = rows["twin-s0"], rows["topk90-s0"]
+    assert sparse["experiments"] == ["topk90-s0", "topk90-s1"] and sparse["seeds"] == [0, 1]  # listed out of order
+    assert sparse["twin_experiment"] == "twin-s0"
+    assert sparse["ppl_vs_twin"] == pytest.approx(statistics.fmean([67.0, 67.13]) / twin["ppl"] - 1)
+    assert twin["ppl"] == pytest.approx(statistics.fmean([58.32, 58.53, 58.24]))
+    # the best dense model is the distilled twin, not the plain control: for every row, dense ones too
+    assert {r["best_dense_experiment"] for r in rows.values()} == {"twin-s0"}
+    assert sparse["ppl_vs_best_dense"] == pytest.approx(sparse["ppl"] / twin["ppl"] - 1)
+    assert rows["control-s0"]["ppl_vs_best_dense"] == pytest.approx(rows["control-s0"]["ppl"] / twin["ppl"] - 1)
+    # no dense run at KL 30: no twin, said so
+    assert rows["topk95-kl30"]["twin_experiment"] is None and rows["topk95-kl30"]["ppl_vs_twin"] is None
+    text = (tmp_path / "frontier.md").read_text()
+    assert "Best dense model: `twin-s0`, ppl 58.363 ± 0.150 (3 seeds)" in text
+    assert "| no twin |" in text and "80.000 (1 seed)" in text and "± 0.000" not in text
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    assert saved["best_dense"] == "twin-s0" and len(saved["rows"]) == 4
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+
+
+def test_the_best_dense_model_saw_no_more_tokens_and_was_scored_alike(tmp_path):
+    exps = [_exp("dense-3ep", 60.0, tokens=3_000_000), _exp("dense-6ep", 55.0, tokens=6_000_000),
+            _exp("dense-160win", 40.0, tokens=3_000_000, max_windows=160),  # other test windows
+            _exp("standin", 30.0, tokens=1_000_000, train_range=(0.0, 0.5), lr=6e-4),  # other data
+            _exp("topk90-3ep", 66.0, target=0.9, tokens=3_000_000), _exp("topk90-6ep", 60.5, target=0.9, tokens=6_000_000)]
+    rows = _rows(tmp_path, exps)
+    assert rows["topk90-3ep"]["best_dense_experiment"] == "dense-3ep"  # dense-6ep saw more tokens
+    assert rows["topk90-6ep"]["best_dense_experiment"] == "dense-6ep"
+    assert rows["topk90-6ep"]["ppl_vs_best_dense"] == pytest.approx(60.5 / 55 - 1)
+    assert rows["dense-160win"]["best_dense_experiment"] == "dense-160win"
+    assert rows["standin"]["best_dense_experiment"] == "standin"
+    assert rows["topk90-3ep"]["budget_tokens"] == 3_000_000
+
+
+def test_seeds_are_not_split_by_params_that_do_nothing(tmp_path):
+    # one dense recipe, three seeds, each written differently where it does not matter
+    exps = [_exp("dense-s0", 60.0, seed=0, penalty="hoyer", ramp=100, teacher="models/init"),
+            _exp("dense-s1", 61.0, seed=1, penalty="l1", ramp=0, teacher="/abs/elsewhere"),
+            _exp("dense-s2", 62.0, seed=2, penalty="hoyer", ramp=30, teacher="models/init"),
+            # a sparse run: its ramp and penalty do matter
+            _exp("topk-s0", 70.0, target=0.5, pruning=0.5, ramp=100), _exp("topk-s1", 71.0, target=0.5, pruning=0.5,
+                                                                            seed=1, ramp=30)]
+    exps[1]["data"]["params"]["params.yaml"]["data"]["model"]["sparsity_target"] = 0  # DVC's -S writes 0, not 0.0
+    rows = _rows(tmp_path, exps)
+    assert rows["dense-s0"]["n_seeds"] == 3 and rows["dense-s0"]["ppl"] == pytest.approx(61.0)
+    assert rows["topk-s0"]["n_seeds"] == 1 and rows["topk-s1"]["n_seeds"] == 1
+    assert rows["topk-s0"]["twin_experiment"] == "dense-s0"
+    assert set(rows["topk-s0"]["params"]) == {"model.sparsity_target", "training.pruning_weight",
+                                             "training.sparsity_warmup_steps"}
+
+
+def test_every_measure_is_the_mean_over_seeds(tmp_path):
+    seeds = [dict(seed=0, ppl=70.0, zeros=0.9, readout_ppl=80.0, accuracy=0.30, readout_accuracy=0.27,
+                  baseline_ppl=100.0, near_zero_rel=0.91, rms=2.0, max_over_rms=10.0),
+             dict(seed=1, ppl=72.0, zeros=0.8, readout_ppl=84.0, accuracy=0.34, readout_accuracy=0.33,
+                  baseline_ppl=104.0, near_zero_rel=0.81, rms=4.0, max_over_rms=20.0)]
+    exps = [_exp(f"run-s{s['seed']}", target=0.9, **s) for s in seeds]
+    row = _rows(tmp_path, exps)["run-s0"]
+    for key, name in (("exact_zeros", "zeros"), ("readout_ppl", "readout_ppl"), ("accuracy", "accuracy"),
+                      ("readout_accuracy", "readout_accuracy"), ("baseline_ppl", "baseline_ppl"),
+                      ("near_zero_rel", "near_zero_rel"), ("last_chunk_rms", "rms"), ("max_over_rms", "max_over_rms")):
+        assert row[key] == pytest.approx(statistics.fmean(s[name] for s in seeds)), key
+    assert row["exact_zeros_min_chunk"] == pytest.approx(0.84)
+    assert row["readout_acc_vs_main"] == pytest.approx(0.30 / 0.32)
+    assert row["ppl_vs_baseline"] == pytest.approx(71 / 102 - 1)
+
+
+def test_the_headline_does_not_depend_on_hash_order(tmp_path):
+    # two starts with as many rows each: the headline must be the same whatever PYTHONHASHSEED
+    exps = [_exp("a-dense", 60.0), _exp("a-topk", 65.0, target=0.5),
+            _exp("b-dense", 50.0, train_range=(0.0, 0.5)), _exp("b-topk", 55.0, target=0.5, train_range=(0.0, 0.5))]
+    saved = tmp_path / "exp_show.json"
+    saved.write_text(json.dumps(_shown(exps)))
+    outputs = set()
+    for hash_seed in ("0", "1", "2", "3", "4", "5"):
+        out = tmp_path / f"out{hash_seed}"
+        env = {**tool_env(), "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-m", "samba.frontier", str(out), "--from-json", str(saved)],
+                       check=True, capture_output=True, env=env)
+        outputs.add((out / "frontier.json").read_text())
+    assert len(outputs) == 1
+
+
+def test_the_pareto_front_and_the_columns(tmp_path):
+    exps = [_exp("control", 60.0), _exp("l1", 61.0, pruning=0.05, penalty="l1"), _exp("topk50", 62.0, target=0.5),
+            _exp("topk75", 63.0, target=0.75), _exp("topk75-worse", 66.0, target=0.75, pruning=0.05),
+            _exp("topk90", 80.0, target=0.9, readout_ppl=81.0)]
+    rows = _rows(tmp_path, exps)
+    assert {n for n, r in rows.items() if r["pareto"]} == {"control", "topk50", "topk75", "topk90"}
+    assert rows["topk90"]["readout_vs_main"] == pytest.approx(81 / 80 - 1)
+    assert rows["control"]["dense"] and not rows["l1"]["dense"]  # a penalty makes a run not dense
+    assert set(rows["l1"]["params"]) == {"training.pruning_weight", "training.pruning_penalty", "model.sparsity_target"}
+    assert [r["experiment"] for r in write_frontier(_shown(exps), tmp_path)][:2] == ["control", "l1"]
+
+
+def test_the_plot_has_the_seeds_error_bars_and_no_label_on_the_points(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn, labels, real_bar, real_note = [], [], matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.annotate
+
+    def errorbar(self, x, y, yerr=None, **kwargs):
+        drawn.append((x, y, yerr))
+        return real_bar(self, x, y, yerr=yerr, **kwargs)
+
+    def annotate(self, text, *args, **kwargs):
+        labels.append(text)
+        return real_note(self, text, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", annotate)
+    exps = [_exp(f"control-s{s}", p, seed=s) for s, p in ((0, 60.0), (1, 62.0))]
+    exps += [_exp("topk75-with-a-long-name", 63.0, target=0.75)]
+    write_frontier(_shown(exps), tmp_path)
+    bars = {x: yerr for x, _, yerr in drawn}
+    # the control's two seeds: std 1.414 of a mean of 61, in % of the best dense model's ppl; one seed: no bar
+    assert bars[0.0] == pytest.approx(100 * 2 ** 0.5 / 61.0) and bars[75.0] is None
+    assert labels == ["1", "2"]  # numbers by the points, the names in the key beside them
+
+
+def test_experiments_that_have_not_finished_are_left_out(tmp_path):
+    shown = _shown([_exp("control", 60.0), _exp("topk75", 63.0, target=0.75)])
+    running = {"executor": {"state": "running", "name": "dvc-task"}, "name": "still-running",
+               "revs": [_exp("still-running", 60.0, target=0.75, zeros=0.0, lr=2e-4)]}  # the base commit's metrics
+    shown[0]["experiments"] += [running, {**running, "executor": {"state": "failed"}, "name": "failed"},
+                                {**running, "executor": {"state": "success"}, "name": "done",
+                                 "revs": [_exp("done", 61.0, target=0.5)]}]
+    assert {r["experiment"] for r in write_frontier(shown, tmp_path)} == {"control", "topk75", "done"}
+
+
+def test_no_experiment_with_metrics_is_refused(tmp_path):
+    with pytest.raises(FrontierError, match=f"no finished experiment has {EVAL_FILE}"):
+        write_frontier([{"rev": "workspace", "data": {}}], tmp_path)
+
+
+def test_the_command_refuses_in_one_line(tmp_path):
+    saved = tmp_path / "exp_show.json"
+    saved.write_text(json.dumps([{"rev": "workspace", "data": {}}]))
+    proc = subprocess.run([sys.executable, "-m", "samba.frontier", str(tmp_path / "out"), "--from-json", str(saved)],
+                          capture_output=True, text=True, env={**tool_env(), **{"PYTHONHASHSEED": os.environ.get(
+                              "PYTHONHASHSEED", "0")}})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]  # the whole of stderr is the one line
+    assert proc.stderr.startswith(f"[frontier] error: no finished experiment has {EVAL_FILE}")
