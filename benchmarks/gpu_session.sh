@@ -30,11 +30,13 @@ unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=/tmp/pycache
 exec > >(tee -a "$OUT/session.log") 2>&1  # the log comes back even if the call is cut short
 pack() { tar czf /tmp/results.tar.gz.part -C /tmp results && mv /tmp/results.tar.gz.part "$OUT/results.tar.gz"; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-[ -d /tmp/site/mamba_ssm ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl || exit 1
+if [ "${SWEEP_DRY:-0}" != 1 ]; then  # SWEEP_DRY=1 (sweep only, a CPU, in this repo's venv): no GPU, no kernels
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  [ -d /tmp/site/mamba_ssm ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$REPO/src
 mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH  # a wrapper: a symlinked venv python loses its venv
-python3 -c "import torch, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__, 'GPUs', torch.cuda.device_count())"
+[ "${SWEEP_DRY:-0}" = 1 ] || python3 -c "import torch, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__, 'GPUs', torch.cuda.device_count())"
 
 install_dvc() {  # once per machine: a second pip run over the same environment broke its PyYAML once
   python3 -c "import yaml, dvc, dvclive" 2>/dev/null && return 0
@@ -78,7 +80,8 @@ collect() {  # wait for the queued experiments (until DEADLINE), then the table,
   for ref in $(git for-each-ref --format='%(refname)' refs/exps); do
     git show "$ref:metrics/eval.json" > "$RES/runs/${ref##*/}.eval.json" 2>/dev/null || rm -f "$RES/runs/${ref##*/}.eval.json"
     git show "$ref:params.yaml" > "$RES/runs/${ref##*/}.params.yaml" 2>/dev/null
-    git show "$ref:metrics/train/metrics.json" > "$RES/runs/${ref##*/}.train.json" 2>/dev/null; done
+    git show "$ref:metrics/train/metrics.json" > "$RES/runs/${ref##*/}.train.json" 2>/dev/null
+    git show "$ref:metrics/train/summary.json" > "$RES/runs/${ref##*/}.train_summary.json" 2>/dev/null; done
   for name in $(awk '/Failed/ {print $2}' "$RES/queue_status.txt"); do
     timeout 20 python3 -m dvc queue logs "$name" > "$RES/failed_$name.log" 2>&1; done
   cd "$REPO"; pack
@@ -94,7 +97,8 @@ fi
 
 if [[ $PARTS == *bench* ]]; then
   echo "=== training-step benchmark"; start=$SECONDS
-  python3 benchmarks/train_step.py --rounds 2 --steps 8 --out "$RES/train_step.md" --json "$RES/train_step.json" \
+  python3 benchmarks/train_step.py --rounds 2 --steps 8 --only "${BENCH_ONLY:-c,c_graphed,a_eager,a,a_topk,a_nocompile,a_noreadout,a_distill}" \
+    --out "$RES/train_step.md" --json "$RES/train_step.json" \
     > "$RES/bench.log" 2>&1
   grep -E "^---|ready|failed|round" "$RES/bench.log" | tail -30; sed -n '/^## Batch/,/^## Profile/p' "$RES/train_step.md" | head -40
   echo "benchmark: $((SECONDS - start)) s"; pack
@@ -125,10 +129,11 @@ if [[ $PARTS == *scaling* ]]; then
   tail -8 "$RES/scaling.md"; echo "scaling: $((SECONDS - start)) s"; pack
 fi
 
-if [[ $PARTS == *sweep* ]]; then  # issue 17's fresh-data protocol (benchmarks/results/sparsity/README.md)
+if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its dense twin, budgets 3 to 12 epochs
+  # (benchmarks/results/sparsity/README.md). SWEEP_DRY=1: the same on a CPU with a tiny model (checks the logic).
   echo "=== set-up"; start=$SECONDS
-  install_dvc; NGPU=$(nvidia-smi -L | wc -l)
-  RUN=/tmp/run; rm -rf $RUN /tmp/standin /tmp/teacher && mkdir $RUN
+  install_dvc; NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "${SWEEP_DRY:-0}" = 1 ] && NGPU=1
+  RUN=/tmp/run; rm -rf $RUN /tmp/standin /tmp/teacher /tmp/twin && mkdir $RUN
   cp -r dvc.yaml params.yaml stages src .dvcignore .gitignore pyproject.toml $RUN/ && mkdir $RUN/.dvc \
     && cp -r .dvc/config .dvc/plots $RUN/.dvc/
   export PYTHONPATH=/tmp/site:$RUN/src OMP_NUM_THREADS=4
@@ -136,51 +141,73 @@ if [[ $PARTS == *sweep* ]]; then  # issue 17's fresh-data protocol (benchmarks/r
   # WikiText-2 (wikitext-2-v1 files: the raw train split is not at hand) and the GPT-NeoX tokenizer
   wt2_params params.yaml training.warmup_steps=30 training.eval_every=150 training.checkpoint_every=1000 \
     "eval.prune_fractions=[0.0]" || exit 1
+  if [ "${SWEEP_DRY:-0}" = 1 ]; then  # a tiny model, a few steps: every command runs, no number means anything
+    set_params params.yaml model.d_model=32 model.n_layers=4 model.readout_stride=2 model.readout_hidden_dim=32 \
+      training.batch_size=4 training.seq_len=32 training.max_steps=6 training.eval_every=3 training.eval_batches=2 \
+      training.warmup_steps=2 eval.max_windows=8 compute.device=cpu || exit 1
+  fi
   git add -A && git commit -qm "sweep base" && python3 -m dvc repro prepare convert > "$RES/setup.log" 2>&1 \
     || { tail -20 "$RES/setup.log"; pack; exit 1; }
   git add -A && git commit -qm "prepare, convert (random init)" -q
   echo "set-up: $((SECONDS - start)) s"
 
-  echo "=== stand-in: the first half of the train split, 4 epochs at lr 6e-4 from random init, $NGPU GPU(s)"; start=$SECONDS
+  echo "=== stand-in: the first half of the train split, 4 epochs at lr 6e-4 from random init"; start=$SECONDS
   python3 -m dvc exp run -n standin -S "dataset.train_range=[0.0,0.5]" -S training.epochs=4 -S training.lr=6.0e-4 \
     -S training.warmup_steps=100 -S training.readout_weight=0.0 -S training.pruning_weight=0.0 \
-    -S training.eval_every=300 -S compute.num_processes=$NGPU > "$RES/standin.log" 2>&1 \
-    || { tail -30 "$RES/standin.log"; pack; exit 1; }
+    -S training.eval_every=300 > "$RES/standin.log" 2>&1 || { tail -30 "$RES/standin.log"; pack; exit 1; }
   cp -r models/samba /tmp/standin && mkdir -p "$RES/standin" && cp metrics/eval.json "$RES/standin/eval.json" \
     && cp -r metrics/train/metrics.json metrics/train/plots "$RES/standin/"
   grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/standin.log" | tail -3; echo "stand-in: $((SECONDS - start)) s"; pack
 
-  echo "=== the fine-tunes' base: the unseen second half, 3 epochs, from the stand-in"; start=$SECONDS
+  echo "=== the fine-tunes' base: the unseen second half, from the stand-in"; start=$SECONDS
   git checkout -q -- params.yaml dvc.lock || exit 1
   set_params params.yaml pretrained.use_pretrained=true pretrained.model_name=/tmp/standin "dataset.train_range=[0.5,1.0]" \
     training.epochs=3 training.lr=1.0e-4 training.sparsity_warmup_steps=100 || exit 1
   python3 -m dvc repro prepare convert > "$RES/convert_standin.log" 2>&1 || { tail -20 "$RES/convert_standin.log"; pack; exit 1; }
   git add -A && git commit -qm "sweep: the unseen half, from the stand-in" -q
-  echo "=== the teacher: the dense control, lr 1e-4, seed 0, $NGPU GPU(s)"
-  python3 -m dvc exp run -n control-s0 -S training.pruning_weight=0.0 -S compute.num_processes=$NGPU \
-    > "$RES/teacher.log" 2>&1 || { tail -30 "$RES/teacher.log"; pack; exit 1; }
+  echo "=== the teacher: the dense control (lr 1e-4, 3 epochs, seed 0)"
+  python3 -m dvc exp run -n control-s0 > "$RES/teacher.log" 2>&1 || { tail -30 "$RES/teacher.log"; pack; exit 1; }
   cp -r models/samba /tmp/teacher && git checkout -q -- params.yaml dvc.lock && python3 -m dvc checkout -q
   grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/teacher.log" | tail -2; echo "teacher: $((SECONDS - start)) s"; pack
 
+  # the recipe: lr 3e-4, KL 10 from the control; sparse: top-k + Hoyer 0.5; its twin the same with sparsity off
+  kl="-S training.lr=3.0e-4 -S training.teacher=/tmp/teacher -S training.distill_weight=10.0"
+  sparse="-S training.pruning_weight=0.5 -S model.sparsity_target"
+  echo "=== the dense twin, seed 0 (also a teacher below, and the PCA basis's model)"; start=$SECONDS
+  python3 -m dvc exp run -n twin-s0 $kl > "$RES/twin.log" 2>&1 || { tail -30 "$RES/twin.log"; pack; exit 1; }
+  cp -r models/samba /tmp/twin && git checkout -q -- params.yaml dvc.lock && python3 -m dvc checkout -q
+  grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/twin.log" | tail -2; echo "twin: $((SECONDS - start)) s"; pack
+
   echo "=== the fine-tunes, queued, several workers per GPU"; start=$SECONDS
   i=0
-  queue() { python3 -m dvc exp run --queue -n "$1" -S compute.device=cuda:$((i % NGPU)) "${@:2}" > /dev/null; i=$((i + 1)); }
-  control="-S training.pruning_weight=0.0"
-  kl="-S training.lr=3.0e-4 -S training.teacher=/tmp/teacher"  # distilled and plain top-k alike at lr 3e-4
-  # first the rows the targets rest on, in case the call's time runs out
-  for s in 0 1 2; do queue topk75-kl1-s$s -S model.sparsity_target=0.75 $kl -S training.distill_weight=1.0 -S training.seed=$s; done
-  for s in 0 1 2; do queue topk90-kl10-s$s -S model.sparsity_target=0.9 $kl -S training.distill_weight=10.0 -S training.seed=$s; done
-  for s in 1 2; do queue control-s$s $control -S training.seed=$s; done
-  queue control-lr3 $control -S training.lr=3.0e-4
-  for f in 50 75 90 95; do queue topk$f -S model.sparsity_target=0.$f -S training.lr=3.0e-4; done
-  queue topk95-kl10 -S model.sparsity_target=0.95 $kl -S training.distill_weight=10.0
-  queue topk50-kl1 -S model.sparsity_target=0.5 $kl -S training.distill_weight=1.0
-  # (2026-11-30 also ran topk90-kl10-chunk1, with training.distill_chunk_weight=1.0: removed since, it did not help)
-  queue topk90-kl30 -S model.sparsity_target=0.9 $kl -S training.distill_weight=30.0
-  queue topk75-kl1-baseline -S model.sparsity_target=0.75 -S training.lr=3.0e-4 -S training.distill_weight=1.0  # the teacher: models/init
-  JOBS=$((4 * NGPU))
+  queue() { python3 -m dvc exp run --queue -n "$1" -S compute.device=$DEVICE "${@:2}" > /dev/null; i=$((i + 1)); }
+  DEVICE=cuda:0; [ "${SWEEP_DRY:-0}" = 1 ] && DEVICE=cpu
+  ep6="-S training.epochs=6"; ep12="-S training.epochs=12"
+  # the longest first: started last, they would not end within the calls
+  queue twin-12ep $kl $ep12
+  queue topk90-12ep $kl $ep12 $sparse=0.9
+  for s in 1 2; do queue twin-s$s $kl -S training.seed=$s; done
+  for s in 0 1 2; do queue topk90-s$s $kl $sparse=0.9 -S training.seed=$s; done
+  for s in 0 1 2; do queue topk95-s$s $kl $sparse=0.95 -S training.seed=$s; done
+  queue twin-6ep $kl $ep6
+  queue topk90-6ep $kl $ep6 $sparse=0.9
+  queue topk95-6ep $kl $ep6 $sparse=0.95
+  queue topk75 $kl $sparse=0.75
+  # the knobs, one seed each, at 3 epochs
+  queue topk90-ramp50 $kl $sparse=0.9 -S training.sparsity_warmup_steps=0 -S training.sparsity_warmup_fraction=0.5
+  queue topk90-lr6 -S training.lr=6.0e-4 -S training.teacher=/tmp/teacher -S training.distill_weight=10.0 $sparse=0.9
+  queue topk90-kl3 -S training.lr=3.0e-4 -S training.teacher=/tmp/teacher -S training.distill_weight=3.0 $sparse=0.9
+  queue topk90-twinteacher -S training.lr=3.0e-4 -S training.teacher=/tmp/twin -S training.distill_weight=10.0 $sparse=0.9
+  queue topk90-6ep-ramp225 $kl $ep6 $sparse=0.9 -S training.sparsity_warmup_steps=0 -S training.sparsity_warmup_fraction=0.225
   # the workers are daemons: they live until the machine is given back (30 s after the call ends)
-  python3 -m dvc queue start -j $JOBS > /dev/null 2>&1
+  python3 -m dvc queue start -j ${SWEEP_JOBS:-4} > /dev/null 2>&1
+  echo "queued $i runs: $((SECONDS - start)) s"
+  echo "=== training-free pruning in the PCA basis: the control and the twin (beside the queue)"
+  cp params.yaml /tmp/pca_params.yaml && set_params /tmp/pca_params.yaml "eval.prune_basis=[native,pca]" \
+    "eval.prune_fractions=[0.0,0.25,0.5,0.75,0.9,0.95]"
+  ( python3 stages/evaluate.py --params /tmp/pca_params.yaml --data data/tokenized --baseline /tmp/teacher \
+      --model /tmp/twin --out "$RES/pca_control_twin.json" --summary /tmp/pca_summary.json --plots "$RES/pca_plots" \
+      > "$RES/pca.log" 2>&1; echo "pca: exit $?" >> "$RES/pca.log" ) &
   collect
   echo "sweep: $((SECONDS - start)) s"
   cd "$REPO"

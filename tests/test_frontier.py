@@ -180,6 +180,16 @@ def test_experiments_that_have_not_finished_are_left_out(tmp_path):
     assert {r["experiment"] for r in write_frontier(shown, tmp_path)} == {"control", "topk75", "done"}
 
 
+def test_a_committed_run_counts_and_the_workspace_does_not(tmp_path):
+    # the CPU set-up's control committed on a branch: the commit the experiments start from
+    committed = {**_exp("cpu", 60.0), "rev": "abc1234" * 5}
+    workspace = {**_exp("workspace-copy", 58.0, target=0.9), "rev": "workspace"}  # repeats the last run
+    shown = [{**workspace, "experiments": None},
+             {**committed, "experiments": [{"revs": [_exp("topk90", 66.0, target=0.9)]}]}]
+    rows = {r["experiment"]: r for r in write_frontier(shown, tmp_path)}
+    assert set(rows) == {"cpu", "topk90"} and rows["topk90"]["best_dense_experiment"] == "cpu"
+
+
 def test_no_experiment_with_metrics_is_refused(tmp_path):
     with pytest.raises(FrontierError, match=f"no finished experiment has {EVAL_FILE}"):
         write_frontier([{"rev": "workspace", "data": {}}], tmp_path)

@@ -60,24 +60,32 @@ class FrontierError(UserError, ValueError):
 
 
 def runs_from_exp_show(shown: list) -> list[dict]:
-    """Each finished experiment of ``dvc exp show --json`` that has an evaluation headline:
-    {name, params (flat), eval (EVAL_FILE), train (TRAIN_FILE or {})}."""
+    """Each finished experiment of ``dvc exp show --json`` that has an evaluation headline, and
+    each commit the experiments start from that has one (a run committed, e.g. the CPU set-up's
+    control): {name, params (flat), eval (EVAL_FILE), train (TRAIN_FILE or {})}. The workspace
+    row is left out (it repeats the last run)."""
     runs = []
     for baseline in shown:
+        if baseline.get("rev") != "workspace":
+            _take(baseline, runs)
         for exp in baseline.get("experiments") or []:
             # a queued, running or failed experiment shows the commit it started from: not its own results
             if ((exp.get("executor") or {}).get("state") or "success") != "success":
                 continue
             for rev in exp.get("revs") or []:
-                data = rev.get("data") or {}
-                metrics = data.get("metrics") or {}
-                scores = (metrics.get(EVAL_FILE) or {}).get("data")
-                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
-                if scores and params:
-                    runs.append({"name": rev.get("name") or data.get("name") or rev.get("rev", "?")[:7],
-                                 "params": flatten(params), "eval": scores,
-                                 "train": (metrics.get(TRAIN_FILE) or {}).get("data") or {}})
+                _take(rev, runs)
     return runs
+
+
+def _take(rev: dict, runs: list[dict]) -> None:
+    data = rev.get("data") or {}
+    metrics = data.get("metrics") or {}
+    scores = (metrics.get(EVAL_FILE) or {}).get("data")
+    params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+    if scores and params:
+        runs.append({"name": rev.get("name") or data.get("name") or (rev.get("rev") or "?")[:7],
+                     "params": flatten(params), "eval": scores,
+                     "train": (metrics.get(TRAIN_FILE) or {}).get("data") or {}})
 
 
 def effective(params: dict) -> dict:
