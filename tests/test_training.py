@@ -399,3 +399,31 @@ def test_the_code_digest_follows_file_contents_not_only_names(tmp_path):
     assert samba.resume.code_digest(copy) == samba.resume.code_digest()
     (copy / "loss.py").write_text((copy / "loss.py").read_text().replace("readout_weight", "readout_weigth"))
     assert samba.resume.code_digest(copy) != samba.resume.code_digest()  # same names, other code
+
+
+def test_the_ramp_over_sparsity_warmup_steps_is_the_one_each_step_applies(sources, project, tmp_path, monkeypatch):
+    # training.sparsity_warmup_steps 8, target 0.5, d_model 16: step index i trains at
+    # 0.5 * min(1, i / 8), so with round(16 f) zeros per token: i zeros up to index 8, then 8.
+    # The row of step s (s steps done) logs the fraction of its last step, index s - 1.
+    from samba import Samba
+
+    zeros = []  # per training forward, per chunk: (fewest, most) zeros in a token's output
+    original = Samba.sparsify
+
+    def counted(self, x):
+        out = original(self, x)
+        if self.training:
+            per_token = (out == 0).sum(-1)
+            zeros.append((int(per_token.min()), int(per_token.max())))
+        return out
+
+    monkeypatch.setattr(Samba, "sparsify", counted)
+    params = params_with(sources, training={"max_steps": 12, "log_every": 1, "sparsity_warmup_steps": 8},
+                         model={"sparsity_target": 0.5})
+    run(params, project, tmp_path)
+    fractions = logged(tmp_path, "train/sparsity_fraction")
+    assert [s for s, _ in fractions] == list(range(1, 13))
+    assert [f for _, f in fractions] == pytest.approx(
+        [0.0, 0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.4375, 0.5, 0.5, 0.5, 0.5])
+    by_step = [zeros[i:i + 2] for i in range(0, len(zeros), 2)]  # 2 chunks per forward
+    assert by_step == [[(n, n)] * 2 for n in (0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8)]
