@@ -427,3 +427,41 @@ def test_the_ramp_over_sparsity_warmup_steps_is_the_one_each_step_applies(source
         [0.0, 0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.4375, 0.5, 0.5, 0.5, 0.5])
     by_step = [zeros[i:i + 2] for i in range(0, len(zeros), 2)]  # 2 chunks per forward
     assert by_step == [[(n, n)] * 2 for n in (0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8)]
+
+
+def test_each_epoch_draws_its_windows_without_repeats_in_an_order_of_its_own(sources, project, tmp_path, monkeypatch):
+    # Three epochs of the training loop, recording the windows it hands the step (the step itself
+    # stubbed out: what is checked is the order, and three epochs of real steps take minutes here).
+    import samba.train
+    from samba.data import TokenWindows, load_split
+
+    n_tokens = len(load_split(project / "data", "train"))
+    B, L = 8, 32
+    seen = []  # (offset, window indices) of each training batch
+    original = TokenWindows.batch
+
+    def recorded(self, windows):
+        if len(self.tokens) == n_tokens:  # the train split (validation reads its own, shorter one)
+            seen.append((self.offset, windows.tolist()))
+        return original(self, windows)
+
+    monkeypatch.setattr(TokenWindows, "batch", recorded)
+    monkeypatch.setattr(samba.train, "training_step", lambda *args: lambda inputs, targets: torch.zeros(4))
+    params = params_with(sources, training={"max_steps": 0, "epochs": 3, "batch_size": B, "seq_len": L,
+                                            "eval_every": 10_000, "log_every": 10_000})
+    run(params, project, tmp_path)
+    per_epoch = (n_tokens - 1 - (L - 1)) // L // B  # steps of the shortest epoch (the largest offset)
+    assert len(seen) == 3 * per_epoch and per_epoch >= 3
+    orders = []
+    for e in range(3):
+        batches = seen[e * per_epoch:(e + 1) * per_epoch]
+        offsets = {offset for offset, _ in batches}
+        assert len(offsets) == 1 and (e > 0 or offsets == {0}), (e, offsets)
+        n_windows = (n_tokens - 1 - offsets.pop()) // L
+        order = [w for _, ws in batches for w in ws]
+        assert len(set(order)) == len(order), f"epoch {e} repeats a window"
+        assert all(0 <= w < n_windows for w in order)
+        orders.append(order)
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert orders[a] != orders[b], f"epochs {a} and {b} visit their windows in the same order"
