@@ -465,3 +465,38 @@ def test_each_epoch_draws_its_windows_without_repeats_in_an_order_of_its_own(sou
     for a in range(3):
         for b in range(a + 1, 3):
             assert orders[a] != orders[b], f"epochs {a} and {b} visit their windows in the same order"
+
+
+def test_the_first_step_is_adamw_on_the_clipped_gradient(sources, project, tmp_path):
+    # By hand: the gradient g of the first batch at the init weights, clipped to norm c
+    # (g c / ||g||), then AdamW's first step, which is lr * g_hat / (|g_hat| + eps) per entry
+    # (m / (1 - beta1) = g_hat, sqrt(v / (1 - beta2)) = |g_hat|; no weight decay here). With c
+    # so small that |g_hat| is near eps, that differs from the unclipped step, ~ lr * sign(g).
+    from samba import Samba
+    from samba.data import TokenWindows, load_split
+    from samba.train import epoch_order, training_objective
+
+    clip = 1.0e-6
+    params = params_with(sources, training={"max_steps": 1, "weight_decay": 0.0, "grad_clip": clip})
+    run(params, project, tmp_path)
+    t = params.training
+    lr = t.lr * lr_factor(0, t.warmup_steps, 1, t.min_lr_ratio)
+    model = Samba.from_pretrained(project / "init").train()
+    windows = TokenWindows.from_numpy(load_split(project / "data", "train"), t.seq_len, torch.device("cpu"))
+    _, order = epoch_order(t.seed, 0, len(windows.tokens), t.seq_len)
+    total, _ = training_objective(model, t)(*windows.batch(order[:t.batch_size]))
+    total.backward()
+    named = dict(model.named_parameters())
+    norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in named.values()))
+    assert norm > 1e3 * clip  # the clip acts
+    eps = 1e-8  # AdamW's default, which make_optimizer keeps
+    after = load_file(tmp_path / "out/model.safetensors")
+    for name, p in named.items():
+        g_hat = p.grad.double() * clip / norm
+        want = p.detach().double() - lr * g_hat / (g_hat.abs() + eps)
+        err = float((after[name].double() - want).abs().max())
+        assert err < 1e-3 * lr, f"{name}: off the hand step by {err:.2e} (lr {lr:.1e})"
+    unclipped = {n: lr * p.grad.double() / (p.grad.double().abs() + eps) for n, p in named.items()}
+    moved = {n: named[n].detach().double() - after[n].double() for n in named}
+    differs = sum(float((moved[n] - unclipped[n]).abs().sum()) for n in named) / sum(p.numel() for p in named.values())
+    assert differs > 0.1 * lr  # without the clip the step would be another, by this much per entry
