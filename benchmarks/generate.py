@@ -5,8 +5,20 @@ prompt, at batch 1 and 64.
   samba          samba.generate.generate, main head, the decode step replayed as a CUDA graph
   samba_readout  the same from the readout head
   samba_topk     main head with model.sparsity_target 0.75 (top-k applied at every token)
-  mamba_ssm      MambaLMHeadModel.generate(..., cg=True): mamba-ssm's own CUDA-graph decoding
+  mamba_ssm      MambaLMHeadModel.generate(..., cg=True, top_k=1): mamba-ssm's own CUDA-graph
+                 decoding, the model built as mamba-ssm builds it in bf16 on the GPU; the anchor
+  mamba_ssm_cast the same built in fp32 and then cast whole to bf16 (this benchmark's anchor before)
   transformers   MambaForCausalLM.generate (its cache, mamba-ssm's kernels when installed)
+
+The anchor is built as ``MambaLMHeadModel(config, device="cuda", dtype=torch.bfloat16)`` builds
+it: every weight bf16 but each mixer's ``A_log`` and ``D``, which mamba-ssm keeps in fp32
+(``modules/mamba_simple.py``). Cast whole to bf16 (``mamba_ssm_cast``), ``Mamba.step`` turns
+A_log back to fp32 at every token (``-torch.exp(self.A_log.float())``): one copy kernel more per
+layer and token, 24 per token, which made that anchor ~100 us per token slower at both batch
+sizes (1,170 against 1,348 tokens/s at batch 1 on an H100). The Samba models are built the same
+way (bf16, A_log and D fp32), so that both sides hold the same numbers; Samba's step does not
+read A_log (A is computed once per prefill), so this changes nothing of its speed against the
+model ``python -m samba.generate`` casts whole.
 
 Median of --repeats timed runs after one warm-up run (which captures the graphs: each samba
 variant keeps one ``Decoder`` across its runs, as mamba-ssm keeps its graphs); transformers,
@@ -41,24 +53,46 @@ from report import cuda_kernels, run_meta  # noqa: E402  (benchmarks/report.py)
 PROMPT, NEW = 16, 512
 
 
+FP32_PARAMS = ("A_log", "D")  # what mamba-ssm keeps in fp32 in a bf16 model
+
+
 def build(target: float = 0.0) -> Samba:
     torch.manual_seed(0)
     model = Samba(ModelConfig(sparsity_target=target))  # the 130m shape
     return model
 
 
-def mamba_ssm_model(model: Samba):
+def in_bf16_on_gpu(model: Samba, device: str = "cuda") -> Samba:
+    """``model`` as mamba-ssm builds a bf16 model: every weight bf16 on ``device`` but each
+    mixer's A_log and D, kept in fp32 (the values themselves, not their bf16 roundings)."""
+    kept = {n: p.detach().clone() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in FP32_PARAMS}
+    model.to(device, torch.bfloat16)
+    for name, p in model.named_parameters():
+        if name in kept:
+            p.data = kept[name].to(device)
+    return model.eval()
+
+
+def mamba_ssm_model(model: Samba, cast: bool = False):
+    """mamba-ssm's MambaLMHeadModel holding ``model``'s backbone weights: built in bf16 on the GPU
+    (A_log and D fp32, as mamba-ssm makes them), or with ``cast`` built in fp32 on the CPU and
+    cast whole to bf16 on the GPU."""
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     cfg = MambaConfig(d_model=768, n_layer=24, vocab_size=50277, ssm_cfg={}, rms_norm=True, residual_in_fp32=True,
                       fused_add_norm=True, pad_vocab_size_multiple=8)
-    theirs = MambaLMHeadModel(cfg)
+    theirs = MambaLMHeadModel(cfg) if cast else MambaLMHeadModel(cfg, device="cuda", dtype=torch.bfloat16)
     ours = model.state_dict()
     state = {src: ours[k] for k, src in backbone_key_map(model.config, "mamba_ssm").items()}
     state["lm_head.weight"] = state["backbone.embedding.weight"]
-    theirs.load_state_dict(state, strict=True)
-    return theirs.to("cuda", torch.bfloat16).eval()
+    theirs.load_state_dict(state, strict=True)  # copies into each parameter's own dtype and device
+    if cast:
+        theirs.to("cuda", torch.bfloat16)
+    mixer = theirs.backbone.layers[0].mixer
+    want = torch.bfloat16 if cast else torch.float32
+    assert mixer.A_log.dtype == mixer.D.dtype == want and mixer.in_proj.weight.dtype == torch.bfloat16, cast
+    return theirs.eval()
 
 
 def timed(fn, repeats: int, warm_up: bool = True) -> tuple[float, torch.Tensor]:
@@ -90,11 +124,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="also profile 64 eager decoding steps at batch 1")
     args = parser.parse_args()
-    dense = build()
-    topk = build(0.75)
-    ours = dense.to("cuda", torch.bfloat16).eval()
-    ours_topk = topk.to("cuda", torch.bfloat16).eval()
+    ours = in_bf16_on_gpu(build())
+    ours_topk = in_bf16_on_gpu(build(0.75))
     theirs = mamba_ssm_model(build())
+    theirs_cast = mamba_ssm_model(build(), cast=True)
     hf = to_transformers(build()).to("cuda", torch.bfloat16).eval()
     rows = []
     for batch in map(int, args.batches.split(",")):
@@ -109,6 +142,7 @@ def main() -> None:
                                               decoder=dec["samba_readout"]),
             "samba_topk": lambda: generate(ours_topk, prompt, NEW, temperature=0.0, decoder=dec["samba_topk"]),
             "mamba_ssm": lambda: theirs.generate(prompt, PROMPT + NEW, cg=True, top_k=1)[:, PROMPT:],
+            "mamba_ssm_cast": lambda: theirs_cast.generate(prompt, PROMPT + NEW, cg=True, top_k=1)[:, PROMPT:],
             "transformers": lambda: hf.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                                                 pad_token_id=0)[:, PROMPT:],
         }
@@ -136,14 +170,17 @@ def main() -> None:
             "samba": lambda: generate(ours, prompt, n, temperature=0.0, graphs=False),
             "samba_readout": lambda: generate(ours, prompt, n, head="readout", temperature=0.0, graphs=False),
             "mamba_ssm": lambda: theirs.generate(prompt, PROMPT + n, cg=False, top_k=1),
+            "mamba_ssm_cast": lambda: theirs_cast.generate(prompt, PROMPT + n, cg=False, top_k=1),
         }.items():
             profiles[name] = decode_profile(fn, n)
             print(name, {k: v for k, v in profiles[name].items() if k != "top"}, flush=True)
     meta = run_meta()
     lines = [f"# Decoding benchmark ({meta['date']})", "", f"- machine: {meta['gpu']}, torch {meta['torch']}",
-             f"- 130m shape, random init, bf16 weights, greedy; prompt {PROMPT} tokens, {NEW} new tokens; median of "
+             f"- 130m shape, random init, bf16 weights (A_log and D fp32, as mamba-ssm builds a bf16 model; "
+             f"mamba_ssm_cast: all bf16), greedy; prompt {PROMPT} tokens, {NEW} new tokens; median of "
              f"{args.repeats} runs after a warm-up run; command `{meta['command']}`", "",
              "| batch | decoder | seconds | tokens/s | x mamba_ssm |", "|---|---|---|---|---|"]
+    targets = []
     for batch in map(int, args.batches.split(",")):
         base = next((r for r in rows if r["batch"] == batch and r["key"] == "mamba_ssm" and "error" not in r), None)
         for r in rows:
@@ -154,6 +191,12 @@ def main() -> None:
             else:
                 ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
                 lines.append(f"| {batch} | {r['key']} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | {ratio} |")
+        samba = next((r for r in rows if r["batch"] == batch and r["key"] == "samba" and "error" not in r), None)
+        if samba and base:
+            t = samba["tokens_per_s"] / base["tokens_per_s"]
+            targets.append(f"- batch {batch}: samba vs mamba_ssm tokens/s {t:.3f}x (target >= 1.0: "
+                           f"{'met' if t >= 1 else f'missed by {100 * (1 - t):.1f}%'})")
+    lines += ["", "Targets:"] + targets
     for r in rows:
         if r["key"] == "agreement":
             lines.append(f"\nBatch {r['batch']}: samba and mamba_ssm greedy tokens agree on {100 * r['token_share']:.1f}% "

@@ -91,7 +91,7 @@ if [[ $PARTS == *tests* ]]; then
   echo "=== GPU tests"; start=$SECONDS
   install_dvc  # the graphed-training tests run the train stage, which logs with dvclive
   python3 -m pytest -p no:cacheprovider -m gpu -v -s tests/test_kernels_gpu.py > "$RES/gpu_tests.log" 2>&1
-  grep -E "rel err|PASS|FAIL|Error|passed|failed" "$RES/gpu_tests.log" | tail -70
+  grep -E "rel err|bound|PASS|FAIL|Error|passed|failed" "$RES/gpu_tests.log" | tail -75
   echo "GPU tests: $((SECONDS - start)) s"; pack
 fi
 
@@ -100,7 +100,7 @@ if [[ $PARTS == *bench* ]]; then
   python3 benchmarks/train_step.py --rounds 2 --steps 8 --only "${BENCH_ONLY:-c,c_graphed,a_eager,a,a_topk,a_nocompile,a_noreadout,a_distill}" \
     --out "$RES/train_step.md" --json "$RES/train_step.json" \
     > "$RES/bench.log" 2>&1
-  grep -E "^---|ready|failed|round" "$RES/bench.log" | tail -30; sed -n '/^## Batch/,/^## Profile/p' "$RES/train_step.md" | head -40
+  grep -E "^---|ready|failed|round" "$RES/bench.log" | tail -30; sed -n '/^## Batch/,/^## Profile/p' "$RES/train_step.md" | head -60
   echo "benchmark: $((SECONDS - start)) s"; pack
 fi
 

@@ -14,6 +14,10 @@ bf16 autocast, fused AdamW; at batch 16 and at batch 32. Median of interleaved r
               chunks, penalty and main head alone, to tell the readout's cost from the rest. Not
               the stage at readout_weight 0, which also freezes the readout but still computes
               its CE, forward only, for the log
+  a_distill   a with distillation as the stage runs it: training.distill_weight 10, the teacher
+              a same-shape Samba as ``train.load_teacher`` gives it (``distill.Teacher``: fp32
+              weights on the GPU, eval mode, no gradients, not compiled, run under the step's
+              autocast), its forward and the sliced KL inside the captured step
   c           mamba-ssm MambaLMHeadModel + plain cross-entropy, eager (what a user would write)
   c_graphed   the same, whole step captured as a CUDA graph: the best a mamba-ssm user can do
 
@@ -28,6 +32,7 @@ Writes Markdown and JSON (``results`` entries: key, batch, tokens_per_s, peak_gi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
@@ -46,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from samba import ModelConfig, Samba  # noqa: E402
 from samba.config import TrainingConfig  # noqa: E402
 from samba.cuda_graphs import GraphedCallable  # noqa: E402
+from samba.distill import Teacher  # noqa: E402
 from samba.loss import SambaObjective  # noqa: E402
 from samba.ops import linear_cross_entropy  # noqa: E402
 from samba.train import make_optimizer, training_objective, training_step  # noqa: E402
@@ -57,23 +63,29 @@ GiB = 1 << 30
 DEVICE = torch.device("cuda")
 # the step as measured in results/2026-11-30/train_step.md: the seed's L1 penalty (the stage's default is now Hoyer)
 TRAINING = TrainingConfig(lr=1e-4, readout_weight=0.5, pruning_weight=0.05, pruning_penalty="l1", grad_clip=1.0)
+DISTILL_WEIGHT = 10.0  # a_distill: the KL weight of the sparse recipe's distilled runs (top-k 0.9 + KL 10)
 
 
-def samba_variant(graphs: bool, target: float = 0.0, compiled: bool = True, readout: bool = True):
+def samba_variant(graphs: bool, target: float = 0.0, compiled: bool = True, readout: bool = True,
+                  distill: bool = False):
     def build():
-        model = Samba(ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layers=N_LAYERS, sparsity_target=target),
-                      backend="kernels").to(DEVICE).train()
+        config = ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layers=N_LAYERS, sparsity_target=target)
+        model = Samba(config, backend="kernels").to(DEVICE).train()
         if compiled:
             model.compile_parts()
+        training, teacher = TRAINING, None
+        if distill:  # as train.load_teacher gives it: Teacher.load builds the model, fp32, on the device
+            training = dataclasses.replace(TRAINING, distill_weight=DISTILL_WEIGHT)
+            teacher = Teacher(Samba(dataclasses.replace(config, sparsity_target=0.0), backend="kernels").to(DEVICE))
         if readout:
-            objective = training_objective(model, TRAINING)  # as the stage builds it
+            objective = training_objective(model, training, teacher)  # as the stage builds it
         else:  # no stage setting: the readout frozen as at readout_weight 0, and not reported either
             model.readout.requires_grad_(False)
             objective = SambaObjective(model, 0.0, TRAINING.pruning_weight, TRAINING.pruning_penalty,
                                        report_all=False)
-        optimizer = make_optimizer(model, TRAINING, DEVICE, graphs)
+        optimizer = make_optimizer(model, training, DEVICE, graphs)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        step = training_step(objective, optimizer, trainable, TRAINING.grad_clip, DEVICE, torch.bfloat16)
+        step = training_step(objective, optimizer, trainable, training.grad_clip, DEVICE, torch.bfloat16)
         return model, GraphedCallable(step, enabled=graphs, name="a")
     return build
 
@@ -110,6 +122,8 @@ VARIANTS = {
     "a_nocompile": ("Samba, compute.compile false, CUDA graph", lambda: samba_variant(True, compiled=False)),
     "a_noreadout": ("Samba without the readout head (readout_weight 0, not computed)",
                     lambda: samba_variant(True, readout=False)),
+    "a_distill": (f"Samba, a with a same-shape teacher (distill_weight {DISTILL_WEIGHT:g})",
+                  lambda: samba_variant(True, distill=True)),
     "c": ("mamba-ssm MambaLMHeadModel + CE, eager", lambda: mamba_ssm_variant(False)),
     "c_graphed": ("mamba-ssm MambaLMHeadModel + CE, CUDA graph", lambda: mamba_ssm_variant(True)),
 }
@@ -291,6 +305,9 @@ def report(data: dict) -> str:
         if a and rows.get("a_topk"):
             t = rows["a_topk"]["tokens_per_s"] / a["tokens_per_s"]
             lines.append(f"- a_topk vs a tokens/s: {t:.3f}x (target >= 0.95: {'met' if t >= 0.95 else 'missed'})")
+        if a and rows.get("a_distill"):
+            t = rows["a_distill"]["step_ms"] / a["step_ms"]
+            lines.append(f"- a_distill vs a step time: {t:.3f}x (target <= 1.35: {'met' if t <= 1.35 else 'missed'})")
         if a and c:
             m = a["peak_gib"] / c["peak_gib"]
             lines.append(f"- a vs c peak memory: {m:.3f}x (target <= 0.75: {'met' if m <= 0.75 else 'missed'})")
@@ -317,7 +334,8 @@ def report(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="16,32")
-    parser.add_argument("--only", default="c,c_graphed,a_eager,a,a_topk,a_nocompile,a_noreadout")
+    parser.add_argument("--only", default="c,c_graphed,a_eager,a,a_topk,a_nocompile,a_noreadout,a_distill",
+                        help=f"comma-separated variants, of: {','.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
@@ -330,6 +348,9 @@ def main() -> None:
     if args.from_json:
         Path(args.out).write_text(report(json.loads(Path(args.from_json).read_text())))
         return
+    unknown = [k for k in args.only.split(",") if k not in VARIANTS]
+    if unknown:
+        parser.error(f"--only: no variant {', '.join(unknown)} (there are {', '.join(VARIANTS)})")
     torch.backends.cuda.matmul.allow_tf32 = True
     driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                             capture_output=True, text=True).stdout.strip().splitlines()[0]

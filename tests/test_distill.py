@@ -137,3 +137,71 @@ def test_a_run_shorter_than_the_sparsity_ramp_says_so(sources, project, tmp_path
         run(params, project, tmp_path)
     assert ("the sparsity ramp (100 steps) does not end before the run's last step (4 steps): training ends at a "
             "fraction of 0.015") in caplog.text
+
+
+def _by_hand(student: Samba, teacher: Samba, inputs, targets, t) -> dict[str, torch.Tensor]:
+    """The training loss from full logits, in fp64: CE(main) + readout_weight CE(readout) +
+    pruning_weight Hoyer(chunk outputs) + distill_weight KL(teacher || student), the KL per
+    token, sum over the vocabulary of p_t (log p_t - log p_s), averaged over tokens."""
+    import torch.nn.functional as F
+
+    out = student(inputs)
+    with torch.no_grad():
+        log_pt = teacher(inputs).logits.double().log_softmax(-1)
+    log_ps = out.logits.double().log_softmax(-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    main = F.cross_entropy(out.logits.double().flatten(0, 1), targets.flatten())
+    readout = F.cross_entropy(out.readout_logits.double().flatten(0, 1), targets.flatten())
+    hoyer = torch.stack([(c.double().abs().sum(-1) / (c.shape[-1] ** 0.5 * c.double().norm(dim=-1))).mean()
+                         for c in out.chunk_outputs]).mean()  # dense: no top-k at target 0
+    total = main + t.readout_weight * readout + t.pruning_weight * hoyer + t.distill_weight * kl
+    return {"loss": total, "main_ce": main, "readout_ce": readout, "penalty": hoyer, "distill": kl}
+
+
+def test_the_stage_trains_on_the_distillation_term_at_its_weight_by_hand(sources, project, tmp_path):
+    # The logged loss of the first step against a hand calculation on the first batch at the init
+    # weights, with a teacher that disagrees (the init moved off): a KL of order 1, not ~0.
+    from samba.data import TokenWindows, load_split
+    from samba.train import epoch_order
+
+    teacher = Samba.from_pretrained(project / "init")
+    perturb_(teacher, seed=3)
+    teacher.save_pretrained(tmp_path / "teacher")
+    params = params_with(sources, training={"max_steps": 1, "log_every": 1, "distill_weight": 2.5,
+                                            "teacher": str(tmp_path / "teacher")})
+    run(params, project, tmp_path)
+    t = params.training
+    windows = TokenWindows.from_numpy(load_split(project / "data", "train"), t.seq_len, torch.device("cpu"))
+    _, order = epoch_order(t.seed, 0, len(windows.tokens), t.seq_len)
+    student = Samba.from_pretrained(project / "init").train()
+    with torch.no_grad():
+        want = _by_hand(student, teacher.eval(), *windows.batch(order[:t.batch_size]), t)
+    assert want["distill"] > 0.1
+    for name, value in want.items():
+        assert logged(tmp_path, f"train/{name}") == [(1, pytest.approx(float(value), rel=1e-5))], name
+
+
+def test_the_distillation_terms_gradient_is_the_hand_losses(project):
+    # the train stage's objective (train.training_objective) with a teacher: its total and the
+    # total's gradient in every student parameter, against autograd through the hand loss
+    from samba.config import TrainingConfig
+    from samba.train import training_objective
+
+    from conftest import relative_error
+
+    student = Samba.from_pretrained(project / "init").train()
+    perturb_(student, seed=4)
+    teacher = Samba.from_pretrained(project / "init")
+    perturb_(teacher, seed=5)
+    t = TrainingConfig(readout_weight=0.5, pruning_weight=0.3, distill_weight=2.5)
+    ids = torch.randint(0, student.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(6))
+    total, _ = training_objective(student, t, Teacher(teacher))(ids[:, :-1], ids[:, 1:])
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    want = _by_hand(student, teacher, ids[:, :-1], ids[:, 1:], t)
+    assert float(want["distill"].detach()) > 0.1
+    assert float(total.detach()) == pytest.approx(float(want["loss"].detach()), rel=1e-5)
+    want["loss"].backward()
+    for name, p in student.named_parameters():
+        assert relative_error(grads[name].double(), p.grad.double()) < 1e-4, name

@@ -427,25 +427,61 @@ def test_linear_kl_divergence_bf16_matches_full_logits():
     assert errs[0] < 1e-3 and errs[1] < 2e-2 and errs[2] < 2e-2
 
 
-@pytest.mark.parametrize("signal_name,at", [("INT", 13), ("KILL", 21)], ids=["ctrl-c", "kill-9"])
-def test_graphed_run_interrupted_then_resumed_ends_at_the_uninterrupted_weights(sources, tmp_path, signal_name, at):
-    """fp32, CUDA graphs on, 40 steps, a checkpoint every 8: Ctrl-C after step 13, or kill -9
-    during step 21 (back to step 16), then the stage again. The weights end within 1e-6 of an
-    uninterrupted run's, and at every step of every run the learning rate in the optimizer's
-    groups is the schedule's, a CUDA tensor, the one make_optimizer made and the captured step
-    reads (tests/resume_probe.py; the same check runs on the CPU in tests/test_training.py)."""
-    from resume_probe import check_interrupted_run_resumes_exactly
+# The resume tests' bound. Two uninterrupted graphed runs of the same params do not end at the
+# same weights bit for bit: mamba-ssm's selective-scan backward sums dA, dB, dC, dD and the dt
+# bias's gradient with float atomicAdd (csrc/selective_scan/selective_scan_bwd_kernel.cuh), in
+# whatever order the blocks finish, and torch.use_deterministic_algorithms does not reach an
+# extension's kernels; so a fixed bound (1e-6 until 969cd0f, where resumed runs ended 1.15e-6 and
+# 1.19e-6 away) fails at random. The rule: a resumed run must end within
+# max(RESUME_FLOOR, RESUME_SPREAD_FACTOR x the spread) of the uninterrupted run, the spread being
+# the worst relative weight difference between two uninterrupted runs measured in the same
+# session; and the spread itself must stay below RESUME_SPREAD_CAP, so that the bound stays far
+# below what a resume bug gives (a resume that drops the optimizer state ends 9e-2 away in these
+# shapes: measured on the CPU).
+RESUME_FLOOR, RESUME_SPREAD_FACTOR, RESUME_SPREAD_CAP = 1e-6, 10.0, 1e-5
+
+
+@pytest.fixture(scope="module")
+def graphed_straight_runs(sources, tmp_path_factory):
+    """The resume tests' project (data, init) and two uninterrupted graphed runs of their params:
+    (params, project, the first run's directory, the bound)."""
+    from resume_probe import run_straight, worst_weight_error
 
     from samba.config import Params
     from samba.convert import convert
     from samba.data import prepare_tokens
 
-    data = _gpu_params(tmp_path, sources, lr=2.0e-3, checkpoint_every=8)
+    root = tmp_path_factory.mktemp("graphed_resume")
+    data = _gpu_params(root, sources, lr=2.0e-3, checkpoint_every=8)
     data["compute"].update(precision="fp32", cuda_graphs=True)
     params = Params.from_dict(data, require_all=True)
-    prepare_tokens(params.dataset, tmp_path / "data")
-    convert(params, tmp_path / "init")
-    check_interrupted_run_resumes_exactly(data, tmp_path, tmp_path, signal_name, at)
+    prepare_tokens(params.dataset, root / "data")
+    convert(params, root / "init")
+    first = run_straight(data, root, root / "straight")
+    second = run_straight(data, root, root / "straight-again")
+    worst, spread = worst_weight_error(first, second)
+    bound = max(RESUME_FLOOR, RESUME_SPREAD_FACTOR * spread)
+    print(f"two uninterrupted graphed runs: worst weight relative difference {spread:.2e} ({worst}); "
+          f"resume bound {bound:.2e}")
+    assert spread < RESUME_SPREAD_CAP, (f"two uninterrupted runs differ by {spread:.2e} ({worst}): too much to tell "
+                                        "a resume bug from")
+    return data, root, first, bound
+
+
+@pytest.mark.parametrize("signal_name,at", [("INT", 13), ("KILL", 21)], ids=["ctrl-c", "kill-9"])
+def test_graphed_run_interrupted_then_resumed_ends_at_the_uninterrupted_weights(graphed_straight_runs, tmp_path,
+                                                                                signal_name, at):
+    """fp32, CUDA graphs on, 40 steps, a checkpoint every 8: Ctrl-C after step 13, or kill -9
+    during step 21 (back to step 16), then the stage again. The weights end as close to an
+    uninterrupted run's as a second uninterrupted run does (the bound above), and at every step
+    of every run the learning rate in the optimizer's groups is the schedule's, a CUDA tensor,
+    the one make_optimizer made and the captured step reads (tests/resume_probe.py; the same
+    check runs on the CPU in tests/test_training.py, where runs are bitwise repeatable)."""
+    from resume_probe import check_interrupted_run_resumes_exactly
+
+    data, project, straight, bound = graphed_straight_runs
+    check_interrupted_run_resumes_exactly(data, project, tmp_path, signal_name, at, straight=straight,
+                                          tolerance=bound)
 
 
 def test_graphed_evaluation_equals_eager(sources):

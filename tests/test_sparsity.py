@@ -298,3 +298,21 @@ def test_a_samba_directory_seeds_the_pipeline(sources, tmp_path):
     with pytest.raises(Exception, match="readout_hidden_dim"):
         convert(Params.from_dict(data, require_all=True), tmp_path / "init2")
     assert relative_error(init.embedding.weight, trained.embedding.weight) == 0
+
+
+@pytest.mark.parametrize("fraction,zeros", [(0.3, 5), (0.2, 3), (0.6, 10), (0.9, 14)])
+def test_a_fraction_that_is_no_whole_count_zeroes_the_nearest_count(fraction, zeros):
+    # d_model 16, by hand: 0.3 x 16 = 4.8 -> 5, 0.2 x 16 = 3.2 -> 3, 0.6 x 16 = 9.6 -> 10,
+    # 0.9 x 16 = 14.4 -> 14 (the nearest count: neither floor nor ceiling gets all four)
+    assert zero_count(fraction, 16) == zeros
+    assert int(zero_count(torch.tensor(fraction), 16)) == zeros
+    torch.manual_seed(0)
+    model = Samba(CFG)
+    perturb_(model)
+    model.set_sparsity_target(fraction)
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+    for training in (False, True):  # a number (evaluation, decoding) or a device tensor (training)
+        model.train(training)
+        with torch.no_grad():
+            for c in model.chunk_outputs(ids):
+                assert torch.equal((c == 0).sum(-1), torch.full((2, 9), zeros)), (training, fraction)

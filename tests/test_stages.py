@@ -256,3 +256,28 @@ def test_stage_script_refuses_bad_params_and_keeps_outputs(sources, tmp_path):
     assert "[prepare] error: training.lr: must be a number, got the string '5e-5'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (out / "meta.json").read_text() == "{}"
+
+
+def test_evaluate_scores_only_the_first_max_windows_windows(sources, project, tmp_path):
+    # eval.max_windows 3 with batches of 2: windows 0, 1, 2 of the test split, for both models and
+    # every point of the prune curve; by hand, the plain CE of full logits over those windows
+    from samba.data import TokenWindows, load_split
+
+    params = params_with(sources, eval={"max_windows": 3, "batch_size": 2, "prune_fractions": [0.0, 0.5]})
+    metrics = evaluate_pipeline(params, project / "data", project / "init", project / "init", tmp_path / "eval.json",
+                                tmp_path / "plots")
+    L = params.training.seq_len
+    windows = TokenWindows.from_numpy(load_split(project / "data", "test"), L, torch.device("cpu"))
+    assert len(windows) > 4  # some are left out
+    inputs, targets = windows.batch(torch.arange(3))
+    model = Samba.from_pretrained(project / "init").eval()
+    ppl = {}
+    for fraction in (0.0, 0.5):
+        model.set_sparsity(fraction)
+        with torch.no_grad():
+            logits = model(inputs).logits.double()
+        ppl[fraction] = math.exp(F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item())
+    assert metrics["protocol"]["windows"] == 3 and metrics["protocol"]["tokens"] == 3 * L
+    for m in (metrics, metrics["baseline"]):
+        assert m["ppl"] == pytest.approx(ppl[0.0], rel=1e-5)
+        assert m["prune_curve"]["0.5"]["ppl"] == pytest.approx(ppl[0.5], rel=1e-5)

@@ -399,3 +399,104 @@ def test_the_code_digest_follows_file_contents_not_only_names(tmp_path):
     assert samba.resume.code_digest(copy) == samba.resume.code_digest()
     (copy / "loss.py").write_text((copy / "loss.py").read_text().replace("readout_weight", "readout_weigth"))
     assert samba.resume.code_digest(copy) != samba.resume.code_digest()  # same names, other code
+
+
+def test_the_ramp_over_sparsity_warmup_steps_is_the_one_each_step_applies(sources, project, tmp_path, monkeypatch):
+    # training.sparsity_warmup_steps 8, target 0.5, d_model 16: step index i trains at
+    # 0.5 * min(1, i / 8), so with round(16 f) zeros per token: i zeros up to index 8, then 8.
+    # The row of step s (s steps done) logs the fraction of its last step, index s - 1.
+    from samba import Samba
+
+    zeros = []  # per training forward, per chunk: (fewest, most) zeros in a token's output
+    original = Samba.sparsify
+
+    def counted(self, x):
+        out = original(self, x)
+        if self.training:
+            per_token = (out == 0).sum(-1)
+            zeros.append((int(per_token.min()), int(per_token.max())))
+        return out
+
+    monkeypatch.setattr(Samba, "sparsify", counted)
+    params = params_with(sources, training={"max_steps": 12, "log_every": 1, "sparsity_warmup_steps": 8},
+                         model={"sparsity_target": 0.5})
+    run(params, project, tmp_path)
+    fractions = logged(tmp_path, "train/sparsity_fraction")
+    assert [s for s, _ in fractions] == list(range(1, 13))
+    assert [f for _, f in fractions] == pytest.approx(
+        [0.0, 0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.4375, 0.5, 0.5, 0.5, 0.5])
+    by_step = [zeros[i:i + 2] for i in range(0, len(zeros), 2)]  # 2 chunks per forward
+    assert by_step == [[(n, n)] * 2 for n in (0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8)]
+
+
+def test_each_epoch_draws_its_windows_without_repeats_in_an_order_of_its_own(sources, project, tmp_path, monkeypatch):
+    # Three epochs of the training loop, recording the windows it hands the step (the step itself
+    # stubbed out: what is checked is the order, and three epochs of real steps take minutes here).
+    import samba.train
+    from samba.data import TokenWindows, load_split
+
+    n_tokens = len(load_split(project / "data", "train"))
+    B, L = 8, 32
+    seen = []  # (offset, window indices) of each training batch
+    original = TokenWindows.batch
+
+    def recorded(self, windows):
+        if len(self.tokens) == n_tokens:  # the train split (validation reads its own, shorter one)
+            seen.append((self.offset, windows.tolist()))
+        return original(self, windows)
+
+    monkeypatch.setattr(TokenWindows, "batch", recorded)
+    monkeypatch.setattr(samba.train, "training_step", lambda *args: lambda inputs, targets: torch.zeros(4))
+    params = params_with(sources, training={"max_steps": 0, "epochs": 3, "batch_size": B, "seq_len": L,
+                                            "eval_every": 10_000, "log_every": 10_000})
+    run(params, project, tmp_path)
+    per_epoch = (n_tokens - 1 - (L - 1)) // L // B  # steps of the shortest epoch (the largest offset)
+    assert len(seen) == 3 * per_epoch and per_epoch >= 3
+    orders = []
+    for e in range(3):
+        batches = seen[e * per_epoch:(e + 1) * per_epoch]
+        offsets = {offset for offset, _ in batches}
+        assert len(offsets) == 1 and (e > 0 or offsets == {0}), (e, offsets)
+        n_windows = (n_tokens - 1 - offsets.pop()) // L
+        order = [w for _, ws in batches for w in ws]
+        assert len(set(order)) == len(order), f"epoch {e} repeats a window"
+        assert all(0 <= w < n_windows for w in order)
+        orders.append(order)
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert orders[a] != orders[b], f"epochs {a} and {b} visit their windows in the same order"
+
+
+def test_the_first_step_is_adamw_on_the_clipped_gradient(sources, project, tmp_path):
+    # By hand: the gradient g of the first batch at the init weights, clipped to norm c
+    # (g c / ||g||), then AdamW's first step, which is lr * g_hat / (|g_hat| + eps) per entry
+    # (m / (1 - beta1) = g_hat, sqrt(v / (1 - beta2)) = |g_hat|; no weight decay here). With c
+    # so small that |g_hat| is near eps, that differs from the unclipped step, ~ lr * sign(g).
+    from samba import Samba
+    from samba.data import TokenWindows, load_split
+    from samba.train import epoch_order, training_objective
+
+    clip = 1.0e-6
+    params = params_with(sources, training={"max_steps": 1, "weight_decay": 0.0, "grad_clip": clip})
+    run(params, project, tmp_path)
+    t = params.training
+    lr = t.lr * lr_factor(0, t.warmup_steps, 1, t.min_lr_ratio)
+    model = Samba.from_pretrained(project / "init").train()
+    windows = TokenWindows.from_numpy(load_split(project / "data", "train"), t.seq_len, torch.device("cpu"))
+    _, order = epoch_order(t.seed, 0, len(windows.tokens), t.seq_len)
+    total, _ = training_objective(model, t)(*windows.batch(order[:t.batch_size]))
+    total.backward()
+    named = dict(model.named_parameters())
+    norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in named.values()))
+    assert norm > 1e3 * clip  # the clip acts
+    eps = 1e-8  # AdamW's default, which make_optimizer keeps
+    after = load_file(tmp_path / "out/model.safetensors")
+    for name, p in named.items():
+        g_hat = p.grad.double() * clip / norm
+        want = p.detach().double() - lr * g_hat / (g_hat.abs() + eps)
+        err = float((after[name].double() - want).abs().max())
+        assert err < 1e-3 * lr, f"{name}: off the hand step by {err:.2e} (lr {lr:.1e})"
+    unclipped = {n: lr * p.grad.double() / (p.grad.double().abs() + eps) for n, p in named.items()}
+    moved = {n: named[n].detach().double() - after[n].double() for n in named}
+    differs = sum(float((moved[n] - unclipped[n]).abs().sum()) for n in named) / sum(p.numel() for p in named.values())
+    assert differs > 0.1 * lr  # without the clip the step would be another, by this much per entry
