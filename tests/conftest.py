@@ -26,6 +26,13 @@ BIN = Path(sys.executable).parent  # the test environment's python, dvc, torchru
 WORDS = ("the cat sat on a mat and dog ran to big red house in town where people live with many "
          "trees near old river under bright sky").split()
 
+def pytest_collection_modifyitems(items):
+    """e2e and gpu tests belong to the slow tier too: ``pytest -m "not slow"`` is the fast one."""
+    for item in items:
+        if item.get_closest_marker("e2e") or item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.slow)
+
+
 def _tiny_samba_config():
     from samba import ModelConfig
 

@@ -101,6 +101,7 @@ def test_seeds_are_not_split_by_params_that_do_nothing(tmp_path):
     assert rows["topk-s0"]["twin_experiment"] == "dense-s0"
     assert set(rows["topk-s0"]["params"]) == {"model.sparsity_target", "training.pruning_weight",
                                              "training.sparsity_warmup_steps"}
+    assert set(rows["dense-s0"]["params"]) == {"model.sparsity_target", "training.pruning_weight"}  # no ramp shown
 
 
 def test_every_measure_is_the_mean_over_seeds(tmp_path):

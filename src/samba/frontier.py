@@ -176,7 +176,7 @@ def table(runs: list[dict]) -> tuple[list[dict], dict | None]:
     rows = []
     for group, p in zip(groups, params):
         row = summarize(group)
-        row.update(params={k: p.get(k) for k in differ}, dense=is_dense(p), start=start_of(p))
+        row.update(params={k: p[k] for k in differ if k in p}, dense=is_dense(p), start=start_of(p))
         rows.append(row)
     dense_by_key = {_key(p, {SEED}): row for p, row in zip(params, rows) if row["dense"]}
     for p, row in zip(params, rows):
