@@ -183,9 +183,10 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   queue() { python3 -m dvc exp run --queue -n "$1" -S compute.device=$DEVICE "${@:2}" > /dev/null; i=$((i + 1)); }
   DEVICE=cuda:0; [ "${SWEEP_DRY:-0}" = 1 ] && DEVICE=cpu
   ep6="-S training.epochs=6"; ep12="-S training.epochs=12"
-  # the longest first: started last, they would not end within the calls
-  queue twin-12ep $kl $ep12
-  queue topk90-12ep $kl $ep12 $sparse=0.9
+  if [ "${SWEEP_12:-0}" = 1 ]; then  # the longest first: started last, they would not end within the calls
+    queue twin-12ep $kl $ep12
+    queue topk90-12ep $kl $ep12 $sparse=0.9
+  fi
   for s in 1 2; do queue twin-s$s $kl -S training.seed=$s; done
   for s in 0 1 2; do queue topk90-s$s $kl $sparse=0.9 -S training.seed=$s; done
   for s in 0 1 2; do queue topk95-s$s $kl $sparse=0.95 -S training.seed=$s; done
@@ -198,7 +199,8 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   queue topk90-lr6 -S training.lr=6.0e-4 -S training.teacher=/tmp/teacher -S training.distill_weight=10.0 $sparse=0.9
   queue topk90-kl3 -S training.lr=3.0e-4 -S training.teacher=/tmp/teacher -S training.distill_weight=3.0 $sparse=0.9
   queue topk90-twinteacher -S training.lr=3.0e-4 -S training.teacher=/tmp/twin -S training.distill_weight=10.0 $sparse=0.9
-  queue topk90-6ep-ramp225 $kl $ep6 $sparse=0.9 -S training.sparsity_warmup_steps=0 -S training.sparsity_warmup_fraction=0.225
+  [ "${SWEEP_12:-0}" = 1 ] && queue topk90-6ep-ramp225 $kl $ep6 $sparse=0.9 -S training.sparsity_warmup_steps=0 \
+    -S training.sparsity_warmup_fraction=0.225
   # the workers are daemons: they live until the machine is given back (30 s after the call ends)
   python3 -m dvc queue start -j ${SWEEP_JOBS:-4} > /dev/null 2>&1
   echo "queued $i runs: $((SECONDS - start)) s"
