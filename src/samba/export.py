@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import EXPORT_CONFIG_FILE, READOUT_FILE, WEIGHTS_FILE, backbone_key_map, require_model_dir
 from .data import TOKENIZER_FILE
 from .errors import UserError
 from .io import atomic_dir
 from .model import Samba
+from .model_files import EXPORT_CONFIG_FILE, READOUT_FILE, WEIGHTS_FILE, backbone_key_map, require_model_dir
 from .ops import kernels
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,6 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, resume
-from .checkpoint import require_model_dir
 from .config import ConfigError, Params
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .data import TOKENIZER_FILE, DataError, TokenWindows, check_vocab, load_split, read_meta, tokenizer_files
@@ -35,6 +34,7 @@ from .errors import TrainingInterrupted
 from .evaluate import evaluate_model
 from .loss import SambaObjective
 from .model import Samba
+from .model_files import require_model_dir
 from .plots import plot_training_curves
 from .runtime import autocast, autocast_dtype, describe, resolve_device, seed_everything
 from .sparsity import ramp
