@@ -44,9 +44,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from samba import ModelConfig, Samba  # noqa: E402
-from samba.checkpoint import backbone_key_map  # noqa: E402
 from samba.export import to_transformers  # noqa: E402
 from samba.generate import Decoder, generate  # noqa: E402
+from samba.model_files import backbone_key_map  # noqa: E402
 
 from report import cuda_kernels, run_meta  # noqa: E402  (benchmarks/report.py)
 

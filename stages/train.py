@@ -13,12 +13,12 @@ import sys
 
 import _repo  # noqa: F401  (first: this repository's own samba)
 from samba import distributed
-from samba.checkpoint import require_model_dir
 from samba.cli import run_stage
 from samba.config import load_params
 from samba.data import read_meta
 from samba.distill import distilling, require_teacher
 from samba.io import require_writable
+from samba.model_files import require_model_dir
 from samba.runtime import check_processes, resolve_device
 from samba.train import check_params, train
 

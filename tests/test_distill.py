@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from samba import Samba
-from samba.checkpoint import CheckpointError
 from samba.config import ConfigError
 from samba.data import TokenWindows, load_split
 from samba.distill import Teacher
 from samba.loss import samba_loss
+from samba.model_files import CheckpointError
 from samba.ops import linear_kl_divergence
 from samba.train import train
 

@@ -35,13 +35,13 @@ import os, signal, sys
 if sys.argv and sys.argv[0].endswith("stages/train.py"):
     sys.path.insert(0, os.path.join(os.getcwd(), "src"))
     import samba.train as t
-    original, calls = t.Trainer._validate, []
-    def _validate(self):
+    original, calls = t.Validator.validate, []
+    def validate(self):
         calls.append(1)
         if len(calls) == int(os.environ["SIGINT_AT_VALIDATION"]):
             os.kill(os.getpid(), signal.SIGINT)
         return original(self)
-    t.Trainer._validate = _validate
+    t.Validator.validate = validate
 '''
 
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from samba import Samba
-from samba.checkpoint import CheckpointError
 from samba.config import ConfigError
+from samba.model_files import CheckpointError
 
 from conftest import relative_error
 

@@ -16,11 +16,11 @@ import yaml
 from safetensors.torch import load_file
 
 from samba import Samba
-from samba.checkpoint import CheckpointError
 from samba.config import ConfigError
 from samba.convert import convert
 from samba.data import DataError
 from samba.evaluate import QualityError, evaluate_pipeline, headline
+from samba.model_files import CheckpointError
 from samba.train import train
 
 from conftest import REPO, make_transformers_mamba, params_with, save_as_mamba_ssm, tiny_params

@@ -22,7 +22,7 @@ import samba.loss
 import samba.resume
 from samba.config import ConfigError, Params, flatten
 from samba.convert import convert
-from samba.train import Trainer, TrainingInterrupted, lr_factor, train
+from samba.train import TrainingInterrupted, Validator, lr_factor, train
 
 from conftest import params_with, relative_error, tiny_params  # noqa: F401  (project: a fixture of conftest)
 
@@ -91,7 +91,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights_and_curves(sources
     params = RESUME_PARAMS(sources)
     steps_per_epoch = logged(straight, "train/lr")[-1][0] // 2
     assert 12 < steps_per_epoch < 70, "the third case must land in the second epoch"
-    target, attribute = (Trainer, "_validate") if where == "validation" else (samba.resume, "save")
+    target, attribute = (Validator, "validate") if where == "validation" else (samba.resume, "save")
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/metrics.json").write_text("an earlier run's")
     interrupt_during(monkeypatch, target, attribute, call)
@@ -122,7 +122,7 @@ def test_the_run_goes_past_the_first_epoch_with_moving_windows(straight):
 def test_a_checkpoint_of_another_run_is_set_aside_and_the_run_starts_afresh(sources, project, tmp_path,
                                                                             monkeypatch, caplog):
     params = params_with(sources, training={"max_steps": 12, "checkpoint_every": 4, "eval_every": 6})
-    interrupt_during(monkeypatch, Trainer, "_validate", 1)
+    interrupt_during(monkeypatch, Validator, "validate", 1)
     with pytest.raises(TrainingInterrupted, match="after step 6 of 12"):
         run(params, project, tmp_path)
     monkeypatch.undo()
@@ -237,7 +237,7 @@ def test_a_distillation_teacher_counts_by_its_files_not_its_path(sources, projec
     key = samba.resume.fingerprint(params, "fp32", {**inputs, "teacher": here})
     assert samba.resume.differences(key, samba.resume.fingerprint(params, "fp32", {**inputs, "teacher": there})) == []
     # the train stage fingerprints the teacher it distils from
-    interrupt_during(monkeypatch, Trainer, "_validate", 1)
+    interrupt_during(monkeypatch, Validator, "validate", 1)
     with pytest.raises(TrainingInterrupted, match="after step 6 of 12"):
         run(params, project, tmp_path)
     monkeypatch.undo()
@@ -250,7 +250,7 @@ def test_a_distillation_teacher_counts_by_its_files_not_its_path(sources, projec
 
 def test_what_is_off_the_trajectory_may_change_across_a_resume_even_the_device(sources, project, straight, tmp_path,
                                                                              monkeypatch, caplog):
-    interrupt_during(monkeypatch, Trainer, "_validate", 2)
+    interrupt_during(monkeypatch, Validator, "validate", 2)
     with pytest.raises(TrainingInterrupted, match="after step 12 "):
         run(RESUME_PARAMS(sources), project, tmp_path)
     monkeypatch.undo()

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SAMBA_FORMAT, checkpoint_model_config, model_from_weights, read_weights, resolve_checkpoint_dir
 from .config import Params
 from .errors import UserError
 from .io import atomic_dir
 from .model import Samba
+from .model_files import SAMBA_FORMAT, checkpoint_model_config, model_from_weights, read_weights, resolve_checkpoint_dir
 from .ops import kernels
 from .runtime import seed_everything
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SAMBA_FORMAT, CheckpointError, detect_format, read_config
 from .config import ConfigError, ModelConfig
 from .data import TOKENIZER_FILE, load_tokenizer
 from .model import Samba
+from .model_files import SAMBA_FORMAT, CheckpointError, detect_format, read_config
 from .paths import resolve_local_path
 
 PART_NAMES = ("distill",)

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import require_model_dir
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .data import TokenWindows, check_vocab, load_split, read_meta
 from .errors import UserError
 from .io import atomic_dir, write_json_atomic
 from .model import Samba
+from .model_files import require_model_dir
 from .ops import kernels, linear_nll_and_correct
 from .plots import write_magnitude_histogram, write_per_chunk_sparsity, write_prune_curve
 from .runtime import autocast, autocast_dtype, resolve_device, seed_everything

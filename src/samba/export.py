@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import (CONFIG_FILE, EXPORT_CONFIG_FILE, READOUT_FILE, WEIGHTS_FILE, CheckpointError,
-                         backbone_key_map, local_model_config, read_export_config, require_model_dir)
 from .config import ConfigError
 from .data import TOKENIZER_FILE
 from .errors import UserError
 from .io import atomic_dir
 from .model import Samba
+from .model_files import (CONFIG_FILE, EXPORT_CONFIG_FILE, READOUT_FILE, WEIGHTS_FILE, CheckpointError,
+                          backbone_key_map, local_model_config, read_export_config, require_model_dir)
 from .ops import kernels
 
 logger = logging.getLogger(__name__)

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import require_model_dir
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .data import TOKENIZER_FILE, DataError, load_tokenizer
 from .model import MixerState, Samba
 from .config import ComputeConfig, ConfigError
+from .model_files import require_model_dir
 from .runtime import autocast, resolve_device
 
 logger = logging.getLogger(__name__)

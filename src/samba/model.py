@@ -13,7 +13,7 @@ token's chunk-output vector is set to exactly 0 (``sparsity.keep_largest``), and
 tensor is what flows on: into the next chunk, the readout and (last chunk) the main head.
 
 The mixer keeps mamba-ssm's parameter names, shapes and initialisation, so pretrained
-weights load with a renaming of layer indices only (see ``checkpoint.py``, which builds the
+weights load with a renaming of layer indices only (see ``model_files.py``, which builds the
 model through the class it is given and never imports this module).
 """
 
@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import load_model, save_model
 from .config import ModelConfig
+from .model_files import load_model, save_model
 from .ops import kernels
 from .ops.selective_scan import selective_scan_reference
 from .sparsity import keep_largest, keep_largest_in_basis, zero_count
@@ -419,7 +419,7 @@ class Samba(nn.Module):
         readout_logits = self.readout(chunk_outputs).float()
         return SambaOutput(logits=logits, readout_logits=readout_logits, chunk_outputs=chunk_outputs)
 
-    # Loading and saving live in checkpoint.py (which is handed this class, so that it never
+    # Loading and saving live in model_files.py (which is handed this class, so that it never
     # imports this module); these are the public entry points.
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "auto", device: str | torch.device | None = None,

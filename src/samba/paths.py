@@ -5,7 +5,7 @@
 repository, such as ``../shared/data``, would point into that scratch directory there. Every
 params value that may name a local file goes through ``resolve_local_path``: dataset.name and
 dataset.tokenizer (data.py), pretrained.model_name and any other checkpoint directory
-(checkpoint.resolve_checkpoint_dir, which ``Samba.from_pretrained`` also uses), training.teacher
+(model_files.resolve_checkpoint_dir, which ``Samba.from_pretrained`` also uses), training.teacher
 (distill.require_teacher). DVC itself resolves a dvc.yaml dependency (train's
 ``${training.teacher}``) in the workspace, so there only a path inside the repository or an
 absolute one can serve as one.

@@ -18,6 +18,9 @@ eval_every, eval_batches unless keep: best) may change across a resume, and the 
 the same trajectory up to floating-point rounding. A checkpoint of another run, or one that cannot be read, is set aside under a name
 the log gives (``other-run-<when>-step<N>.pt``, never overwriting one), and the run starts
 afresh: nothing is deleted, nothing blocks the stage.
+
+``Checkpointer`` is a run's use of all this, as torchtitan's ``checkpointer``: it resumes, saves,
+keeps the best weights, and when the run completes publishes the metrics and clears the rest.
 """
 
 from __future__ import annotations
@@ -25,14 +28,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .config import Params, flatten
-from .io import atomic_file
+from .io import atomic_dir, atomic_file
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "last.pt"
@@ -180,3 +185,68 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
                 group[key] = value
             elif isinstance(loaded, torch.Tensor):  # a tensor saved where this optimizer has a number
                 group[key] = loaded.item()
+
+
+class Checkpointer:
+    """One run's training checkpoints in ``directory``: ``last.pt`` (``resume``, ``save``), the
+    keep-best weights (``keep_best``, ``restore_best``) and the live metrics directory, which
+    ``complete`` publishes before clearing the rest. Only the main process writes."""
+
+    def __init__(self, directory: Path, fingerprint: dict[str, Any], keep_best: bool, is_main: bool):
+        self.path, self.best_path = directory / CHECKPOINT_FILE, directory / BEST_FILE
+        self.live_dir = directory / LIVE_DIR  # the metrics directory's content until the run completes
+        self.fingerprint, self.keeps_best, self.is_main = fingerprint, keep_best, is_main
+        self.best: dict[str, Any] | None = None  # {"step", "val_ppl"} of the weights in best_path
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """Load this run's checkpoint (``load``) into ``model`` and ``optimizer``; return what
+        else it holds (step, history, wandb_id, window), or None: the run starts afresh."""
+        state = load(self.path, self.fingerprint, may_set_aside=self.is_main)
+        if state is None:
+            return None
+        model.load_state_dict(state.pop("model"))
+        load_optimizer_state(optimizer, state.pop("optimizer"))
+        self.best = state["best"]
+        return state
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, log,
+             window: dict[str, Any]) -> None:
+        """Write the state after ``step`` completed steps: the weights, the optimizer, the logged
+        rows and W&B id of ``log`` (a ``tracking.MetricsLogger``), the keep-best record and the
+        log ``window`` (``tracking.LogWindow.state``)."""
+        if self.is_main:  # the module's save: atomic
+            save(self.path, {"step": step, "fingerprint": self.fingerprint, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "history": log.rows if log else [],
+                             "best": self.best, "wandb_id": log.wandb_id if log else None, "window": window})
+
+    def keep_best(self, step: int, val_ppl: float, model) -> None:
+        """With training.keep: best, save the weights of the lowest validation ppl among the
+        validations that ran at model.sparsity_target (after the ramp; on the rank that validates)."""
+        if not self.keeps_best or model.sparsity_value < model.config.sparsity_target:
+            return
+        if self.best is None or val_ppl < self.best["val_ppl"]:
+            with atomic_file(self.best_path) as tmp:
+                save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+            self.best = {"step": step, "val_ppl": val_ppl}
+
+    def restore_best(self, model: torch.nn.Module, device: torch.device) -> dict[str, Any] | None:
+        """With training.keep: best, load the best weights into ``model`` and return their record;
+        None where the last weights stay (keep: last, or no validation ran at the target)."""
+        if not self.keeps_best:
+            return None
+        if self.best is None:
+            logger.warning("training.keep: best, but no validation ran at model.sparsity_target (after "
+                           "the sparsity ramp); keeping the last weights")
+            return None
+        model.load_state_dict(load_file(self.best_path, device=str(device)), strict=False)
+        logger.info("keeping the weights of step %d (validation ppl %.3f)", self.best["step"], self.best["val_ppl"])
+        return self.best
+
+    def complete(self, metrics_dir: Path) -> None:
+        """The run completed: its metrics replace ``metrics_dir`` whole; the checkpoint, the best
+        weights and the live metrics go."""
+        with atomic_dir(metrics_dir) as tmp:  # whole, or the earlier run's as it was
+            shutil.copytree(self.live_dir, tmp, dirs_exist_ok=True)
+        self.path.unlink(missing_ok=True)
+        self.best_path.unlink(missing_ok=True)
+        shutil.rmtree(self.live_dir, ignore_errors=True)

@@ -18,31 +18,28 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import signal
 import threading
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed, resume
-from .checkpoint import require_model_dir
 from .config import ConfigError, Params
 from .cuda_graphs import GraphedCallable, graphs_wanted
 from .data import TOKENIZER_FILE, DataError, TokenWindows, check_vocab, load_split, read_meta, tokenizer_files
 from .distill import Teacher, distilling
 from .errors import TrainingInterrupted
 from .evaluate import evaluate_model
-from .io import atomic_dir, atomic_file, write_json_atomic
+from .io import write_json_atomic
 from .loss import SambaObjective
 from .model import Samba
+from .model_files import require_model_dir
 from .plots import plot_training_curves
 from .runtime import autocast, autocast_dtype, describe, resolve_device, seed_everything
 from .sparsity import ramp
-from .tracking import MetricsLogger
+from .tracking import LogWindow, MetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -177,16 +174,37 @@ def load_teacher(params: Params, device: torch.device, data_dir: Path | None = N
     return teacher
 
 
+class Validator:
+    """Validation during training, on the rank that logs: every ``eval_every`` steps and after the
+    last, the first ``eval_batches`` batches of the validation split."""
+
+    def __init__(self, params: Params, model: Samba, windows: TokenWindows, dtype: torch.dtype | None,
+                 total_steps: int):
+        self.params, self.model, self.windows, self.dtype, self.total_steps = params, model, windows, dtype, total_steps
+
+    def should_validate(self, step: int) -> bool:
+        return step % self.params.training.eval_every == 0 or step == self.total_steps
+
+    def validate(self) -> dict[str, float]:
+        t, ev = self.params.training, self.params.eval
+        m, _ = evaluate_model(self.model, self.windows, t.batch_size, max_windows=t.eval_batches * t.batch_size,
+                              dtype=self.dtype, near_zero_eps=ev.near_zero_eps, near_zero_rel=ev.near_zero_rel,
+                              graphs=self.params.compute.cuda_graphs, desc=None)
+        s = m["sparsity"]
+        return {"val/loss": m["loss"], "val/ppl": m["ppl"], "val/readout_ppl": m["readout_ppl"],
+                "val/accuracy": m["accuracy"], "val/sparsity_l0": s["l0"], "val/sparsity_near_zero": s["near_zero"],
+                "val/sparsity_near_zero_rel": s["near_zero_rel"]}
+
+
 class Trainer:
-    """One training run: set up by ``__init__``, run by ``run``."""
+    """One training run: set up by ``__init__``, run by ``run``. The loop's parts are objects of
+    their own: the step (``step_fn``), the log window (``tracking.LogWindow``), validation
+    (``Validator``) and the run's checkpoints (``resume.Checkpointer``)."""
 
     def __init__(self, params: Params, data_dir: Path, init_dir: Path, out_dir: Path, metrics_dir: Path,
                  checkpoint_dir: Path, ctx: distributed.Context, device: torch.device):
         self.params, self.t, self.ctx, self.device = params, params.training, ctx, device
         self.data_dir, self.init_dir, self.out_dir, self.metrics_dir = data_dir, init_dir, out_dir, metrics_dir
-        self.checkpoint_path = checkpoint_dir / resume.CHECKPOINT_FILE
-        self.best_path = checkpoint_dir / resume.BEST_FILE
-        self.live_dir = checkpoint_dir / resume.LIVE_DIR  # metrics_dir's content until the run completes
         t = self.t
         self.dtype = autocast_dtype(params.compute, device)
         seed_everything(t.seed)
@@ -201,8 +219,28 @@ class Trainer:
             self.model.compile_parts()
 
         self.train_windows = TokenWindows.from_numpy(load_split(data_dir, "train"), t.seq_len, device)
-        self.val_windows = TokenWindows.from_numpy(load_split(data_dir, "validation"), t.seq_len,
-                                                   device).require_one("validation")
+        val_windows = TokenWindows.from_numpy(load_split(data_dir, "validation"), t.seq_len,
+                                              device).require_one("validation")
+        self._plan_steps()
+        self.validator = Validator(params, self.model, val_windows, self.dtype, self.total_steps)
+        self.epoch, self.order = -1, None  # the epoch the loop is in, and its window order (on the device)
+
+        self.graphs = graphs_wanted(params.compute.cuda_graphs, device)
+        # before the optimizer: at readout_weight 0 it freezes the readout
+        self.objective = training_objective(self.model, t, load_teacher(params, device, data_dir))
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.model, t, device, self.graphs)
+        step = training_step(self._data_parallel(self.objective), self.optimizer, self.trainable, t.grad_clip,
+                             device, self.dtype)
+        # DDP must have run 11 eager iterations before its backward is captured.
+        self.step_fn = GraphedCallable(step, enabled=self.graphs, warmup=11 if ctx.distributed else 3,
+                                       name="training step")
+        self.checkpoints = resume.Checkpointer(checkpoint_dir, self._fingerprint(), t.keep == "best", ctx.is_main)
+
+    def _plan_steps(self) -> None:
+        """Steps per epoch, in all, and of the sparsity ramp; a train split of less than one batch
+        is refused, a ramp that outlasts the run is warned of."""
+        t = self.t
         # the shortest epoch (largest offset) fixes the steps per epoch
         shortest = TokenWindows(self.train_windows.tokens, t.seq_len, t.seq_len - 1)
         self.steps_per_epoch = len(shortest) // t.batch_size
@@ -220,16 +258,12 @@ class Trainer:
                            self.ramp_steps, self.total_steps, ramp(self.total_steps - 1, self.ramp_steps, target),
                            target)
 
-        self.graphs = graphs_wanted(params.compute.cuda_graphs, device)
-        # before the optimizer: at readout_weight 0 it freezes the readout
-        self.objective = training_objective(self.model, t, load_teacher(params, device, data_dir))
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.model, t, device, self.graphs)
-        step = training_step(self._data_parallel(self.objective), self.optimizer, self.trainable, t.grad_clip,
-                             device, self.dtype)
-        # DDP must have run 11 eager iterations before its backward is captured.
-        self.step_fn = GraphedCallable(step, enabled=self.graphs, warmup=11 if ctx.distributed else 3,
-                                       name="training step")
+    def _fingerprint(self) -> dict:
+        """What a checkpoint must agree with to be resumed (``resume.fingerprint``)."""
+        inputs = {"init": self.init_dir, "data": self.data_dir}
+        if self.objective.teacher is not None:  # the directory the teacher was loaded from
+            inputs["teacher"] = self.objective.teacher.path
+        return resume.fingerprint(self.params, "bf16" if self.dtype is not None else "fp32", inputs)
 
     def _data_parallel(self, objective):
         if not self.ctx.distributed:
@@ -260,133 +294,73 @@ class Trainer:
             self.model.set_sparsity(ramp(step, self.ramp_steps, self.model.config.sparsity_target))
         return lr
 
-    def _validate(self) -> dict[str, float]:
-        t, ev = self.t, self.params.eval
-        m, _ = evaluate_model(self.model, self.val_windows, t.batch_size, max_windows=t.eval_batches * t.batch_size,
-                              dtype=self.dtype, near_zero_eps=ev.near_zero_eps, near_zero_rel=ev.near_zero_rel,
-                              graphs=self.params.compute.cuda_graphs, desc=None)
-        s = m["sparsity"]
-        return {"val/loss": m["loss"], "val/ppl": m["ppl"], "val/readout_ppl": m["readout_ppl"],
-                "val/accuracy": m["accuracy"], "val/sparsity_l0": s["l0"], "val/sparsity_near_zero": s["near_zero"],
-                "val/sparsity_near_zero_rel": s["near_zero_rel"]}
-
-    def _state(self, step: int, log: MetricsLogger | None, best: dict | None, key: dict, window: dict) -> dict:
-        return {"step": step, "fingerprint": key, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "history": log.rows if log else [],
-                "best": best, "wandb_id": log.wandb_id if log else None, "window": window}
+    def _resume(self) -> dict:
+        """Load this run's checkpoint, if any (``Checkpointer.resume``); return the step it was
+        taken after, the rows logged, the W&B id and the log window (0, [], None, None if none)."""
+        saved = self.checkpoints.resume(self.model, self.optimizer)
+        distributed.barrier()  # every process has read it before any writes a new one
+        if saved is None:
+            return {"step": 0, "history": [], "wandb_id": None, "window": None}
+        logger.info("resuming from %s at step %d of %d", self.checkpoints.path, saved["step"], self.total_steps)
+        return saved
 
     def run(self) -> dict:
-        t, ctx, device = self.t, self.ctx, self.device
-        inputs = {"init": self.init_dir, "data": self.data_dir}
-        if self.objective.teacher is not None:  # the directory the teacher was loaded from
-            inputs["teacher"] = self.objective.teacher.path
-        key = resume.fingerprint(self.params, "bf16" if self.dtype is not None else "fp32", inputs)
-        state = resume.load(self.checkpoint_path, key, may_set_aside=ctx.is_main)
-        distributed.barrier()  # every process has read it before any writes a new one
-        start, best, history, wandb_id, window = 0, None, [], None, None
-        if state is not None:
-            self.model.load_state_dict(state["model"])
-            resume.load_optimizer_state(self.optimizer, state["optimizer"])
-            start, best, history, wandb_id = state["step"], state["best"], state["history"], state["wandb_id"]
-            window = state["window"]
-            logger.info("resuming from %s at step %d of %d", self.checkpoint_path, start, self.total_steps)
-        del state
+        """Train from step 0, or from this run's checkpoint, to ``total_steps``; then ``_finish``."""
+        t, ctx, total = self.t, self.ctx, self.total_steps
+        saved = self._resume()
         logger.info("training on %s: %d steps (%d per epoch), %d trainable parameters%s%s",
-                    describe(device, self.dtype), self.total_steps, self.steps_per_epoch,
+                    describe(self.device, self.dtype), total, self.steps_per_epoch,
                     sum(p.numel() for p in self.trainable), ", CUDA graphs" if self.graphs else "",
                     f", {ctx.world_size} processes" if ctx.distributed else "")
-        log = MetricsLogger(self.params, self.live_dir, history, wandb_id) if ctx.is_main else None
+        log = (MetricsLogger(self.params, self.checkpoints.live_dir, saved["history"], saved["wandb_id"])
+               if ctx.is_main else None)
         flags = distributed.HostFlags()
-        B, tokens_per_step = t.batch_size, t.batch_size * t.seq_len
-        names = self.objective.part_names
-        sums = torch.zeros(len(names), device=device)  # loss parts summed since the last log
-        step_losses = torch.zeros(min(t.log_every, t.checkpoint_every), device=device)  # since the last check
-        done = log_start = check_start = start
-        epoch, order, paused = -1, None, 0.0
-        clock = time.perf_counter()
-        if window is not None:  # the log window the checkpoint fell in continues where it stopped
-            log_start, clock = window["start"], clock - window["elapsed"]
-            sums += window["sums"].to(device) / ctx.world_size  # the all-ranks total, shared out again
-        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not ctx.is_main)
-
-        def check_finite() -> None:
-            """Raise naming the first step whose loss was not finite (reads the losses: a sync)."""
-            nonlocal check_start
-            bad = (~torch.isfinite(step_losses[:done - check_start])).nonzero()
-            if bad.numel():
-                raise FloatingPointError(
-                    f"training loss is not finite at step {check_start + int(bad[0]) + 1}; stopped there. "
-                    f"The last checkpoint ({self.checkpoint_path}, if any) and earlier outputs are kept. "
-                    "Lower training.lr or raise training.grad_clip")
-            check_start = done
-
-        def save_checkpoint() -> None:
-            check_finite()
-            window = {"start": log_start, "sums": distributed.all_reduce_(sums.clone()).cpu(),
-                      "elapsed": time.perf_counter() - clock - paused}
-            if ctx.is_main:
-                resume.save(self.checkpoint_path, self._state(done, log, best, key, window))
-
+        done = saved["step"]
+        window = LogWindow(self.objective.part_names, t, self.device, ctx.world_size, self.checkpoints.path, done,
+                           saved["window"])
+        bar = tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True, disable=not ctx.is_main)
         with StopRequests() as stop:
             try:
-                while done < self.total_steps:
-                    if done // self.steps_per_epoch != epoch:
-                        epoch = done // self.steps_per_epoch
-                        offset, order = epoch_order(t.seed, epoch, len(self.train_windows.tokens), t.seq_len)
-                        order = order.to(device)  # once per epoch: a copy per step would sync
-                        self.train_windows.offset = offset
-                    i = done % self.steps_per_epoch
-                    lr = self._set_schedule(done)
-                    values = self.step_fn(*self.train_windows.batch(distributed.shard(order[i * B:(i + 1) * B], ctx)))
-                    sums += values
-                    step_losses[done - check_start] = values[0]
+                while done < total:
+                    lr = self._step(done, window)
                     done += 1
                     bar.update(1)
-
                     row: dict[str, float] = {}
-                    if done % t.log_every == 0 or done == self.total_steps:
-                        check_finite()
-                        means = distributed.all_reduce_(sums.clone()) / ((done - log_start) * ctx.world_size)
-                        elapsed = time.perf_counter() - clock - paused
-                        row.update({f"train/{k}": v for k, v in zip(names, means.tolist())})
-                        row.update({"train/lr": lr, "train/epoch": done / self.steps_per_epoch,
-                                    "train/tokens_per_s": (done - log_start) * tokens_per_step / elapsed})
-                        if self.model.sparse:
-                            row["train/sparsity_fraction"] = float(self.model.sparsity_fraction)
+                    if done % t.log_every == 0 or done == total:
+                        row = self._train_row(window, done, lr)
                         bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['train/tokens_per_s']:.0f}")
-                        sums.zero_()
-                        log_start, clock, paused = done, time.perf_counter(), 0.0
-                    pause = time.perf_counter()  # validation and checkpoints are not throughput
-                    if done % t.eval_every == 0 or done == self.total_steps:
-                        if ctx.is_main:
-                            row.update(self._validate())
-                            best = self._keep_best(done, row, best)
-                    if row and log is not None:
-                        log.log(done, row)
-                    if done % t.checkpoint_every == 0 and done < self.total_steps:
-                        save_checkpoint()
-                    if stop.requested if not ctx.distributed else flags.any(stop.requested):
-                        save_checkpoint()
-                        raise TrainingInterrupted(
-                            f"interrupted after step {done} of {self.total_steps}; {self.checkpoint_path} "
-                            "holds every completed step: run the stage again (dvc repro) to resume")
-                    paused += time.perf_counter() - pause
+                    with window.pause():  # validation and checkpoints are not throughput
+                        if self.validator.should_validate(done) and ctx.is_main:
+                            row.update(self.validator.validate())
+                            self.checkpoints.keep_best(done, row["val/ppl"], self.model)
+                        if row and log is not None:
+                            log.log(done, row)
+                        if done % t.checkpoint_every == 0 and done < total:
+                            self._save(done, log, window)
+                        if stop.requested if not ctx.distributed else flags.any(stop.requested):
+                            self._save(done, log, window)
+                            raise TrainingInterrupted(
+                                f"interrupted after step {done} of {total}; {self.checkpoints.path} "
+                                "holds every completed step: run the stage again (dvc repro) to resume")
             finally:
                 bar.close()
                 self.step_fn.release()
-        return self._finish(log, best)
+        return self._finish(log)
 
-    def _keep_best(self, step: int, row: dict, best: dict | None) -> dict | None:
-        """With training.keep: best, save the weights of the lowest validation ppl among the
-        validations that ran at model.sparsity_target (after the ramp; on the rank that validates)."""
-        if self.t.keep != "best" or self.model.sparsity_value < self.model.config.sparsity_target:
-            return best
-        if best is None or row["val/ppl"] < best["val_ppl"]:
-            with atomic_file(self.best_path) as tmp:
-                save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, tmp)
-            best = {"step": step, "val_ppl": row["val/ppl"]}
-        return best
+    def _step(self, step: int, window: LogWindow) -> float:
+        """Run step ``step`` (0-based), its loss parts summed into ``window``; returns its
+        learning rate. Each epoch has its own window offset and order (``epoch_order``)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            offset, order = epoch_order(self.t.seed, epoch, len(self.train_windows.tokens), self.t.seq_len)
+            self.order = order.to(self.device)  # once per epoch: a copy per step would sync
+            self.train_windows.offset = offset
+        lr = self._set_schedule(step)
+        B = self.t.batch_size
+        batch = self.train_windows.batch(distributed.shard(self.order[i * B:(i + 1) * B], self.ctx))
+        window.add(step, self.step_fn(*batch))
+        return lr
 
     def _headline(self, log: MetricsLogger, summary: dict) -> dict:
         validated = [m["val/ppl"] for _, m in log.rows if "val/ppl" in m]
@@ -394,28 +368,33 @@ class Trainer:
         return training_headline(self.total_steps, self.t.batch_size * self.t.seq_len,
                                  (kept or validated or [None])[-1])
 
-    def _finish(self, log: MetricsLogger | None, best: dict | None) -> dict:
+    def _train_row(self, window: LogWindow, done: int, lr: float) -> dict[str, float]:
+        """The training metrics logged after ``done`` steps (closing the log window)."""
+        parts, tokens_per_s = window.close(done)
+        row = {**parts, "train/lr": lr, "train/epoch": done / self.steps_per_epoch, "train/tokens_per_s": tokens_per_s}
+        if self.model.sparse:
+            row["train/sparsity_fraction"] = float(self.model.sparsity_fraction)
+        return row
+
+    def _save(self, done: int, log: MetricsLogger | None, window: LogWindow) -> None:
+        """A checkpoint after ``done`` steps (every process takes part: the window is summed over ranks)."""
+        self.checkpoints.save(done, self.model, self.optimizer, log, window.state(done))
+
+    def _finish(self, log: MetricsLogger | None) -> dict:
+        """The completed run: the weights kept become the model, the metrics directory is replaced
+        whole, the checkpoint goes. Returns the summary: steps, kept step, last validation."""
         distributed.barrier()
         summary = {"steps": self.total_steps}
         if self.ctx.is_main:
-            if self.t.keep == "best":
-                if best is None:
-                    logger.warning("training.keep: best, but no validation ran at model.sparsity_target (after "
-                                   "the sparsity ramp); keeping the last weights")
-                else:
-                    self.model.load_state_dict(load_file(self.best_path, device=str(self.device)), strict=False)
-                    logger.info("keeping the weights of step %d (validation ppl %.3f)", best["step"], best["val_ppl"])
-                    summary["kept_step"] = best["step"]
+            kept = self.checkpoints.restore_best(self.model, self.device)
+            if kept is not None:
+                summary["kept_step"] = kept["step"]
             self.model.set_sparsity(None)
             self.model.save_pretrained(self.out_dir, extra_files=tokenizer_files(self.data_dir))
             log.end()
-            plot_training_curves(log.history(), self.live_dir / "training_curves.png")
-            write_json_atomic(self.live_dir / SUMMARY_FILE, self._headline(log, summary))
-            with atomic_dir(self.metrics_dir) as tmp:  # whole, or the earlier run's as it was
-                shutil.copytree(self.live_dir, tmp, dirs_exist_ok=True)
-            self.checkpoint_path.unlink(missing_ok=True)
-            self.best_path.unlink(missing_ok=True)
-            shutil.rmtree(self.live_dir, ignore_errors=True)
+            plot_training_curves(log.history(), self.checkpoints.live_dir / "training_curves.png")
+            write_json_atomic(self.checkpoints.live_dir / SUMMARY_FILE, self._headline(log, summary))
+            self.checkpoints.complete(self.metrics_dir)
             last = [m for _, m in log.rows if "val/ppl" in m]
             summary.update({k: v for k, v in (last[-1] if last else {}).items()})
         distributed.barrier()

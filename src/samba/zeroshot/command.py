@@ -79,7 +79,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(argv: list[str]) -> dict:
     """The evaluation command: check, load, evaluate, print, write. Returns lm-eval's results."""
-    from ..checkpoint import require_model_dir
+    from ..model_files import require_model_dir
 
     args = parse_args(argv)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]

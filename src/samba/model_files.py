@@ -13,7 +13,7 @@ Three directory formats are read:
   and ``readout.safetensors``: read back as the whole Samba model.
 
 The model is built through the class passed in (``Samba.from_pretrained`` passes itself), so
-this module never imports ``model``: imports go model -> checkpoint only.
+this module never imports ``model``: imports go model -> model_files only.
 
 A Mamba checkpoint's layer ``i`` becomes chunk ``i // stride``, layer ``i % stride``; the
 readout has no pretrained weights and starts freshly initialised. Every weight the model
