@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project runs on the GPU machine (device time is scarce: few, full calls).
 #   bash benchmarks/gpu_session.sh tests,bench,gen     # one H200: kernel tests, step and decoding benchmarks
+#   DEADLINE=470 bash benchmarks/gpu_session.sh bench,gen,testsbg,sweep   # then, within 30 s: DEADLINE=540 ... collect
+#                                                      # (2026-12-07: the GPU tests beside the sweep's set-up)
 #   bash benchmarks/gpu_session.sh sweep               # the fresh-data protocol: stand-in on half the train split, the sweep on the other half
 #   bash benchmarks/gpu_session.sh collect             # a call made within 30 s of the sweep's: wait for the rest of its queue, tabulate again
 #   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes (+ evaluate_passes.py)
@@ -87,12 +89,15 @@ collect() {  # wait for the queued experiments (until DEADLINE), then the table,
   cd "$REPO"; pack
 }
 
-if [[ $PARTS == *tests* ]]; then
-  echo "=== GPU tests"; start=$SECONDS
+gpu_tests() {
+  local start=$SECONDS
   install_dvc  # the graphed-training tests run the train stage, which logs with dvclive
   python3 -m pytest -p no:cacheprovider -m gpu -v -s tests/test_kernels_gpu.py > "$RES/gpu_tests.log" 2>&1
   grep -E "rel err|bound|PASS|FAIL|Error|passed|failed" "$RES/gpu_tests.log" | tail -75
-  echo "GPU tests: $((SECONDS - start)) s"; pack
+  echo "GPU tests: $((SECONDS - start)) s"
+}
+if [[ ,$PARTS, == *,tests,* ]]; then
+  echo "=== GPU tests"; gpu_tests; pack
 fi
 
 if [[ $PARTS == *bench* ]]; then
@@ -127,6 +132,12 @@ if [[ $PARTS == *scaling* ]]; then
   python3 benchmarks/scaling.py --params /tmp/sc/params.yaml --data /tmp/sc/tok --init /tmp/sc/init --steps 60 \
     --timeout 150 --out "$RES/scaling.md" --json "$RES/scaling.json" >> "$RES/scaling.log" 2>&1
   tail -8 "$RES/scaling.md"; echo "scaling: $((SECONDS - start)) s"; pack
+fi
+
+TESTS_PID=
+if [[ ,$PARTS, == *,testsbg,* ]]; then  # after the timed parts: the GPU tests beside the sweep's set-up
+  echo "=== GPU tests, in the background"; install_dvc; gpu_tests > "$RES/gpu_tests_summary.txt" 2>&1 &
+  TESTS_PID=$!
 fi
 
 if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its dense twin, budgets 3 to 12 epochs
@@ -266,4 +277,5 @@ if [[ $PARTS == *collect* ]]; then  # a later call on the same (warm) machine: t
   export PYTHONPATH=/tmp/site:/tmp/run/src
   collect
 fi
+if [ -n "$TESTS_PID" ]; then wait $TESTS_PID; echo "=== GPU tests (background)"; cat "$RES/gpu_tests_summary.txt"; fi
 pack; ls -la "$OUT"
