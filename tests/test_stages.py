@@ -244,7 +244,7 @@ def test_evaluate_failing_midway_leaves_the_earlier_metrics_and_plots(sources, p
 
 def test_stage_script_refuses_bad_params_and_keeps_outputs(sources, tmp_path):
     data = tiny_params(sources)
-    data["training"]["lr"] = "5e-5"
+    data["training"]["lr"] = "1e-4,"
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(data))
     out = tmp_path / "tokenized"
@@ -253,7 +253,7 @@ def test_stage_script_refuses_bad_params_and_keeps_outputs(sources, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "stages/prepare.py"), "--params", str(bad),
                            "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "[prepare] error: training.lr: must be a number, got the string '5e-5'" in proc.stderr
+    assert "[prepare] error: training.lr: must be a number, got the string '1e-4,'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (out / "meta.json").read_text() == "{}"
 

@@ -198,7 +198,7 @@ def _changed(data: dict, key: str) -> Params:
     elif isinstance(value, (int, float)):
         candidates = [value + 1, value - 1, value * 2 + 2, value / 2, value + 0.25]
     elif isinstance(value, list):
-        candidates = [[0.1], [0.0, 0.5]]
+        candidates = [[0.1], [0.0, 0.5], ["native", "pca"]]
     else:
         candidates = ["auto", "cuda", "fp32", "bf16", "reference", "kernels", "l1", "best", "last", "other"]
     for candidate in candidates:
@@ -410,8 +410,8 @@ def test_the_ramp_over_sparsity_warmup_steps_is_the_one_each_step_applies(source
     zeros = []  # per training forward, per chunk: (fewest, most) zeros in a token's output
     original = Samba.sparsify
 
-    def counted(self, x):
-        out = original(self, x)
+    def counted(self, x, chunk=0):
+        out = original(self, x, chunk)
         if self.training:
             per_token = (out == 0).sum(-1)
             zeros.append((int(per_token.min()), int(per_token.max())))
