@@ -23,6 +23,8 @@ from samba.convert import convert
 
 from conftest import REPO, make_transformers_mamba, save_as_mamba_ssm, tiny_params, tool_env
 
+pytestmark = pytest.mark.slow  # each case starts a stage's process
+
 
 @dataclass
 class Case:

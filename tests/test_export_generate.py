@@ -175,6 +175,7 @@ def test_a_sparse_model_is_refused_from_its_config_and_dropped_reads_back_dense(
 
 # ----------------------------------------------------------------------------- the command line
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_generate_command_streams_the_greedy_text(sources, tmp_path):
     from tokenizers import Tokenizer
 
@@ -205,6 +206,7 @@ def test_generate_command_streams_the_greedy_text(sources, tmp_path):
     assert json.loads((tmp_path / "m/config.json").read_text())["format"] == "samba"
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_generate_says_there_is_no_model_where_there_is_none(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "samba.generate", str(tmp_path / "nonexistent"), "--prompt", "x"],
                           capture_output=True, text=True, env=tool_env())
@@ -213,6 +215,7 @@ def test_generate_says_there_is_no_model_where_there_is_none(tmp_path):
                            "first (dvc repro train)\n")
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_export_command_refuses_a_sparse_model_at_once_and_shows_progress_when_dropping(project, tmp_path):
     model = tiny_samba()
     model.set_sparsity_target(0.5)
@@ -249,6 +252,7 @@ def _contents(path):
             for p in sorted(path.rglob("*"))}
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_export_command_never_replaces_a_folder_that_is_not_an_earlier_export(tmp_path):
     # the report of issue 23: another model and a notes file, exported into with --force
     tiny_samba(seed=1).save_pretrained(tmp_path / "samba")

@@ -120,6 +120,7 @@ def test_every_measure_is_the_mean_over_seeds(tmp_path):
     assert row["ppl_vs_baseline"] == pytest.approx(71 / 102 - 1)
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_the_headline_does_not_depend_on_hash_order(tmp_path):
     # two starts with as many rows each: the headline must be the same whatever PYTHONHASHSEED
     exps = [_exp("a-dense", 60.0), _exp("a-topk", 65.0, target=0.5),
@@ -196,6 +197,7 @@ def test_no_experiment_with_metrics_is_refused(tmp_path):
         write_frontier([{"rev": "workspace", "data": {}}], tmp_path)
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_the_command_refuses_in_one_line(tmp_path):
     saved = tmp_path / "exp_show.json"
     saved.write_text(json.dumps([{"rev": "workspace", "data": {}}]))

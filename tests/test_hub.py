@@ -51,6 +51,7 @@ print(json.dumps({"lines": lines, "source": source}))
 """
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_local_files_and_hub_rows_give_one_token_stream(hf_cache, tmp_path):
     # The Hub route (datasets.load_dataset("wikitext", ...) and the tokenizer from the hub cache,
     # offline, in a process of its own as the stage runs it) against the local route over the
@@ -199,6 +200,7 @@ def test_a_silent_proxy_is_given_up_after_the_timeout(proxy_env):
         assert 0.4 < time.monotonic() - start < 2
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_offline_mode_with_nothing_cached_says_so_once(tmp_path, monkeypatch):
     from samba.hub import HubUnavailableError, download_file
 

@@ -242,6 +242,7 @@ def test_evaluate_failing_midway_leaves_the_earlier_metrics_and_plots(sources, p
 
 # ----------------------------------------------------------------------------- the scripts
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_stage_script_refuses_bad_params_and_keeps_outputs(sources, tmp_path):
     data = tiny_params(sources)
     data["training"]["lr"] = "1e-4,"

@@ -30,6 +30,7 @@ def dvclive_rows(metrics_dir: Path) -> dict[int, dict[str, float]]:
     return rows
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_wandb_offline_run_matches_dvclive(sources, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

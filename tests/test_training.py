@@ -86,6 +86,7 @@ def RESUME_PARAMS(sources):
     ("checkpoint", 3),          # Ctrl-C while writing the checkpoint of step 12
     ("validation", 12),         # ... in the second epoch
 ])
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_interrupted_run_resumes_to_the_uninterrupted_weights_and_curves(sources, project, straight, tmp_path,
                                                                           monkeypatch, where, call):
     params = RESUME_PARAMS(sources)
@@ -119,6 +120,7 @@ def test_the_run_goes_past_the_first_epoch_with_moving_windows(straight):
     assert any(1 < e < 2 for _, e in epochs)
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_a_checkpoint_of_another_run_is_set_aside_and_the_run_starts_afresh(sources, project, tmp_path,
                                                                             monkeypatch, caplog):
     params = params_with(sources, training={"max_steps": 12, "checkpoint_every": 4, "eval_every": 6})
@@ -248,6 +250,7 @@ def test_a_distillation_teacher_counts_by_its_files_not_its_path(sources, projec
     assert "last.pt was written by another run: the teacher's weights differ; set aside as" in caplog.text
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_what_is_off_the_trajectory_may_change_across_a_resume_even_the_device(sources, project, straight, tmp_path,
                                                                              monkeypatch, caplog):
     interrupt_during(monkeypatch, Validator, "validate", 2)
@@ -299,6 +302,7 @@ def test_resume_keeps_the_learning_rate_tensor_the_captured_step_reads(sources, 
                 assert (group["capturable"], group["fused"]) == (graphs, False)  # as made here
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_kill_9_mid_step_then_resume_follows_the_schedule_to_the_uninterrupted_weights(sources, project, tmp_path):
     """The GPU tests' check (tests/resume_probe.py) on the CPU: the stage killed during its 13th
     step, run again; the learning rate read from the optimizer at every step."""

@@ -249,6 +249,7 @@ def test_tasks_that_need_the_hub_or_missing_files_are_refused_by_name(tmp_path, 
     assert zeroshot.check_sources(["local_group"], [tasks], hub_ok=False)  # uses lm-eval's own 'hellaswag'
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_command_refuses_a_hub_task_within_seconds_in_one_line(tmp_path):
     tiny_samba().save_pretrained(tmp_path / "m")
     env = {k: v for k, v in tool_env().items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
@@ -264,6 +265,7 @@ def test_command_refuses_a_hub_task_within_seconds_in_one_line(tmp_path):
     assert elapsed < 60, elapsed  # imports only: nothing waits on the Hub
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_command_writes_results_and_compare_tabulates_them(tmp_path, tokenizer, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
