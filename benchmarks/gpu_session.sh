@@ -79,7 +79,7 @@ collect() {  # wait for the queued experiments (until DEADLINE), then the table,
   timeout 60 python3 -m dvc exp show --json > "$RES/exp_show.json" 2> /dev/null
   timeout 60 python3 -m samba.frontier "$RES/sparsity" --from-json "$RES/exp_show.json" 2>&1 | tail -24
   mkdir -p "$RES/runs"  # each finished experiment's params and eval.json, from its git ref
-  for ref in $(git for-each-ref --format='%(refname)' refs/exps); do
+  for ref in $(git for-each-ref --format='%(refname)' refs/exps | grep -vE '/(EXEC_[A-Z_]+|stash)$'); do
     git show "$ref:metrics/eval.json" > "$RES/runs/${ref##*/}.eval.json" 2>/dev/null || rm -f "$RES/runs/${ref##*/}.eval.json"
     git show "$ref:params.yaml" > "$RES/runs/${ref##*/}.params.yaml" 2>/dev/null
     git show "$ref:metrics/train/metrics.json" > "$RES/runs/${ref##*/}.train.json" 2>/dev/null
@@ -92,6 +92,9 @@ collect() {  # wait for the queued experiments (until DEADLINE), then the table,
 gpu_tests() {
   local start=$SECONDS
   install_dvc  # the graphed-training tests run the train stage, which logs with dvclive
+  # the zero-shot GPU tests need lm-eval (2026-12-07 ran without it: those two failed on the import)
+  python3 -c "import lm_eval" 2>/dev/null || ! ls .gpu/lmeval/*.whl > /dev/null 2>&1 || python3 -m pip install -q \
+    --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpu/lmeval/*.whl 2>&1 | grep -v WARNING | tail -3
   python3 -m pytest -p no:cacheprovider -m gpu -v -s tests/test_kernels_gpu.py > "$RES/gpu_tests.log" 2>&1
   grep -E "rel err|bound|PASS|FAIL|Error|passed|failed" "$RES/gpu_tests.log" | tail -75
   echo "GPU tests: $((SECONDS - start)) s"
@@ -171,7 +174,8 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/standin.log" | tail -3; echo "stand-in: $((SECONDS - start)) s"; pack
 
   echo "=== the fine-tunes' base: the unseen second half, from the stand-in"; start=$SECONDS
-  git checkout -q -- params.yaml dvc.lock || exit 1
+  # the stand-in's metrics go: committed with the fine-tunes' params they would read as a run of them
+  git checkout -q -- params.yaml dvc.lock && rm -rf metrics || exit 1
   set_params params.yaml pretrained.use_pretrained=true pretrained.model_name=/tmp/standin "dataset.train_range=[0.5,1.0]" \
     training.epochs=3 training.lr=1.0e-4 training.sparsity_warmup_steps=100 || exit 1
   python3 -m dvc repro prepare convert > "$RES/convert_standin.log" 2>&1 || { tail -20 "$RES/convert_standin.log"; pack; exit 1; }
@@ -212,13 +216,15 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   queue topk90-twinteacher -S training.lr=3.0e-4 -S training.teacher=/tmp/twin -S training.distill_weight=10.0 $sparse=0.9
   [ "${SWEEP_12:-0}" = 1 ] && queue topk90-6ep-ramp225 $kl $ep6 $sparse=0.9 -S training.sparsity_warmup_steps=0 \
     -S training.sparsity_warmup_fraction=0.225
-  # the workers are daemons: they live until the machine is given back (30 s after the call ends)
-  python3 -m dvc queue start -j ${SWEEP_JOBS:-4} > /dev/null 2>&1
+  # In a session of their own (setsid), the workers outlive the call and run on until the machine
+  # is given back (30 s after a call ends): a call made within those 30 s finds them at work. Without
+  # setsid they end with the call (2026-12-07: every queued run was lost between two calls).
+  setsid -w python3 -m dvc queue start -j ${SWEEP_JOBS:-4} < /dev/null > /dev/null 2>&1
   echo "queued $i runs: $((SECONDS - start)) s"
   echo "=== training-free pruning in the PCA basis: the control and the twin (beside the queue)"
   cp params.yaml /tmp/pca_params.yaml && set_params /tmp/pca_params.yaml "eval.prune_basis=[native,pca]" \
     "eval.prune_fractions=[0.0,0.25,0.5,0.75,0.9,0.95]"
-  ( python3 stages/evaluate.py --params /tmp/pca_params.yaml --data data/tokenized --baseline /tmp/teacher \
+  ( setsid -w python3 stages/evaluate.py --params /tmp/pca_params.yaml --data data/tokenized --baseline /tmp/teacher \
       --model /tmp/twin --out "$RES/pca_control_twin.json" --summary /tmp/pca_summary.json --plots "$RES/pca_plots" \
       > "$RES/pca.log" 2>&1; echo "pca: exit $?" >> "$RES/pca.log" ) &
   collect
