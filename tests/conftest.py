@@ -172,9 +172,18 @@ def make_sources(root: Path) -> Path:
     return root
 
 
+def shipped_params() -> dict:
+    """The params the project ships (the typed defaults, which test_config holds equal to main's
+    params.yaml), as params.yaml would hold them: not the working params.yaml, which an experiment
+    (dvc exp run -S) or a set-up of one's own (the README's CPU branch) changes."""
+    from samba.config import Params
+
+    return json.loads(json.dumps(Params().to_dict()))  # tuples as YAML lists
+
+
 def tiny_params(sources: Path) -> dict:
-    """The repository's params.yaml, pointed at the generated sources and shrunk to CPU size."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    """The shipped params, pointed at the generated sources and shrunk to CPU size."""
+    params = shipped_params()
     params["dataset"].update(name=str(sources / "corpus"), tokenizer=str(sources / "tokenizer"))
     params["pretrained"].update(model_name=str(sources / "mamba"))
     params["model"].update(vocab_size=264, d_model=16, n_layers=4, d_state=4, readout_hidden_dim=8,
@@ -302,7 +311,7 @@ def hf_cache(tmp_path_factory) -> dict:
     make_wikitext(local / "corpus")
     make_tokenizer(local / "corpus", local / "tokenizer", train_file=WIKITEXT_FILES["train"])
     make_transformers_mamba(vocab_size=264).save_pretrained(local / "mamba")
-    defaults = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = shipped_params()
     hf_home = root / "home"
     add_to_hub_cache(hf_home / "hub", defaults["dataset"]["tokenizer"], local / "tokenizer")
     add_to_hub_cache(hf_home / "hub", defaults["pretrained"]["model_name"], local / "mamba")

@@ -7,13 +7,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from samba.config import ConfigError, EvalConfig, ModelConfig, Params, TrainingConfig, load_params
+from samba.config import ConfigError, EvalConfig, ModelConfig, Params, TrainingConfig, flatten, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_repository_params_are_valid_and_the_real_experiment():
+    # On main, params.yaml is the real experiment and the typed defaults mirror it. On a branch of
+    # one's own whose params.yaml holds a set-up (the README's CPU try-out), this test says so.
     params = load_params(REPO / "params.yaml")
+    if params != Params():
+        changed = {k: v for k, v in flatten(params.to_dict()).items() if flatten(Params().to_dict())[k] != v}
+        pytest.fail(f"params.yaml is not the shipped experiment (Params()): {sorted(changed)} differ. Expected on a "
+                    "branch that commits a set-up of its own (the README's CPU try-out); on main, params.yaml and "
+                    "src/samba/config.py disagree")
     assert params.pretrained.model_name == "state-spaces/mamba-130m-hf"
     assert params.dataset.tokenizer == "EleutherAI/gpt-neox-20b"
     assert (params.dataset.name, params.dataset.config_name) == ("wikitext", "wikitext-2-raw-v1")

@@ -266,6 +266,15 @@ def test_export_command_never_replaces_a_folder_that_is_not_an_earlier_export(tm
                            "notes.txt, which export does not write); --force replaces only an earlier export: "
                            "export to another folder\n")
     assert _contents(tmp_path) == before
+    # the command passes --force on as given: an earlier export is refused without it, replaced with it
+    export_cmd = [sys.executable, "-m", "samba.export", str(tmp_path / "samba")]
+    first = subprocess.run(export_cmd + [str(tmp_path / "out")], capture_output=True, text=True, env=tool_env())
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(export_cmd + [str(tmp_path / "out")], capture_output=True, text=True, env=tool_env())
+    assert again.returncode == 2 and "exists already (an earlier export); pass --force to replace it" in again.stderr
+    forced = subprocess.run(export_cmd + [str(tmp_path / "out"), "--force"], capture_output=True, text=True,
+                            env=tool_env())
+    assert forced.returncode == 0, forced.stderr
 
 
 def test_force_replaces_an_earlier_export_and_nothing_else(tmp_path):

@@ -4,6 +4,7 @@ the grouping that ignores params that do nothing, a deterministic headline, the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -19,13 +20,13 @@ from conftest import tool_env
 def _exp(name, ppl, *, target=0.0, pruning=0.0, seed=0, lr=1e-4, distill=0.0, teacher="models/init", zeros=None,
          readout_ppl=None, accuracy=0.4, readout_accuracy=0.38, baseline_ppl=50.0, tokens=1_000_000,
          near_zero_rel=None, rms=1.0, max_over_rms=5.0, penalty="hoyer", ramp=100, max_windows=0,
-         train_range=(0.5, 1.0)):
+         train_range=(0.5, 1.0), epochs=None, seq_len=512, train_summary=True):
     """One experiment as ``dvc exp show --json`` lists it: params, evaluation and training headlines."""
     zeros = target if zeros is None else zeros
     params = {"dataset": {"train_range": list(train_range)}, "model": {"sparsity_target": target},
               "training": {"pruning_weight": pruning, "pruning_penalty": penalty, "sparsity_warmup_steps": ramp,
-                           "lr": lr, "seed": seed, "distill_weight": distill, "teacher": teacher, "seq_len": 512,
-                           "epochs": max(1, tokens // 1_000_000)},
+                           "lr": lr, "seed": seed, "distill_weight": distill, "teacher": teacher, "seq_len": seq_len,
+                           "epochs": epochs or max(1, tokens // 1_000_000)},
               "eval": {"max_windows": max_windows}, "compute": {"device": f"cuda:{seed % 2}"}}
     scores = {"ppl": ppl, "readout_ppl": readout_ppl or ppl + 1, "accuracy": accuracy,
               "readout_accuracy": readout_accuracy, "ppl_ratio": ppl / baseline_ppl,
@@ -33,9 +34,10 @@ def _exp(name, ppl, *, target=0.0, pruning=0.0, seed=0, lr=1e-4, distill=0.0, te
                            "near_zero_rel": zeros + 0.005 if near_zero_rel is None else near_zero_rel,
                            "last_chunk_rms": rms, "max_over_rms": max_over_rms},
               "baseline": {"ppl": baseline_ppl, "readout_ppl": baseline_ppl + 1, "accuracy": 0.3}}
-    return {"rev": name * 4, "name": name, "data": {
-        "params": {"params.yaml": {"data": params}},
-        "metrics": {EVAL_FILE: {"data": scores}, TRAIN_FILE: {"data": {"steps": tokens // 8192, "tokens": tokens}}}}}
+    metrics = {EVAL_FILE: {"data": scores}}
+    if train_summary:
+        metrics[TRAIN_FILE] = {"data": {"steps": tokens // 8192, "tokens": tokens}}
+    return {"rev": name * 4, "name": name, "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}}
 
 
 def _shown(exps):
@@ -72,12 +74,26 @@ def test_each_sparse_group_against_its_twin_and_the_best_dense_model(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
 
 
-def test_the_best_dense_model_saw_no_more_tokens_and_was_scored_alike(tmp_path):
+def test_the_best_dense_model_saw_no_more_tokens_and_was_scored_alike(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn, real = [], matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, *a, **k: drawn.append((x, y)) or real(self, x, y, *a, **k))
     exps = [_exp("dense-3ep", 60.0, tokens=3_000_000), _exp("dense-6ep", 55.0, tokens=6_000_000),
             _exp("dense-160win", 40.0, tokens=3_000_000, max_windows=160),  # other test windows
             _exp("standin", 30.0, tokens=1_000_000, train_range=(0.0, 0.5), lr=6e-4),  # other data
-            _exp("topk90-3ep", 66.0, target=0.9, tokens=3_000_000), _exp("topk90-6ep", 60.5, target=0.9, tokens=6_000_000)]
+            _exp("topk90-3ep", 66.0, target=0.9, tokens=3_000_000),
+            _exp("topk90-6ep", 60.5, target=0.9, tokens=6_000_000),
+            _exp("dense-1024", 35.0, tokens=3_000_000, seq_len=1024)]  # scored on windows of another length
     rows = _rows(tmp_path, exps)
+    assert {r["best_dense_experiment"] for n, r in rows.items() if n.startswith("topk")} == {"dense-3ep", "dense-6ep"}
+    # the headline: the best dense model of the most common start, whatever its budget
+    assert json.loads((tmp_path / "frontier.json").read_text())["best_dense"] == "dense-6ep"
+    # the front is drawn within a start: the stand-in (ppl 30, other data) dominates no one here
+    assert rows["dense-6ep"]["pareto"] and rows["dense-160win"]["pareto"] and rows["dense-1024"]["pareto"]
+    # the picture sets every row against its own best dense model: the 3-epoch run is drawn too
+    assert len(drawn) == len(rows) and (90.0, pytest.approx(100 * (66 / 60 - 1))) in drawn
     assert rows["topk90-3ep"]["best_dense_experiment"] == "dense-3ep"  # dense-6ep saw more tokens
     assert rows["topk90-6ep"]["best_dense_experiment"] == "dense-6ep"
     assert rows["topk90-6ep"]["ppl_vs_best_dense"] == pytest.approx(60.5 / 55 - 1)
@@ -104,13 +120,24 @@ def test_seeds_are_not_split_by_params_that_do_nothing(tmp_path):
     assert set(rows["dense-s0"]["params"]) == {"model.sparsity_target", "training.pruning_weight"}  # no ramp shown
 
 
+def test_validation_cadence_and_the_teachers_spelling_do_not_split_a_recipe(tmp_path):
+    kl = dict(lr=3e-4, distill=10.0)
+    exps = [_exp("twin", 58.0, teacher="teachers/control", **kl),
+            _exp("topk90", 66.0, target=0.9, pruning=0.5, teacher="./teachers/control", **kl)]
+    for exp, every in zip(exps, (10, 200)):  # under keep: last, validation only logs
+        exp["data"]["params"]["params.yaml"]["data"]["training"]["eval_every"] = every
+    assert _rows(tmp_path, exps)["topk90"]["twin_experiment"] == "twin"
+
+
 def test_every_measure_is_the_mean_over_seeds(tmp_path):
     seeds = [dict(seed=0, ppl=70.0, zeros=0.9, readout_ppl=80.0, accuracy=0.30, readout_accuracy=0.27,
                   baseline_ppl=100.0, near_zero_rel=0.91, rms=2.0, max_over_rms=10.0),
              dict(seed=1, ppl=72.0, zeros=0.8, readout_ppl=84.0, accuracy=0.34, readout_accuracy=0.33,
                   baseline_ppl=104.0, near_zero_rel=0.81, rms=4.0, max_over_rms=20.0)]
-    exps = [_exp(f"run-s{s['seed']}", target=0.9, **s) for s in seeds]
+    budgets = (1_000_000, 3_000_000)
+    exps = [_exp(f"run-s{s['seed']}", target=0.9, epochs=3, tokens=t, **s) for s, t in zip(seeds, budgets)]
     row = _rows(tmp_path, exps)["run-s0"]
+    assert row["budget_tokens"] == 2_000_000
     for key, name in (("exact_zeros", "zeros"), ("readout_ppl", "readout_ppl"), ("accuracy", "accuracy"),
                       ("readout_accuracy", "readout_accuracy"), ("baseline_ppl", "baseline_ppl"),
                       ("near_zero_rel", "near_zero_rel"), ("last_chunk_rms", "rms"), ("max_over_rms", "max_over_rms")):
@@ -121,6 +148,15 @@ def test_every_measure_is_the_mean_over_seeds(tmp_path):
 
 
 @pytest.mark.slow  # starts processes (or runs long): not in the fast tier
+def test_the_best_dense_model_is_dense_and_unknown_budgets_compare(tmp_path):
+    exps = [_exp("dense", 60.0), _exp("sparse-lower", 50.0, target=0.5),  # lower ppl, but sparse
+            _exp("no-summary", 58.0, train_summary=False, lr=2e-4)]  # dense, its budget unknown
+    rows = _rows(tmp_path, exps)
+    assert json.loads((tmp_path / "frontier.json").read_text())["best_dense"] == "no-summary"
+    assert math.isnan(rows["no-summary"]["budget_tokens"])
+    assert rows["sparse-lower"]["best_dense_experiment"] == "no-summary"
+
+
 def test_the_headline_does_not_depend_on_hash_order(tmp_path):
     # two starts with as many rows each: the headline must be the same whatever PYTHONHASHSEED
     exps = [_exp("a-dense", 60.0), _exp("a-topk", 65.0, target=0.5),
@@ -135,6 +171,8 @@ def test_the_headline_does_not_depend_on_hash_order(tmp_path):
                        check=True, capture_output=True, env=env)
         outputs.add((out / "frontier.json").read_text())
     assert len(outputs) == 1
+    # two starts with two rows each: the tie goes to the start whose description sorts first
+    assert json.loads(outputs.pop())["best_dense"] == "b-dense"  # train_range [0.0, 0.5] < [0.5, 1.0]
 
 
 def test_the_pareto_front_and_the_columns(tmp_path):
@@ -190,6 +228,24 @@ def test_a_committed_run_counts_and_the_workspace_does_not(tmp_path):
              {**committed, "experiments": [{"revs": [_exp("topk90", 66.0, target=0.9)]}]}]
     rows = {r["experiment"]: r for r in write_frontier(shown, tmp_path)}
     assert set(rows) == {"cpu", "topk90"} and rows["topk90"]["best_dense_experiment"] == "cpu"
+    assert rows["topk90"]["n_seeds"] == 1 and rows["topk90"]["ppl"] == 66.0  # the workspace row is no second seed
+
+
+def test_unreadable_inputs_are_refused_in_one_line(tmp_path):
+    from samba.frontier import read_experiments
+
+    with pytest.raises(FrontierError, match=r"--from-json .*missing.json: cannot read it"):
+        read_experiments(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(FrontierError, match=r"--from-json .*bad.json: not JSON"):
+        read_experiments(str(tmp_path / "bad.json"))
+    old = _exp("old", 60.0)
+    del old["data"]["metrics"][EVAL_FILE]["data"]["readout_ppl"]  # another version's summary
+    with pytest.raises(FrontierError, match=f"experiment old: its {EVAL_FILE} lacks readout_ppl"):
+        write_frontier(_shown([old]), tmp_path)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FrontierError, match="a-file/sub: cannot write there"):
+        write_frontier(_shown([_exp("x", 60.0)]), tmp_path / "a-file" / "sub")
 
 
 def test_no_experiment_with_metrics_is_refused(tmp_path):

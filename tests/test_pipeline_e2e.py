@@ -17,7 +17,7 @@ import pytest
 from conftest import dvc, make_pipeline_repo, sh, tiny_params, tool_env
 
 pytestmark = pytest.mark.e2e
-STAGES = ("prepare", "convert", "train", "evaluate")
+STAGES = ("check", "prepare", "convert", "train", "evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_repro_exp_run_and_metrics_diff(pipeline_repo):
 
     # a second repro has nothing to do
     again = dvc("repro", cwd=repo).stdout
-    assert again.count("didn't change, skipping") == 4 and "Running stage" not in again
+    assert again.count("didn't change, skipping") == len(STAGES) and "Running stage" not in again
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "baseline run", cwd=repo)
 
@@ -77,6 +77,18 @@ def test_repro_exp_run_and_metrics_diff(pipeline_repo):
     assert not plots.get("errors")
     assert "metrics/train/plots/metrics/val/ppl.tsv" in plots["data"]
     assert any(k.startswith("Prune curve") for k in plots["data"])
+
+
+def test_a_key_no_stage_tracks_is_refused(pipeline_repo):
+    # -S +KEY adds a key; under pretrained no stage tracks it, so without the check stage nothing
+    # would run and the experiment would pass for one. The check stage tracks every value.
+    repo = pipeline_repo
+    dvc("repro", cwd=repo)
+    proc = dvc("exp", "run", "-S", "+pretrained.freeze_backbon=true", cwd=repo, check=False)
+    sh("git", "checkout", "params.yaml", cwd=repo)
+    assert proc.returncode != 0
+    assert ("[check] error: unknown key(s) pretrained.freeze_backbon; did you mean pretrained.freeze_backbone?"
+            in proc.stdout + proc.stderr), proc.stdout + proc.stderr
 
 
 def test_queued_sweep_runs(pipeline_repo):

@@ -206,25 +206,36 @@ def test_keep_largest_in_basis_zeroes_coordinates_in_that_basis():
     assert torch.equal(keep_largest_in_basis(x, 0, basis), x)
 
 
-def test_prune_curve_in_the_pca_basis_against_a_hand_computation():
+@pytest.mark.parametrize("target", [0.0, 0.25])
+def test_prune_curve_in_the_pca_basis_against_a_hand_computation(target):
+    # a dense model, and one with its own top-k (0.25 of 16 = 4 zeros, in the native basis first)
     torch.manual_seed(3)
     model = Samba(CFG).eval()
     perturb_(model)
+    model.set_sparsity_target(target)
     gen = torch.Generator().manual_seed(4)
     test = TokenWindows(torch.randint(0, 50, (200,), generator=gen), seq_len=16)
     validation = TokenWindows(torch.randint(0, 50, (300,), generator=gen), seq_len=16)
     main, _ = evaluate_model(model, test, 4, desc=None)
     bases = pca_bases(model, validation, 4, n_windows=12)
-    curve = prune_curve_in_basis(model, test, (0.0, 0.5, 0.75), main, 4, bases, desc=None)
+    curve = prune_curve_in_basis(model, test, (0.0, 0.6, 0.75), main, 4, bases, desc=None)
     assert curve["0"] == {"fraction": 0.0, "ppl": main["ppl"], "readout_ppl": main["readout_ppl"]}
     assert model.prune_basis is None  # left as it was
+    model.set_prune_basis(bases, 0.6)
+    assert model.prune_basis_zeros == 10  # round(0.6 x 16) = round(9.6)
+    model.set_prune_basis(None)
+    n_native = round(target * 16)
+
+    def native_top_k(x):
+        order = x.abs().argsort(dim=-1, stable=True)
+        return x.scatter(-1, order[..., :n_native], 0.0)
 
     with torch.no_grad():  # each chunk's axes by hand: eigenvectors of its outputs' second moment
         outputs = [[] for _ in model.chunks]
         for inputs, _ in validation.batches(4, 12):
             x = model.embedding(inputs).float()
             for c, chunk in enumerate(model.chunks):
-                x = chunk(x)
+                x = native_top_k(chunk(x))  # the outputs as they flow on
                 outputs[c].append(x.reshape(-1, 16).double())
         axes = [torch.linalg.eigh(torch.cat(o).t() @ torch.cat(o))[1].float() for o in outputs]
 
@@ -234,7 +245,7 @@ def test_prune_curve_in_the_pca_basis_against_a_hand_computation():
             for inputs, targets in test.batches(4):
                 x, outs = model.embedding(inputs).float(), []
                 for chunk, v in zip(model.chunks, axes):
-                    y = chunk(x) @ v  # coordinates on the axes
+                    y = native_top_k(chunk(x)) @ v  # the model's own zeros, then coordinates on the axes
                     order = y.abs().argsort(dim=-1, stable=True)
                     x = y.scatter(-1, order[..., :n_zero], 0.0) @ v.t()
                     outs.append(x)
@@ -244,7 +255,8 @@ def test_prune_curve_in_the_pca_basis_against_a_hand_computation():
         n = len(test) * 16
         return math.exp(nll / n), math.exp(r_nll / n)
 
-    for f in (0.5, 0.75):
+    assert by_hand(0.0)[0] == pytest.approx(main["ppl"], rel=1e-5)  # the hand model is the model
+    for f in (0.6, 0.75):
         ppl, r_ppl = by_hand(f)
         assert curve[f"{f:g}"]["ppl"] == pytest.approx(ppl, rel=1e-4)
         assert curve[f"{f:g}"]["readout_ppl"] == pytest.approx(r_ppl, rel=1e-4)
@@ -265,6 +277,10 @@ def test_prune_curve_in_the_pca_basis_against_a_hand_computation():
     ("training", "sparsity_warmup_fraction", 0.2, None),
     ("eval", "prune_fractions", [0.5, 1.0], r"eval.prune_fractions\[1\]: must be in \[0, 1\)"),
     ("eval", "prune_fractions", 0.5, r"eval.prune_fractions: must be a list"),
+    ("eval", "prune_fractions", [], r"eval.prune_fractions: must list at least one fraction"),
+    # d_model 16: 0.97 x 16 = 15.52 rounds to 16, every entry
+    ("model", "sparsity_target", 0.97,
+     r"model.sparsity_target: 0.97 of d_model=16 rounds to 16: every entry would be 0"),
 ])
 def test_bad_sparsity_values_are_refused_naming_the_key(sources, section, key, value, match):
     data = tiny_params(sources)

@@ -168,26 +168,44 @@ def test_evaluate_against_transformers(sources, project, tmp_path):
 
 
 def test_evaluate_writes_the_pca_prune_curve_and_the_headline(sources, project, tmp_path):
-    params = params_with(sources, eval={"prune_basis": ["native", "pca"], "pca_windows": 4,
+    from samba.data import TokenWindows, load_split
+    from samba.evaluate import evaluate_model, pca_bases, prune_curve_in_basis
+
+    params = params_with(sources, eval={"prune_basis": ["native", "pca"], "pca_windows": 2,
                                         "prune_fractions": [0.0, 0.5]})
     summary = tmp_path / "summary.json"
     metrics = evaluate_pipeline(params, project / "data", project / "init", project / "init",
                                 tmp_path / "eval.json", tmp_path / "plots", summary)
     saved = json.loads((tmp_path / "eval.json").read_text())
+    # the axes from the first eval.pca_windows windows of the validation split (not the test split)
+    model, ev, L = Samba.from_pretrained(project / "init"), params.eval, params.training.seq_len
+    validation = TokenWindows.from_numpy(load_split(project / "data", "validation"), L, torch.device("cpu"))
+    test = TokenWindows.from_numpy(load_split(project / "data", "test"), L, torch.device("cpu"))
+    assert len(validation) > 2
+    main, _ = evaluate_model(model, test, ev.batch_size, max_windows=ev.max_windows, desc=None)
+    bases = pca_bases(model, validation, ev.batch_size, 2)
+    expected = prune_curve_in_basis(model, test, (0.5,), main, ev.batch_size, bases,
+                                    max_windows=ev.max_windows, desc=None)
+    assert saved["prune_curve_pca"]["0.5"]["ppl"] == pytest.approx(expected["0.5"]["ppl"], rel=1e-6)
     for record in (saved, saved["baseline"]):
         assert record["prune_curve_pca"].keys() == record["prune_curve"].keys() == {"0", "0.5"}
         assert record["prune_curve_pca"]["0"] == {"fraction": 0.0, "ppl": record["ppl"],
                                                   "readout_ppl": record["readout_ppl"]}
         assert record["prune_curve_pca"]["0.5"]["ppl"] != record["prune_curve"]["0.5"]["ppl"]
-    assert saved["protocol"]["prune_basis"] == ["native", "pca"] and saved["protocol"]["pca_windows"] == 4
+    assert saved["protocol"]["prune_basis"] == ["native", "pca"] and saved["protocol"]["pca_windows"] == 2
     rows = json.loads((tmp_path / "plots/prune_curve.json").read_text())
     assert [r["fraction"] for r in rows] == [0.0, 0.5]
     assert rows[1]["trained_pca_ppl"] == saved["prune_curve_pca"]["0.5"]["ppl"]
     # the headline: what DVC tabulates, a few numbers, the per-chunk detail left in eval.json
     head = json.loads(summary.read_text())
-    assert head == headline(metrics) and head["ppl"] == saved["ppl"]
-    assert head["sparsity"]["l0"] == saved["sparsity"]["l0"] and "per_chunk" not in head["sparsity"]
-    assert "prune_curve" not in head and head["baseline"]["ppl"] == saved["baseline"]["ppl"]
+    s, last = saved["sparsity"], max(saved["sparsity"]["chunk_rms"], key=int)
+    assert head == {
+        "ppl": saved["ppl"], "readout_ppl": saved["readout_ppl"], "accuracy": saved["accuracy"],
+        "readout_accuracy": saved["readout_accuracy"], "ppl_ratio": saved["ppl_ratio"],
+        "sparsity": {"l0": s["l0"], "l0_min_chunk": s["l0_min_chunk"], "near_zero_rel": s["near_zero_rel"],
+                     "last_chunk_rms": s["chunk_rms"][last], "max_over_rms": max(s["max_over_rms"].values())},
+        "baseline": {k: saved["baseline"][k] for k in ("ppl", "readout_ppl", "accuracy")}}
+    assert head["readout_accuracy"] != head["accuracy"] or head["baseline"]["readout_ppl"] != head["baseline"]["ppl"]
 
 
 def test_the_headline_takes_the_last_chunk_and_the_largest_max_over_rms():
@@ -196,8 +214,11 @@ def test_the_headline_takes_the_last_chunk_and_the_largest_max_over_rms():
                 "max_over_rms": {c: 3.0 if c != "7" else 30.0 for c in chunks}}
     metrics = {"ppl": 10.0, "readout_ppl": 11.0, "accuracy": 0.3, "readout_accuracy": 0.28, "ppl_ratio": 0.5,
                "sparsity": sparsity, "baseline": {"ppl": 20.0, "readout_ppl": 21.0, "accuracy": 0.2}}
-    head = headline(metrics)
-    assert head["sparsity"]["last_chunk_rms"] == 11.0 and head["sparsity"]["max_over_rms"] == 30.0
+    assert headline(metrics) == {
+        "ppl": 10.0, "readout_ppl": 11.0, "accuracy": 0.3, "readout_accuracy": 0.28, "ppl_ratio": 0.5,
+        "sparsity": {"l0": 0.5, "l0_min_chunk": 0.4, "near_zero_rel": 0.6, "last_chunk_rms": 11.0,
+                     "max_over_rms": 30.0},
+        "baseline": {"ppl": 20.0, "readout_ppl": 21.0, "accuracy": 0.2}}
 
 
 def test_evaluate_needs_the_trained_model(sources, project, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -374,6 +375,30 @@ def test_keep_best_keeps_the_lowest_validation_ppl_at_the_target(sources, projec
         assert not math.isclose(dict(val)[40], dict(val)[best_step])
 
 
+def test_keep_best_restores_the_weights_of_the_best_validation(sources, project, tmp_path, monkeypatch):
+    # The validation ppl is scripted (lowest at step 10 of 20) and the weights are copied as each
+    # validation sees them: the model written must be step 10's, not the last step's.
+    import samba.train
+
+    scripted, seen = [30.0, 20.0, 25.0, 28.0], []
+    real = samba.train.Validator.validate
+
+    def validate(self):
+        row = real(self)
+        seen.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return {**row, "val/ppl": scripted[len(seen) - 1]}
+
+    monkeypatch.setattr(samba.train.Validator, "validate", validate)
+    params = params_with(sources, training={"max_steps": 20, "eval_every": 5, "keep": "best"})
+    summary = run(params, project, tmp_path)
+    assert len(seen) == 4 and summary["kept_step"] == 10
+    written = load_file(tmp_path / "out/model.safetensors")
+    assert all(torch.equal(written[k], seen[1][k]) for k in written)
+    assert not all(torch.equal(written[k], seen[3][k]) for k in written)  # not the last weights
+    headline = json.loads((tmp_path / "metrics/summary.json").read_text())
+    assert headline == {"steps": 20, "tokens": 20 * 4 * 32, "val_ppl": 20.0}  # the kept weights' validation
+
+
 def test_keep_best_keeps_no_weights_validated_below_the_target(sources, project, tmp_path, caplog):
     # the ramp ends with the run: the last validation (step 40) ran at the fraction of step index 39,
     # 0.4875, while the saved model applies 0.5. Nothing is kept as best; the run says so.
@@ -392,6 +417,9 @@ def test_the_ramp_can_be_a_fraction_of_the_run(sources, project, tmp_path):
     run(params, project, tmp_path)
     fractions = dict(logged(tmp_path, "train/sparsity_fraction"))
     assert [fractions[s] for s in (1, 5, 10, 11, 40)] == pytest.approx([0.0, 0.2, 0.45, 0.5, 0.5])
+    # the run's headline (what DVC tabulates): its budget, and the last validation under keep: last
+    summary = json.loads((tmp_path / "metrics/summary.json").read_text())
+    assert summary == {"steps": 40, "tokens": 40 * 4 * 32, "val_ppl": dict(logged(tmp_path, "val/ppl"))[40]}
 
 
 def test_the_code_digest_follows_file_contents_not_only_names(tmp_path):

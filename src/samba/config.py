@@ -176,6 +176,9 @@ class ModelConfig(Section):
         _require(0 < self.norm_eps < 1, "norm_eps", f"must be in (0, 1), got {self.norm_eps}")
         _require(0 <= self.sparsity_target < 1, "sparsity_target",
                  f"must be in [0, 1) (the fraction of each vector set to 0), got {self.sparsity_target}")
+        n_zero = round(self.sparsity_target * self.d_model)  # sparsity.zero_count
+        _require(n_zero < self.d_model, "sparsity_target",
+                 f"{self.sparsity_target} of d_model={self.d_model} rounds to {n_zero}: every entry would be 0")
 
     @property
     def d_inner(self) -> int:
@@ -308,6 +311,8 @@ class EvalConfig(Section):
         _require(self.histogram_bins >= 2, "histogram_bins", f"must be >= 2, got {self.histogram_bins}")
         _require(self.max_ppl_increase >= 0, "max_ppl_increase",
                  f"must be >= 0, got {self.max_ppl_increase}")
+        _require(len(self.prune_fractions) > 0, "prune_fractions",
+                 "must list at least one fraction ([0.0]: none pruned)")
         for i, f in enumerate(self.prune_fractions):
             _require(0 <= f < 1, f"prune_fractions[{i}]", f"must be in [0, 1), got {f}")
         _require(len(self.prune_basis) > 0 and len(set(self.prune_basis)) == len(self.prune_basis), "prune_basis",

@@ -1,23 +1,26 @@
 """The sweep's answer: sparsity against perplexity, over DVC experiments, each sparse model set
 against its dense twin and the best dense model the same data gave.
 
-    python -m samba.frontier OUT_DIR [--from-json exp_show.json]
+    python -m samba.frontier OUT_DIR [--all-commits] [--from-json exp_show.json]
 
-Reads the experiments (``dvc exp show --json`` in the current repository, or a saved copy of
-its output): each one's params, its evaluation headline (``metrics/eval_summary.json``) and its
-training headline (``metrics/train/summary.json``: steps and tokens seen). Writes to OUT_DIR:
+Reads the experiments (``dvc exp show --json`` in the current repository: those of the current
+commit, or of every commit with ``--all-commits``; or a saved copy of its output): each one's
+params, its evaluation headline (``metrics/eval_summary.json``) and its training headline
+(``metrics/train/summary.json``: steps and tokens seen). Writes to OUT_DIR:
 
 - ``frontier.md`` and ``frontier.json`` (``{"best_dense": ..., "rows": [...]}``): one row per
   group of experiments that differ only in ``training.seed``, every measure the mean over the
   group's seeds (``n_seeds``; ``ppl_std`` the sample standard deviation of ppl).
-- ``frontier.png``: exact zeros against ppl over the best dense model, with the seeds' error bars.
+- ``frontier.png``: exact zeros against ppl over each row's best dense model, with the seeds'
+  error bars.
 
 Terms:
 
 - **dense**: ``model.sparsity_target`` 0 and ``training.pruning_weight`` 0 (a teacher allowed).
 - **params that do nothing** are left out before grouping: the penalty's kind at pruning weight 0,
-  the sparsity ramp of a dense run, the teacher at distillation weight 0, and where or how a run
-  was logged and placed (``NOT_EXPERIMENTAL``).
+  the sparsity ramp of a dense run, the teacher at distillation weight 0, the validation cadence
+  under ``keep: last``, and where or how a run was logged and placed (``NOT_EXPERIMENTAL``); a
+  teacher's path is compared as spelled after ``os.path.normpath``.
 - **twin** of a sparse group: the dense group whose params are the same but for
   ``model.sparsity_target`` 0 and no penalty: the same recipe (learning rate, teacher, KL weight,
   budget) with sparsity off. ``ppl_vs_twin`` is against the twin's mean; None (and "no twin" in
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -51,8 +55,11 @@ SEED = "training.seed"
 NOT_EXPERIMENTAL = {"compute.device", "compute.num_processes", "logging.use_wandb", "logging.project_name",
                     "training.log_every", "training.checkpoint_every"}
 RAMP = ("training.sparsity_warmup_steps", "training.sparsity_warmup_fraction")
+VALIDATION = ("training.eval_every", "training.eval_batches")
 SPARSITY_OFF = {"model.sparsity_target": 0.0, "training.pruning_weight": 0.0}
 EVAL_PROTOCOL = ("eval.max_windows", "training.seq_len")
+REQUIRED = ("ppl", "readout_ppl", "baseline", "sparsity")
+REQUIRED_SPARSITY = ("l0", "l0_min_chunk", "near_zero_rel")
 
 
 class FrontierError(UserError, ValueError):
@@ -98,6 +105,11 @@ def effective(params: dict) -> dict:
             p.pop(key, None)
     if not p.get("training.distill_weight"):
         p.pop("training.teacher", None)
+    elif isinstance(p.get("training.teacher"), str):
+        p["training.teacher"] = os.path.normpath(p["training.teacher"])  # ./teachers/x is teachers/x
+    if p.get("training.keep", "last") == "last":  # validation picks no weights: it only logs
+        for key in VALIDATION:
+            p.pop(key, None)
     return p
 
 
@@ -249,37 +261,41 @@ def markdown(rows: list[dict], best: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], best: dict | None, path: Path) -> None:
-    """Exact zeros against ppl over the best dense model: numbered points (the key beside the axes,
-    so no label lands on another), the seeds' standard deviation as error bars."""
+def plot(rows: list[dict], path: Path) -> None:
+    """Exact zeros against ppl over each row's best dense model (the one it is claimed against:
+    same start, no larger budget), the seeds' standard deviation as error bars; numbered points, the
+    key beside the axes, so no label lands on another. Rows with no dense reference are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if best:  # the rows compared with that model
-        rows = [r for r in rows if r["best_dense_experiment"] == best["experiment"] or r is best]
-    reference = (lambda r: best["ppl"]) if best else (lambda r: r["baseline_ppl"])
+    by_name = {r["experiment"]: r for r in rows}
+    rows = [r for r in rows if r["best_dense_experiment"] is not None]
     fig, (ax, key) = plt.subplots(1, 2, figsize=(11, 5), gridspec_kw={"width_ratios": [3, 2]})
+    points = []
     for i, r in enumerate(rows, 1):
-        x, y = 100 * r["exact_zeros"], 100 * (r["ppl"] / reference(r) - 1)
-        err = 100 * r["ppl_std"] / reference(r) if r["n_seeds"] > 1 else None
+        reference = by_name[r["best_dense_experiment"]]["ppl"]
+        x, y = 100 * r["exact_zeros"], 100 * r["ppl_vs_best_dense"]
+        err = 100 * r["ppl_std"] / reference if r["n_seeds"] > 1 else None
         color = "tab:red" if r["pareto"] else ("tab:blue" if r["dense"] else "tab:gray")
         ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, zorder=3, color=color)
         ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8, color=color)
-    front = sorted((100 * r["exact_zeros"], 100 * (r["ppl"] / reference(r) - 1)) for r in rows if r["pareto"])
+        points.append((x, y, r))
+    front = sorted((x, y) for x, y, r in points if r["pareto"])
     if front:
         ax.plot(*zip(*front), "-", color="tab:red", alpha=0.5, label="Pareto front")
         ax.legend(fontsize=8, loc="upper left")
     for level in (1, 3, 6):
         ax.axhline(level, color="tab:green", linestyle=":", linewidth=1)
     ax.set_xlabel("exact zeros in the chunk outputs (%)")
-    ax.set_ylabel(f"test ppl vs {'the best dense model' if best else 'the baseline'} (%)")
+    ax.set_ylabel("test ppl vs the best dense model within the run's budget (%)")
     ax.set_title("Sparsity against perplexity (error bars: std over seeds)")
     key.axis("off")
-    text = [f"{i:>2}  {r['experiment']}  ({r['n_seeds']} seed{'s' if r['n_seeds'] > 1 else ''})"
-            for i, r in enumerate(rows, 1)]
-    key.text(0, 1, "\n".join(text), va="top", family="monospace", fontsize=8, transform=key.transAxes)
+    text = [f"{i:>2}  {r['experiment']}  ({r['n_seeds']} seed{'s' if r['n_seeds'] > 1 else ''}; "
+            f"vs {r['best_dense_experiment']})" for i, r in enumerate(rows, 1)]
+    key.text(0, 1, "\n".join(text) or "no row has a dense model to be set against", va="top", family="monospace",
+             fontsize=7, transform=key.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -289,12 +305,37 @@ def write_frontier(shown: list, out_dir: Path) -> list[dict]:
     runs = runs_from_exp_show(shown)
     if not runs:
         raise FrontierError(f"no finished experiment has {EVAL_FILE}; run some first (dvc exp run)")
+    for run in runs:
+        missing = [k for k in REQUIRED if k not in run["eval"]] + [f"sparsity.{k}" for k in REQUIRED_SPARSITY
+                                                                   if k not in run["eval"].get("sparsity", {})]
+        if missing:
+            raise FrontierError(f"experiment {run['name']}: its {EVAL_FILE} lacks {', '.join(missing)} (written by "
+                                "another version of the evaluate stage?)")
     rows, best = table(runs)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FrontierError(f"{out_dir}: cannot write there ({err.strerror or err})") from None
     (out_dir / "frontier.md").write_text(markdown(rows, best))
     write_json_atomic(out_dir / "frontier.json", {"best_dense": best["experiment"] if best else None, "rows": rows})
-    plot(rows, best, out_dir / "frontier.png")
+    plot(rows, out_dir / "frontier.png")
     return rows
+
+
+def read_experiments(saved: str | None, all_commits: bool = False) -> list:
+    """``dvc exp show --json`` of this repository (``-A`` with ``all_commits``), or a saved copy."""
+    if saved:
+        try:
+            return json.loads(Path(saved).read_text())
+        except OSError as err:
+            raise FrontierError(f"--from-json {saved}: cannot read it ({err.strerror or err})") from None
+        except json.JSONDecodeError as err:
+            raise FrontierError(f"--from-json {saved}: not JSON ({err}); save it with dvc exp show --json") from None
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if all_commits else [])],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FrontierError(f"dvc exp show failed: {proc.stderr.strip()[:500]}")
+    return json.loads(proc.stdout)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,14 +343,10 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--from-json", default=None, help="a saved `dvc exp show --json` output")
+    parser.add_argument("--all-commits", action="store_true",
+                        help="the experiments of every commit (dvc exp show -A), not only the current one's")
     args = parser.parse_args(argv)
-    if args.from_json:
-        shown = json.loads(Path(args.from_json).read_text())
-    else:
-        proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise FrontierError(f"dvc exp show failed: {proc.stderr.strip()[:500]}")
-        shown = json.loads(proc.stdout)
+    shown = read_experiments(args.from_json, args.all_commits)
     rows = write_frontier(shown, Path(args.out_dir))
     print((Path(args.out_dir) / "frontier.md").read_text())
     print(f"wrote {args.out_dir}/frontier.{{md,json,png}}: {len(rows)} rows")
