@@ -147,7 +147,6 @@ def test_every_measure_is_the_mean_over_seeds(tmp_path):
     assert row["ppl_vs_baseline"] == pytest.approx(71 / 102 - 1)
 
 
-@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_the_best_dense_model_is_dense_and_unknown_budgets_compare(tmp_path):
     exps = [_exp("dense", 60.0), _exp("sparse-lower", 50.0, target=0.5),  # lower ppl, but sparse
             _exp("no-summary", 58.0, train_summary=False, lr=2e-4)]  # dense, its budget unknown
@@ -157,6 +156,7 @@ def test_the_best_dense_model_is_dense_and_unknown_budgets_compare(tmp_path):
     assert rows["sparse-lower"]["best_dense_experiment"] == "no-summary"
 
 
+@pytest.mark.slow  # starts processes (or runs long): not in the fast tier
 def test_the_headline_does_not_depend_on_hash_order(tmp_path):
     # two starts with as many rows each: the headline must be the same whatever PYTHONHASHSEED
     exps = [_exp("a-dense", 60.0), _exp("a-topk", 65.0, target=0.5),
