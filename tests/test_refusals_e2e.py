@@ -32,22 +32,48 @@ def repo(sources, tmp_path_factory) -> Path:
     return repo
 
 
-@pytest.mark.parametrize("stage,override,message", [
-    ("train", "training.batch_size=-4", "training.batch_size: must be > 0, got -4"),
-    ("prepare", "dataset.name=/no/such/corpus", "dataset.name: /no/such/corpus is not a directory"),
-    ("convert", "pretrained.model_name=/no/such/ckpt", "/no/such/ckpt: no such directory"),
-    ("evaluate", "eval.batch_size=0", "eval.batch_size: must be > 0, got 0"),
-])
-def test_a_refused_exp_run_leaves_every_output_as_it_was(repo, stage, override, message):
+def _refused(repo, override):
     before = outputs(repo)
     assert {"models/samba/model.safetensors", "metrics/train/metrics.json", "metrics/eval.json",
             "data/tokenized/train.bin"} <= set(before)
     proc = dvc("exp", "run", "-S", override, cwd=repo, check=False)
     sh("git", "checkout", "params.yaml", cwd=repo)  # a failed exp run leaves its -S in params.yaml
     assert proc.returncode != 0
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(f"[{stage}] error:")]
-    assert len(lines) == 1 and message in lines[0], (proc.stdout + proc.stderr)[-3000:]
     assert outputs(repo) == before
+    return proc.stdout + proc.stderr
+
+
+def _one_error_line(log, stage, message):
+    lines = [line for line in log.splitlines() if line.startswith(f"[{stage}] error:")]
+    assert len(lines) == 1 and message in lines[0], log[-3000:]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("training.batch_size=-4", "training.batch_size: must be > 0, got -4"),
+    ("dataset.name=/no/such/corpus", "dataset.name: /no/such/corpus is not a directory"),
+    ("pretrained.model_name=/no/such/ckpt", "pretrained.model_name: /no/such/ckpt: no such directory"),
+    ("eval.batch_size=0", "eval.batch_size: must be > 0, got 0"),
+])
+def test_a_value_the_check_stage_refuses_changes_nothing(repo, override, message):
+    # the check stage runs first and refuses before any stage works: outputs and dvc.lock stay
+    log = _refused(repo, override)
+    _one_error_line(log, "check", message)
+    assert "Running stage 'prepare'" not in log
+    assert "up to date" in dvc("status", cwd=repo).stdout
+
+
+@pytest.mark.parametrize("stage,override,message", [
+    ("prepare", "dataset.train_range=[0.0,0.0001]", "dataset.train_range: [0.0, 0.0001] keeps no whole article"),
+    ("train", "training.batch_size=100000", "not one batch of training.batch_size=100000"),
+])
+def test_a_value_a_later_stage_refuses_leaves_every_output_as_it_was(repo, stage, override, message):
+    # found only when the data is read: the stage's one line, its outputs (which DVC deletes
+    # before running a stage) as they were; only check's entry in dvc.lock moved, as documented
+    log = _refused(repo, override)
+    _one_error_line(log, stage, message)
+    status = dvc("status", cwd=repo).stdout
+    assert status.splitlines()[0] == "check:" and "prepare:" not in status and "train:" not in status, status
+    sh("git", "checkout", "dvc.lock", cwd=repo)
     assert "up to date" in dvc("status", cwd=repo).stdout
 
 

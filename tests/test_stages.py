@@ -280,6 +280,60 @@ def test_stage_script_refuses_bad_params_and_keeps_outputs(sources, tmp_path):
     assert (out / "meta.json").read_text() == "{}"
 
 
+# ----------------------------------------------------------------------------- check
+
+def _check_stage(monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "stages"))
+    spec = importlib.util.spec_from_file_location("check_stage", REPO / "stages/check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("section,values,error,message", [
+    ("dataset", {"name": "/no/such/corpus"}, DataError, "dataset.name: /no/such/corpus is not a directory"),
+    ("dataset", {"tokenizer": "/no/such/tokenizer.json"}, DataError,
+     "dataset.tokenizer: /no/such/tokenizer.json does not exist"),
+    ("pretrained", {"model_name": "/no/such/ckpt"}, CheckpointError,
+     "pretrained.model_name: /no/such/ckpt: no such directory"),
+    ("training", {"distill_weight": 1.0, "teacher": "/no/such/teacher"}, CheckpointError,
+     "training.teacher: /no/such/teacher is not a directory"),
+])
+def test_check_stage_refuses_a_local_path_that_is_not_there(sources, tmp_path, monkeypatch, capsys,
+                                                           section, values, error, message):
+    # the check stage runs first under dvc repro / exp run: a missing local source is refused
+    # there, before any stage works, so dvc.lock keeps its entries (test_refusals_e2e)
+    main = _check_stage(monkeypatch)
+    data = tiny_params(sources)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(data))
+    main(["--params", str(good)])
+    assert "every value known and in range, every local path there" in capsys.readouterr().out
+    data[section].update(values)
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(error) as refused:
+        main(["--params", str(bad)])
+    assert str(refused.value).startswith(message)
+
+
+@pytest.mark.parametrize("section,values", [
+    ("pretrained", {"use_pretrained": False, "model_name": "/no/such/ckpt"}),  # not read: random init
+    ("training", {"distill_weight": 0.0, "teacher": "/no/such/teacher"}),  # not read: no distillation
+    ("training", {"distill_weight": 1.0, "teacher": "models/control"}),  # may be a stage's output
+    ("dataset", {"name": "org/corpus", "tokenizer": "org/tokenizer"}),  # Hub ids: not fetched here
+])
+def test_check_stage_leaves_alone_what_no_stage_reads_here(sources, tmp_path, monkeypatch, section, values):
+    main = _check_stage(monkeypatch)
+    data = tiny_params(sources)
+    data[section].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    main(["--params", str(path)])
+
+
 def test_evaluate_scores_only_the_first_max_windows_windows(sources, project, tmp_path):
     # eval.max_windows 3 with batches of 2: windows 0, 1, 2 of the test split, for both models and
     # every point of the prune curve; by hand, the plain CE of full logits over those windows

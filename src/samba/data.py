@@ -74,17 +74,25 @@ def read_text_lines(path: Path) -> list[str]:
         return list(f)
 
 
+def local_dataset_files(name: str) -> dict[str, Path] | None:
+    """The split files of ``dataset.name`` when it is a local directory; None for a Hub id.
+    Refuses a path that is not a dataset directory (cheap: nothing is read)."""
+    path = resolve_local_path(name)
+    if path.is_dir():
+        return local_split_files(path)
+    if path.exists() or written_as_path(name):
+        raise DataError(f"dataset.name: {path} is not a directory; a local dataset is a "
+                        f"directory holding {[n[0] for n in LOCAL_FILES.values()]}")
+    return None
+
+
 def read_split_lines(dataset: DatasetConfig) -> tuple[dict[str, list[str]], str]:
     """Lines of text per split, in the Hub's convention (``hub_line_convention``), and a
     description of the source."""
-    path = resolve_local_path(dataset.name)
-    if path.is_dir():
-        files = local_split_files(path)
+    files = local_dataset_files(dataset.name)
+    if files is not None:
         lines = {s: hub_line_convention(read_text_lines(f)) for s, f in files.items()}
         return lines, ", ".join(f"{s}={f}" for s, f in files.items())
-    if path.exists() or written_as_path(dataset.name):
-        raise DataError(f"dataset.name: {path} is not a directory; a local dataset is a "
-                        f"directory holding {[n[0] for n in LOCAL_FILES.values()]}")
     require_hub(dataset.name, "dataset")
     import datasets
 
@@ -100,19 +108,26 @@ def read_split_lines(dataset: DatasetConfig) -> tuple[dict[str, list[str]], str]
             f"hub:{dataset.name}/{dataset.config_name}")
 
 
+def local_tokenizer_file(spec: str) -> Path | None:
+    """The tokenizer.json that ``dataset.tokenizer`` names locally (the file, or a directory
+    holding one); None for a Hub id. Refuses a path that holds none."""
+    path = resolve_local_path(spec)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise DataError(f"dataset.tokenizer: {spec} has no tokenizer.json")
+        return path / "tokenizer.json"
+    if path.is_file():
+        return path
+    if written_as_path(spec):
+        raise DataError(f"dataset.tokenizer: {path} does not exist")
+    return None
+
+
 def load_tokenizer(spec: str):
     """A ``tokenizers.Tokenizer`` from a tokenizer.json file, a directory holding one, or a Hub id."""
     from tokenizers import Tokenizer
 
-    path = resolve_local_path(spec)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-        if not path.is_file():
-            raise DataError(f"dataset.tokenizer: {spec} has no tokenizer.json")
-    elif not path.is_file():
-        if written_as_path(spec):
-            raise DataError(f"dataset.tokenizer: {path} does not exist")
-        path = download_file(spec, "tokenizer.json", "tokenizer")
+    path = local_tokenizer_file(spec) or download_file(spec, "tokenizer.json", "tokenizer")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:

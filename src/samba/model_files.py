@@ -54,9 +54,9 @@ class CheckpointError(UserError, ValueError):
 
 # ----------------------------------------------------------------------------- sources
 
-def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
-    """A local directory (a relative one read as ``paths.resolve_local_path`` says); anything
-    else is taken for a Hub repo id and downloaded."""
+def local_checkpoint_dir(name_or_path: str | Path) -> Path | None:
+    """The local checkpoint directory ``name_or_path`` names; None for a Hub id. Refuses a
+    path that is not a directory (cheap: nothing is read)."""
     path = resolve_local_path(str(name_or_path))
     if path.is_dir():
         return path
@@ -64,6 +64,15 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
         raise CheckpointError(f"{path}: a checkpoint must be a directory, not a file")
     if written_as_path(str(name_or_path)):  # never a Hub id (those read org/name)
         raise CheckpointError(f"{path}: no such directory (a local checkpoint directory; a Hub id reads org/name)")
+    return None
+
+
+def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
+    """A local directory (a relative one read as ``paths.resolve_local_path`` says); anything
+    else is taken for a Hub repo id and downloaded."""
+    path = local_checkpoint_dir(name_or_path)
+    if path is not None:
+        return path
     from .hub import download_snapshot
 
     return download_snapshot(str(name_or_path), allow_patterns=[
