@@ -292,46 +292,84 @@ def _check_stage(monkeypatch):
     return module.main
 
 
+def _params_file(directory, data, **changes):
+    for section, values in changes.items():
+        data[section].update({k: v.format(repo=directory) if isinstance(v, str) else v for k, v in values.items()})
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.mark.parametrize("section,values,error,message", [
     ("dataset", {"name": "/no/such/corpus"}, DataError, "dataset.name: /no/such/corpus is not a directory"),
+    ("dataset", {"name": "corpus.txt"}, DataError, "dataset.name: corpus.txt is not a directory"),  # a file here
     ("dataset", {"tokenizer": "/no/such/tokenizer.json"}, DataError,
      "dataset.tokenizer: /no/such/tokenizer.json does not exist"),
     ("pretrained", {"model_name": "/no/such/ckpt"}, CheckpointError,
      "pretrained.model_name: /no/such/ckpt: no such directory"),
+    ("pretrained", {"model_name": "{repo}/corpus.txt"}, CheckpointError,
+     "pretrained.model_name: {repo}/corpus.txt: a checkpoint must be a directory, not a file"),
     ("training", {"distill_weight": 1.0, "teacher": "/no/such/teacher"}, CheckpointError,
      "training.teacher: /no/such/teacher is not a directory"),
+    ("training", {"distill_weight": 1.0, "teacher": "../no-such-teacher"}, CheckpointError,
+     "training.teacher: ../no-such-teacher is not a directory"),
 ])
 def test_check_stage_refuses_a_local_path_that_is_not_there(sources, tmp_path, monkeypatch, capsys,
                                                            section, values, error, message):
     # the check stage runs first under dvc repro / exp run: a missing local source is refused
     # there, before any stage works, so dvc.lock keeps its entries (test_refusals_e2e)
     main = _check_stage(monkeypatch)
-    data = tiny_params(sources)
-    good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump(data))
-    main(["--params", str(good)])
+    monkeypatch.chdir(tmp_path)  # the repository, where DVC runs the stages
+    (tmp_path / "corpus.txt").write_text("not a dataset directory\n")
+    main(["--params", str(_params_file(tmp_path, tiny_params(sources)))])
     assert "every value known and in range, every local path there" in capsys.readouterr().out
-    data[section].update(values)
-    bad = tmp_path / "params.yaml"
-    bad.write_text(yaml.safe_dump(data))
+    bad = _params_file(tmp_path, tiny_params(sources), **{section: values})
     with pytest.raises(error) as refused:
         main(["--params", str(bad)])
-    assert str(refused.value).startswith(message)
+    assert str(refused.value).startswith(message.format(repo=tmp_path))
 
 
 @pytest.mark.parametrize("section,values", [
     ("pretrained", {"use_pretrained": False, "model_name": "/no/such/ckpt"}),  # not read: random init
-    ("training", {"distill_weight": 0.0, "teacher": "/no/such/teacher"}),  # not read: no distillation
-    ("training", {"distill_weight": 1.0, "teacher": "models/control"}),  # may be a stage's output
+    ("pretrained", {"model_name": "org/ckpt"}),  # a Hub id: not fetched here
     ("dataset", {"name": "org/corpus", "tokenizer": "org/tokenizer"}),  # Hub ids: not fetched here
+    ("training", {"distill_weight": 0.0, "teacher": "/no/such/teacher"}),  # not read: no distillation
+    # in the repository: may be a stage's output not made yet (DVC checks it as train's dependency)
+    ("training", {"distill_weight": 1.0, "teacher": "models/control"}),
+    ("training", {"distill_weight": 1.0, "teacher": "./models/control"}),
+    ("training", {"distill_weight": 1.0, "teacher": "{repo}/models/control"}),
 ])
 def test_check_stage_leaves_alone_what_no_stage_reads_here(sources, tmp_path, monkeypatch, section, values):
     main = _check_stage(monkeypatch)
-    data = tiny_params(sources)
-    data[section].update(values)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(data))
-    main(["--params", str(path)])
+    monkeypatch.chdir(tmp_path)
+    main(["--params", str(_params_file(tmp_path, tiny_params(sources), **{section: values}))])
+
+
+def test_check_stage_leaves_alone_a_path_its_stage_already_ran_with(sources, tmp_path, monkeypatch):
+    # a clone that pulled the outputs but lacks the local sources: prepare and convert are up to
+    # date (dvc.lock ran them with these values) and will not read them again; a new value is read
+    main = _check_stage(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    gone = {"dataset": {"name": "/gone/corpus", "tokenizer": "/gone/tokenizer.json"},
+            "pretrained": {"model_name": "/gone/ckpt"}}
+    params = _params_file(tmp_path, tiny_params(sources), **gone)
+    lock = {"schema": "2.0", "stages": {
+        "check": {"params": {"params.yaml": {"dataset": {"name": "/other"}}}},  # check's own record counts not
+        "prepare": {"cmd": "python stages/prepare.py", "params": {"params.yaml": {
+            "dataset": {**tiny_params(sources)["dataset"], **gone["dataset"]}}}},
+        "convert": {"cmd": "python stages/convert.py", "params": {"params.yaml": {
+            "pretrained.model_name": "/gone/ckpt", "pretrained.use_pretrained": True}}}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    main(["--params", str(params)])
+    for key, value, error in (("name", "/gone/other-corpus", DataError), ("tokenizer", "/gone/t.json", DataError)):
+        changed = _params_file(tmp_path, tiny_params(sources), **{**gone, "dataset": {**gone["dataset"], key: value}})
+        with pytest.raises(error, match=f"dataset.{key}: {value}"):
+            main(["--params", str(changed)])
+    lock["stages"]["convert"]["params"]["params.yaml"]["pretrained.use_pretrained"] = False  # random init then
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    params = _params_file(tmp_path, tiny_params(sources), **gone)
+    with pytest.raises(CheckpointError, match="pretrained.model_name: /gone/ckpt: no such directory"):
+        main(["--params", str(params)])
 
 
 def test_evaluate_scores_only_the_first_max_windows_windows(sources, project, tmp_path):
