@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    check_local_sources(load_params(args.params), Path(args.params).parent / "dvc.lock")
+    check_local_sources(load_params(args.params), Path(args.params).parent)
     print(f"{args.params}: every value known and in range, every local path there")
 
 

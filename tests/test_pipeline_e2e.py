@@ -85,7 +85,7 @@ def test_a_key_no_stage_tracks_is_refused(pipeline_repo):
     repo = pipeline_repo
     dvc("repro", cwd=repo)
     proc = dvc("exp", "run", "-S", "+pretrained.freeze_backbon=true", cwd=repo, check=False)
-    sh("git", "checkout", "params.yaml", cwd=repo)
+    sh("bash", "-c", "touch params.yaml && git checkout params.yaml", cwd=repo)
     assert proc.returncode != 0
     assert ("[check] error: unknown key(s) pretrained.freeze_backbon; did you mean pretrained.freeze_backbone?"
             in proc.stdout + proc.stderr), proc.stdout + proc.stderr

@@ -300,6 +300,17 @@ def _params_file(directory, data, **changes):
     return path
 
 
+@pytest.fixture
+def check_repo(tmp_path, monkeypatch):
+    """A repository directory holding this project's dvc.yaml, the working directory (where DVC
+    runs the stages), and the check stage's main."""
+    main = _check_stage(monkeypatch)
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    (tmp_path / "corpus.txt").write_text("not a dataset directory\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, main
+
+
 @pytest.mark.parametrize("section,values,error,message", [
     ("dataset", {"name": "/no/such/corpus"}, DataError, "dataset.name: /no/such/corpus is not a directory"),
     ("dataset", {"name": "corpus.txt"}, DataError, "dataset.name: corpus.txt is not a directory"),  # a file here
@@ -313,63 +324,74 @@ def _params_file(directory, data, **changes):
      "training.teacher: /no/such/teacher is not a directory"),
     ("training", {"distill_weight": 1.0, "teacher": "../no-such-teacher"}, CheckpointError,
      "training.teacher: ../no-such-teacher is not a directory"),
+    # train depends on its teacher in dvc.yaml, distilling or not
+    ("training", {"distill_weight": 0.0, "teacher": "/no/such/teacher"}, CheckpointError,
+     "training.teacher: /no/such/teacher is not a directory"),
+    # in the repository, but no stage makes it
+    ("training", {"distill_weight": 1.0, "teacher": "teachers/none"}, CheckpointError,
+     "training.teacher: teachers/none is not a directory"),
 ])
-def test_check_stage_refuses_a_local_path_that_is_not_there(sources, tmp_path, monkeypatch, capsys,
-                                                           section, values, error, message):
+def test_check_stage_refuses_a_local_path_that_is_not_there(sources, check_repo, capsys, section, values, error,
+                                                           message):
     # the check stage runs first under dvc repro / exp run: a missing local source is refused
     # there, before any stage works, so dvc.lock keeps its entries (test_refusals_e2e)
-    main = _check_stage(monkeypatch)
-    monkeypatch.chdir(tmp_path)  # the repository, where DVC runs the stages
-    (tmp_path / "corpus.txt").write_text("not a dataset directory\n")
-    main(["--params", str(_params_file(tmp_path, tiny_params(sources)))])
+    repo, main = check_repo
+    main(["--params", str(_params_file(repo, tiny_params(sources)))])
     assert "every value known and in range, every local path there" in capsys.readouterr().out
-    bad = _params_file(tmp_path, tiny_params(sources), **{section: values})
+    bad = _params_file(repo, tiny_params(sources), **{section: values})
     with pytest.raises(error) as refused:
         main(["--params", str(bad)])
-    assert str(refused.value).startswith(message.format(repo=tmp_path))
+    assert str(refused.value).startswith(message.format(repo=repo))
 
 
 @pytest.mark.parametrize("section,values", [
     ("pretrained", {"use_pretrained": False, "model_name": "/no/such/ckpt"}),  # not read: random init
     ("pretrained", {"model_name": "org/ckpt"}),  # a Hub id: not fetched here
     ("dataset", {"name": "org/corpus", "tokenizer": "org/tokenizer"}),  # Hub ids: not fetched here
-    ("training", {"distill_weight": 0.0, "teacher": "/no/such/teacher"}),  # not read: no distillation
-    # in the repository: may be a stage's output not made yet (DVC checks it as train's dependency)
-    ("training", {"distill_weight": 1.0, "teacher": "models/control"}),
-    ("training", {"distill_weight": 1.0, "teacher": "./models/control"}),
-    ("training", {"distill_weight": 1.0, "teacher": "{repo}/models/control"}),
+    # convert's output, not made yet on a first run: DVC makes it before train
+    ("training", {"distill_weight": 1.0, "teacher": "models/init"}),
+    ("training", {"distill_weight": 1.0, "teacher": "./models/init"}),
+    ("training", {"distill_weight": 1.0, "teacher": "{repo}/models/init"}),
 ])
-def test_check_stage_leaves_alone_what_no_stage_reads_here(sources, tmp_path, monkeypatch, section, values):
-    main = _check_stage(monkeypatch)
-    monkeypatch.chdir(tmp_path)
-    main(["--params", str(_params_file(tmp_path, tiny_params(sources), **{section: values}))])
+def test_check_stage_leaves_alone_what_no_stage_reads_here(sources, check_repo, section, values):
+    repo, main = check_repo
+    main(["--params", str(_params_file(repo, tiny_params(sources), **{section: values}))])
 
 
-def test_check_stage_leaves_alone_a_path_its_stage_already_ran_with(sources, tmp_path, monkeypatch):
-    # a clone that pulled the outputs but lacks the local sources: prepare and convert are up to
-    # date (dvc.lock ran them with these values) and will not read them again; a new value is read
-    main = _check_stage(monkeypatch)
-    monkeypatch.chdir(tmp_path)
+def test_check_stage_checks_the_sources_of_the_stages_that_will_run(sources, check_repo):
+    # a clone that pulled the outputs but lacks the local sources: dvc.lock ran prepare and convert
+    # with these values, so they are up to date and will not read them again; a change to any
+    # value such a stage tracks (not only the path) makes it run, and its sources are checked
+    repo, main = check_repo
     gone = {"dataset": {"name": "/gone/corpus", "tokenizer": "/gone/tokenizer.json"},
             "pretrained": {"model_name": "/gone/ckpt"}}
-    params = _params_file(tmp_path, tiny_params(sources), **gone)
+    data = tiny_params(sources)
+    params = _params_file(repo, data, **gone)  # data now holds the gone paths: the values dvc.lock ran with
+    converted = {f"model.{k}": v for k, v in data["model"].items() if k != "sparsity_target"}
     lock = {"schema": "2.0", "stages": {
         "check": {"params": {"params.yaml": {"dataset": {"name": "/other"}}}},  # check's own record counts not
-        "prepare": {"cmd": "python stages/prepare.py", "params": {"params.yaml": {
-            "dataset": {**tiny_params(sources)["dataset"], **gone["dataset"]}}}},
+        "prepare": {"cmd": "python stages/prepare.py", "params": {"params.yaml": {"dataset": data["dataset"]}}},
         "convert": {"cmd": "python stages/convert.py", "params": {"params.yaml": {
-            "pretrained.model_name": "/gone/ckpt", "pretrained.use_pretrained": True}}}}}
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    main(["--params", str(params)])
-    for key, value, error in (("name", "/gone/other-corpus", DataError), ("tokenizer", "/gone/t.json", DataError)):
-        changed = _params_file(tmp_path, tiny_params(sources), **{**gone, "dataset": {**gone["dataset"], key: value}})
-        with pytest.raises(error, match=f"dataset.{key}: {value}"):
-            main(["--params", str(changed)])
+            "pretrained.model_name": "/gone/ckpt", "pretrained.use_pretrained": True,
+            **converted, "model.norm_eps": "1e-05", "training.seed": data["training"]["seed"]}}}}}
+    assert data["model"]["norm_eps"] == 1.0e-5  # as dvc.lock writes it: a string to YAML 1.1, the same number
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
+
+    def run(**changes):
+        main(["--params", str(_params_file(repo, tiny_params(sources), **{**gone, **changes}))])
+
+    run()
+    run(training={"lr": 0.5})  # only train runs
+    for changes, error, message in (
+            ({"dataset": {**gone["dataset"], "train_range": [0.0, 0.5]}}, DataError, "dataset.name: /gone/corpus"),
+            ({"dataset": {**gone["dataset"], "tokenizer": "/gone/t.json"}}, DataError, "dataset.name: /gone/corpus"),
+            ({"training": {"seed": 7}}, CheckpointError, "pretrained.model_name: /gone/ckpt: no such directory")):
+        with pytest.raises(error, match=message):
+            run(**changes)
     lock["stages"]["convert"]["params"]["params.yaml"]["pretrained.use_pretrained"] = False  # random init then
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    params = _params_file(tmp_path, tiny_params(sources), **gone)
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
     with pytest.raises(CheckpointError, match="pretrained.model_name: /gone/ckpt: no such directory"):
-        main(["--params", str(params)])
+        run()
 
 
 def test_evaluate_scores_only_the_first_max_windows_windows(sources, project, tmp_path):

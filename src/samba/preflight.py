@@ -6,68 +6,97 @@ or reaches the Hub."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from .config import Params
+from .config import FLOAT_LITERAL, Params
 from .data import local_dataset_files, local_tokenizer_file
-from .distill import distilling, require_teacher
+from .distill import require_teacher
 from .model_files import CheckpointError, local_checkpoint_dir
 from .paths import experiment_origin, resolve_local_path
 
 
-def locked_values(lock: Path) -> dict[str, list]:
-    """The values of params.yaml that dvc.lock says the other stages last ran with, by dotted
-    key ({} without a readable dvc.lock: then every path is checked)."""
+def _flat(tracked: dict) -> dict[str, Any]:
+    """params as dvc.lock records them (a section as a dict, a single value by its dotted key),
+    by dotted key, in JSON's types (tuples as lists)."""
+    flat: dict[str, Any] = {}
+    for key, value in (tracked or {}).items():
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return {k: _number(v) for k, v in json.loads(json.dumps(flat)).items()}
+
+
+def _number(value: Any) -> Any:
+    """5e-05 as dvc.lock holds it (a string to YAML 1.1) and 5e-05 as params.yaml gives it, alike."""
+    if isinstance(value, list):
+        return [_number(v) for v in value]
+    return float(value) if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value) else value
+
+
+def stages_to_run(params: Params, lock: Path) -> dict[str, set[str]] | None:
+    """The params each stage of dvc.lock tracks, for the stages whose recorded params differ from
+    ``params`` (those DVC will run again); None without a readable dvc.lock (a first run)."""
     try:
         stages = yaml.safe_load(lock.read_text()).get("stages") or {}
     except (OSError, AttributeError, yaml.YAMLError):
-        return {}
-    values: dict[str, list] = {}
+        return None
+    current = _flat(params.to_dict())
+    to_run = {}
     for name, stage in stages.items():
-        if name == "check":  # the stage that calls this: its record is of every value
-            continue
-        for tracked in ((stage or {}).get("params") or {}).values():
-            for key, value in (tracked or {}).items():
-                items = ({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-                for dotted, v in items.items():
-                    values.setdefault(dotted, []).append(v)
-    return values
+        recorded = {k: v for tracked in ((stage or {}).get("params") or {}).values() for k, v in _flat(tracked).items()}
+        if name != "check" and any(current.get(k, object()) != v for k, v in recorded.items()):
+            to_run[name] = set(recorded)
+    tracked_anywhere = {k for stage in stages.values() for t in ((stage or {}).get("params") or {}).values()
+                        for k in _flat(t)}
+    to_run[""] = set(current) - tracked_anywhere  # values no stage ran with yet: read if any stage runs
+    return to_run
 
 
-def inside_the_repository(spec: str) -> bool:
-    """A path in this repository (or in the user's, from an experiment's workspace): it may be a
-    stage's output that does not exist yet; DVC checks it as a dependency."""
+def stage_outputs(dvc_yaml: Path) -> list[Path]:
+    """The outputs dvc.yaml declares (a teacher may be one that is not made yet)."""
+    try:
+        stages = yaml.safe_load(dvc_yaml.read_text()).get("stages") or {}
+    except (OSError, AttributeError, yaml.YAMLError):
+        return []
+    return [Path(os.path.normpath(next(iter(out)) if isinstance(out, dict) else out))
+            for stage in stages.values() for out in (stage or {}).get("outs") or []]
+
+
+def _repository_path(spec: str, root: Path) -> Path | None:
+    """``spec`` relative to the repository ``root`` (or the user's, from an experiment's
+    workspace), None if it lies outside."""
     path = Path(os.path.abspath(resolve_local_path(spec)))
-    return any(path.is_relative_to(root) for root in (Path.cwd().resolve(), experiment_origin()) if root)
+    for base in (root.resolve(), experiment_origin()):
+        if base and path.is_relative_to(base):
+            return path.relative_to(base)
+    return None
 
 
-def check_local_sources(params: Params, lock: Path) -> None:
-    """Every local path that a stage is about to read exists as what it must be. A source whose
-    value dvc.lock says its stage last ran with is not checked: that stage is up to date and will
-    not read it again (a clone that pulled the outputs but lacks ../shared/data runs on). Without a
-    dvc.lock every source is checked. Hub ids are not fetched."""
-    ran = locked_values(lock)
+def check_local_sources(params: Params, repo: Path) -> None:
+    """Every local path that a stage is about to read exists as what it must be. dvc.lock says
+    which stages will run again (those whose recorded params changed): a source only an up-to-date
+    stage reads is not checked (a clone that pulled the outputs but lacks ../shared/data runs on).
+    Without a dvc.lock every source is checked. Hub ids are not fetched."""
+    to_run = stages_to_run(params, repo / "dvc.lock")
 
-    def changed(*keys: str) -> bool:  # not recorded, or recorded with another value
-        for key in keys:
-            section, name = key.split(".")
-            value = getattr(getattr(params, section), name)
-            if not ran.get(key) or any(v != value for v in ran[key]):
-                return True
-        return False
+    def read(key: str) -> bool:
+        return to_run is None or any(key in keys for keys in to_run.values())
 
-    if changed("dataset.name"):
+    if read("dataset.name"):
         local_dataset_files(params.dataset.name)
-    if changed("dataset.tokenizer"):
+    if read("dataset.tokenizer"):
         local_tokenizer_file(params.dataset.tokenizer)
-    if params.pretrained.use_pretrained and changed("pretrained.model_name", "pretrained.use_pretrained"):
+    if params.pretrained.use_pretrained and read("pretrained.model_name"):
         try:
             local_checkpoint_dir(params.pretrained.model_name)
         except CheckpointError as err:
             raise CheckpointError(f"pretrained.model_name: {err}") from None
-    # a teacher is train's dependency in dvc.yaml: whenever it is not there, train is not up to date
-    if distilling(params.training) and not inside_the_repository(params.training.teacher):
-        require_teacher(params.training.teacher)
+    # the teacher is train's dependency in dvc.yaml, distilling or not: DVC needs it there; one
+    # in the repository may be a stage's output not made yet
+    teacher = params.training.teacher
+    inside = _repository_path(teacher, repo)
+    if inside is None or not any(inside.is_relative_to(out) for out in stage_outputs(repo / "dvc.yaml")):
+        require_teacher(teacher)
