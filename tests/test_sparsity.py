@@ -135,6 +135,29 @@ def test_counter_against_a_direct_computation():
     assert r["l0_min_chunk"] == min(r["per_chunk"]["0"]["l0"], r["per_chunk"]["1"]["l0"])
 
 
+def zero_smallest(x, n_zero):
+    """x with its n_zero smallest |entries| of the last dimension zeroed, by sorting."""
+    order = x.abs().argsort(dim=-1, stable=True)
+    return x.scatter(-1, order[..., :n_zero], 0.0)
+
+
+def hand_ppl(model, windows, after_chunk):
+    """(main, readout) ppl of ``model`` over ``windows``, each chunk's output passed through
+    ``after_chunk(c, x)``, from full logits and plain CE."""
+    nll = r_nll = 0.0
+    with torch.no_grad():
+        for inputs, targets in windows.batches(4):
+            x, outs = model.embedding(inputs).float(), []
+            for c, chunk in enumerate(model.chunks):
+                x = after_chunk(c, chunk(x))
+                outs.append(x)
+            logits = model.norm_f(x) @ model.embedding.weight.t()
+            nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            r_nll += F.cross_entropy(model.readout(outs).flatten(0, 1), targets.flatten(), reduction="sum").item()
+    n = len(windows) * windows.seq_len
+    return math.exp(nll / n), math.exp(r_nll / n)
+
+
 def test_prune_curve_against_an_independent_computation():
     torch.manual_seed(3)
     model = Samba(CFG).eval()
@@ -147,20 +170,7 @@ def test_prune_curve_against_an_independent_computation():
     def by_hand(fraction):
         """Zero the smallest fraction after each chunk by sorting, full logits, plain CE."""
         n_zero = round(fraction * 16)
-        nll = r_nll = 0.0
-        with torch.no_grad():
-            for inputs, targets in windows.batches(4):
-                x, outs = model.embedding(inputs).float(), []
-                for chunk in model.chunks:
-                    x = chunk(x)
-                    order = x.abs().argsort(dim=-1, stable=True)
-                    x = x.scatter(-1, order[..., :n_zero], 0.0)
-                    outs.append(x)
-                logits = model.norm_f(x) @ model.embedding.weight.t()
-                nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-                r_nll += F.cross_entropy(model.readout(outs).flatten(0, 1), targets.flatten(), reduction="sum").item()
-        n = len(windows) * 16
-        return math.exp(nll / n), math.exp(r_nll / n)
+        return hand_ppl(model, windows, lambda c, x: zero_smallest(x, n_zero))
 
     for f in (0.0, 0.5, 0.75):
         ppl, r_ppl = by_hand(f)
@@ -227,8 +237,7 @@ def test_prune_curve_in_the_pca_basis_against_a_hand_computation(target):
     n_native = round(target * 16)
 
     def native_top_k(x):
-        order = x.abs().argsort(dim=-1, stable=True)
-        return x.scatter(-1, order[..., :n_native], 0.0)
+        return zero_smallest(x, n_native)
 
     with torch.no_grad():  # each chunk's axes by hand: eigenvectors of its outputs' second moment
         outputs = [[] for _ in model.chunks]
@@ -240,20 +249,9 @@ def test_prune_curve_in_the_pca_basis_against_a_hand_computation(target):
         axes = [torch.linalg.eigh(torch.cat(o).t() @ torch.cat(o))[1].float() for o in outputs]
 
     def by_hand(fraction):
-        n_zero, nll, r_nll = round(fraction * 16), 0.0, 0.0
-        with torch.no_grad():
-            for inputs, targets in test.batches(4):
-                x, outs = model.embedding(inputs).float(), []
-                for chunk, v in zip(model.chunks, axes):
-                    y = native_top_k(chunk(x)) @ v  # the model's own zeros, then coordinates on the axes
-                    order = y.abs().argsort(dim=-1, stable=True)
-                    x = y.scatter(-1, order[..., :n_zero], 0.0) @ v.t()
-                    outs.append(x)
-                logits = model.norm_f(x) @ model.embedding.weight.t()
-                nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-                r_nll += F.cross_entropy(model.readout(outs).flatten(0, 1), targets.flatten(), reduction="sum").item()
-        n = len(test) * 16
-        return math.exp(nll / n), math.exp(r_nll / n)
+        # the model's own zeros, then coordinates on the axes, zeroed there, rotated back
+        n_zero = round(fraction * 16)
+        return hand_ppl(model, test, lambda c, x: zero_smallest(native_top_k(x) @ axes[c], n_zero) @ axes[c].t())
 
     assert by_hand(0.0)[0] == pytest.approx(main["ppl"], rel=1e-5)  # the hand model is the model
     for f in (0.6, 0.75):
