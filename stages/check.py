@@ -6,11 +6,12 @@ Every other stage checks the whole file too, but DVC runs a stage only when one 
 tracks changes: a key added where no stage looks (``dvc exp run -S +trainig.lr=0.1``, a misspelt
 section; a hand edit) would otherwise run nothing and pass for an experiment. This stage tracks
 every value, so any change runs it, and it refuses what is unknown, missing or out of range,
-naming the key, and a local path that a stage is about to read and is not there (a dataset,
-tokenizer or checkpoint whose value changed since dvc.lock; a teacher outside the repository). It
-writes nothing, and it runs first: a value it refuses leaves dvc.lock as it was. (A value refused
-by a later stage leaves this stage's entry in dvc.lock at the refused params: ``git checkout
-params.yaml dvc.lock`` brings both back.)
+naming the key, and a local path that a stage is about to read and is not there
+(samba.preflight: the dataset, tokenizer or checkpoint of a stage dvc.lock says will run; the
+teacher, unless it is a stage's output). It writes nothing, and it runs first: a value it refuses
+leaves dvc.lock as it was. (A value refused by a later stage leaves this stage's entry in dvc.lock
+at the refused params: ``touch params.yaml dvc.lock && git checkout params.yaml dvc.lock`` brings
+both back; docs/failures.md.)
 """
 
 import argparse

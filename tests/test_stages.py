@@ -369,7 +369,8 @@ def test_check_stage_checks_the_sources_of_the_stages_that_will_run(sources, che
     params = _params_file(repo, data, **gone)  # data now holds the gone paths: the values dvc.lock ran with
     converted = {f"model.{k}": v for k, v in data["model"].items() if k != "sparsity_target"}
     lock = {"schema": "2.0", "stages": {
-        "check": {"params": {"params.yaml": {"dataset": {"name": "/other"}}}},  # check's own record counts not
+        # check's own record (of every value) counts not: neither as a stage to run nor as a record
+        "check": {"params": {"params.yaml": {"dataset": {**data["dataset"], "name": "/other"}}}},
         "prepare": {"cmd": "python stages/prepare.py", "params": {"params.yaml": {"dataset": data["dataset"]}}},
         "convert": {"cmd": "python stages/convert.py", "params": {"params.yaml": {
             "pretrained.model_name": "/gone/ckpt", "pretrained.use_pretrained": True,
@@ -388,6 +389,11 @@ def test_check_stage_checks_the_sources_of_the_stages_that_will_run(sources, che
             ({"training": {"seed": 7}}, CheckpointError, "pretrained.model_name: /gone/ckpt: no such directory")):
         with pytest.raises(error, match=message):
             run(**changes)
+    prepared = lock["stages"].pop("prepare")  # prepare has not run (check has): it will, and read the data
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
+    with pytest.raises(DataError, match="dataset.name: /gone/corpus"):
+        run()
+    lock["stages"]["prepare"] = prepared
     lock["stages"]["convert"]["params"]["params.yaml"]["pretrained.use_pretrained"] = False  # random init then
     (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
     with pytest.raises(CheckpointError, match="pretrained.model_name: /gone/ckpt: no such directory"):

@@ -6,53 +6,48 @@ or reaches the Hub."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import FLOAT_LITERAL, Params
+from .config import FLOAT_LITERAL, Params, flatten
 from .data import local_dataset_files, local_tokenizer_file
 from .distill import require_teacher
 from .model_files import CheckpointError, local_checkpoint_dir
 from .paths import experiment_origin, resolve_local_path
 
 
-def _flat(tracked: dict) -> dict[str, Any]:
-    """params as dvc.lock records them (a section as a dict, a single value by its dotted key),
-    by dotted key, in JSON's types (tuples as lists)."""
-    flat: dict[str, Any] = {}
-    for key, value in (tracked or {}).items():
-        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    return {k: _number(v) for k, v in json.loads(json.dumps(flat)).items()}
-
-
 def _number(value: Any) -> Any:
-    """5e-05 as dvc.lock holds it (a string to YAML 1.1) and 5e-05 as params.yaml gives it, alike."""
-    if isinstance(value, list):
+    """5e-05 as dvc.lock holds it (a string to YAML 1.1) and as params.yaml gives it, alike; a
+    tuple as the list dvc.lock holds."""
+    if isinstance(value, (list, tuple)):
         return [_number(v) for v in value]
     return float(value) if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value) else value
 
 
-def stages_to_run(params: Params, lock: Path) -> dict[str, set[str]] | None:
-    """The params each stage of dvc.lock tracks, for the stages whose recorded params differ from
-    ``params`` (those DVC will run again); None without a readable dvc.lock (a first run)."""
+_ABSENT = object()  # a recorded key params.yaml no longer has: its stage runs again
+
+
+def params_to_be_read(params: Params, lock: Path) -> set[str] | None:
+    """The params (dotted keys) that the stages DVC is about to run read: those each stage of
+    dvc.lock recorded, for the stages whose recorded values differ from ``params``, and those no
+    stage recorded yet (a stage that has not run). None without a readable dvc.lock (a first run:
+    every stage runs). The check stage's own record, of every value, tells nothing of the others."""
     try:
         stages = yaml.safe_load(lock.read_text()).get("stages") or {}
     except (OSError, AttributeError, yaml.YAMLError):
         return None
-    current = _flat(params.to_dict())
-    to_run = {}
-    for name, stage in stages.items():
-        recorded = {k: v for tracked in ((stage or {}).get("params") or {}).values() for k, v in _flat(tracked).items()}
-        if name != "check" and any(current.get(k, object()) != v for k, v in recorded.items()):
-            to_run[name] = set(recorded)
-    tracked_anywhere = {k for stage in stages.values() for t in ((stage or {}).get("params") or {}).values()
-                        for k in _flat(t)}
-    to_run[""] = set(current) - tracked_anywhere  # values no stage ran with yet: read if any stage runs
-    return to_run
+    current = {k: _number(v) for k, v in flatten(params.to_dict()).items()}
+    recorded = [{k: _number(v) for tracked in ((stage or {}).get("params") or {}).values()
+                 for k, v in flatten(tracked).items()}
+                for name, stage in stages.items() if name != "check"]
+    read = set(current).difference(*recorded)
+    for values in recorded:
+        if any(current.get(k, _ABSENT) != v for k, v in values.items()):
+            read |= values.keys()
+    return read
 
 
 def stage_outputs(dvc_yaml: Path) -> list[Path]:
@@ -77,13 +72,13 @@ def _repository_path(spec: str, root: Path) -> Path | None:
 
 def check_local_sources(params: Params, repo: Path) -> None:
     """Every local path that a stage is about to read exists as what it must be. dvc.lock says
-    which stages will run again (those whose recorded params changed): a source only an up-to-date
-    stage reads is not checked (a clone that pulled the outputs but lacks ../shared/data runs on).
+    which stages will run again (``params_to_be_read``): a source only an up-to-date stage reads is
+    not checked (a clone that pulled the outputs but lacks ../shared/data runs on).
     Without a dvc.lock every source is checked. Hub ids are not fetched."""
-    to_run = stages_to_run(params, repo / "dvc.lock")
+    to_be_read = params_to_be_read(params, repo / "dvc.lock")
 
     def read(key: str) -> bool:
-        return to_run is None or any(key in keys for keys in to_run.values())
+        return to_be_read is None or key in to_be_read
 
     if read("dataset.name"):
         local_dataset_files(params.dataset.name)
