@@ -24,8 +24,9 @@ python3 -m pip wheel -q --no-deps -w .gpu/dvc antlr4-python3-runtime==4.9.3
 python3 -m pip download -q "${for312[@]}" --find-links .gpu/dvc -d .gpu/dvc dvc==3.67.1 dvclive==3.49.1
 python3 -m pip download -q "${for312[@]}" --no-deps -d .gpu/lmeval lm-eval==0.4.13 requests urllib3 certifi idna \
   chardet charset-normalizer
-# what that machine has already (its own builds), to keep the carry small
-rm -f .gpu/dvc/{numpy,pyarrow,torch,nvidia_,triton,sympy,networkx,jinja2,MarkupSafe,fsspec,filelock,packaging,PyYAML}*-*.whl
+# what that machine has already (torch's and transformers' requirements), to keep the carry
+# small; as wheel files spell them. nvidia-ml-py stays: dvclive needs it, torch does not bring it.
+rm -f .gpu/dvc/{numpy,pyarrow,torch,triton,sympy,networkx,jinja2,markupsafe,fsspec,filelock,packaging,pyyaml}-*.whl
 
 tar czf .gpu/data/wt2.tar.gz -C "$SHARED/data" wikitext-2-tokenized tokenizers/gpt-neox-20b
 du -sh .gpu .gpu/* | sed 's/^/gpu_prepare: /'
