@@ -7,6 +7,8 @@
 #   bash benchmarks/dvc_git_race.sh [RUNS]      # RUNS per case, default 16; needs dvc on PATH
 set -euo pipefail
 RUNS=${1:-16}
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || { echo "dvc_git_race: RUNS must be a positive whole number, got $RUNS" >&2; exit 2; }
+command -v dvc > /dev/null || { echo "dvc_git_race: dvc is not on PATH (activate the venv: . .venv/bin/activate)" >&2; exit 2; }
 dir=$(mktemp -d) && trap 'rm -rf "$dir"' EXIT && cd "$dir"
 git init -q && git config user.email race@example.com && git config user.name race && dvc init -q
 printf 'training:\n  lr: 0.1          # the rate\n  seed: 0          # the seed\n' > params.yaml
