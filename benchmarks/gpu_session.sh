@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Everything this project runs on the GPU machine (device time is scarce: few, full calls).
 #   bash benchmarks/gpu_session.sh tests,bench,gen     # one H200: kernel tests, step and decoding benchmarks
-#   DEADLINE=470 bash benchmarks/gpu_session.sh bench,gen,testsbg,sweep   # then, within 30 s: DEADLINE=540 ... collect
-#                                                      # (2026-12-07: the GPU tests beside the sweep's set-up)
+#   DEADLINE=555 bash benchmarks/gpu_session.sh testsbg,sweep   # the GPU tests beside the sweep's set-up, then its runs
+#   DEADLINE=555 bash benchmarks/gpu_session.sh collect # each later call, made within 30 s of the last: the runs go on
 #   bash benchmarks/gpu_session.sh sweep               # the fresh-data protocol: stand-in on half the train split, the sweep on the other half
-#   bash benchmarks/gpu_session.sh collect             # a call made within 30 s of the sweep's: wait for the rest of its queue, tabulate again
 #   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes (+ evaluate_passes.py)
 #   bash benchmarks/gpu_session.sh bench,stage         # the train stage itself against the benchmark's a, one call
 #   bash benchmarks/gpu_session.sh scaling             # data-parallel scaling of the train stage (2+ GPUs)
 #   ZS_MODELS="standin=/tmp/standin sparse=DIR" COMMIT=abc1234 bash benchmarks/gpu_session.sh zeroshot
 #                                                      # lm-eval: wikitext + offline zero-shot tasks of those models, speed vs HFLM
-# Knob: DEADLINE (seconds into the call to stop waiting on the sweep's queue and pack; default 450).
-# The sweep of benchmarks/results/sparsity: DEADLINE=560 ... sweep on 2 GPUs, then `collect,zeroshot` at once.
+# Knobs: DEADLINE (seconds into the call to stop the sweep's runs, resumably, and pack; default 450),
+# SWEEP_JOBS (runs at once, default 4), SWEEP_PCA=1 (training-free PCA pruning of control and twin too),
+# SWEEP_DRY=1 (sweep and collect on this CPU with a tiny model: checks the logic, no number means anything).
 # Carry .gpu: the mamba-ssm / causal-conv1d wheels (../shared/wheels), liger-kernel and
 # cut-cross-entropy wheels, .gpu/dvc/*.whl (dvc, dvclive and what they need), .gpu/data/wt2.tar.gz
 # (WikiText-2 tokenized + the GPT-NeoX tokenizer); for zeroshot, .gpu/lmeval/*.whl (lm-eval and what it needs)
@@ -68,33 +68,77 @@ wt2_project() {  # wt2_project DIR LOG [section.key=value ...]: DIR/params.yaml 
     && python3 stages/convert.py --params "$1/params.yaml" --out "$1/init" >> "$2" 2>&1 \
     || { tail -5 "$2"; pack; exit 1; }
 }
-collect() {  # wait for the queued experiments (until DEADLINE), then the table, the picture, the logs
-  cd /tmp/run || return
-  while [ $SECONDS -lt $DEADLINE ]; do  # a status that times out (busy CPUs) is no answer: wait on
-    status=$(timeout 60 python3 -m dvc queue status 2>/dev/null) \
-      && ! grep -qE "Queued|Running" <<< "$status" && break
-    sleep 10
+# The sweep's fine-tunes run in the call, never beyond it: J workers, each in its own clone of
+# /tmp/run (one DVC cache), take the plan's runs in order; at DEADLINE each run in flight is asked
+# to stop (SIGTERM: the train stage saves its checkpoint at the next step) and a later call made
+# within 30 s (`collect`) resumes it from there, in the same clone. (2026-12-07: the DVC queue's
+# workers ended with the call that started them, and 16 queued runs were lost.)
+SW=/tmp/sweep
+worker() {  # worker K: its own unfinished run first (resumed), then the next unclaimed one of the plan
+  local k=$1 name args
+  cd "$SW/w$k" || return 1
+  while [ ! -e $SW/stop ]; do
+    name=$(awk -v k="$k" -v c=$SW/claims '{ d = c "/" $1; if (system("test -e " d "/done -o -e " d "/failed") == 0) next;
+      w = ""; if ((getline w < (d "/worker")) > 0 && w == k) { print $1; exit } }' $SW/plan.txt)
+    if [ -z "$name" ]; then
+      while read -r n _; do mkdir "$SW/claims/$n" 2>/dev/null && { echo "$k" > "$SW/claims/$n/worker"; name=$n; break; }; done < $SW/plan.txt
+    fi
+    [ -n "$name" ] || return 0
+    args=$(awk -v n="$name" '$1 == n { $1 = ""; print }' $SW/plan.txt)
+    # params.yaml written whole from the clone's commit (never left to git, which can miss a
+    # same-size rewrite: docs/experiments.md), then touched
+    git show HEAD:params.yaml > params.yaml && set_params params.yaml compute.device=cuda:$((k % NGPU)) $args \
+      && touch params.yaml || { touch "$SW/claims/$name/failed"; continue; }
+    [ "${SWEEP_DRY:-0}" = 1 ] && set_params params.yaml compute.device=cpu
+    echo "$(date +%T) +$SECONDS s w$k: $name"
+    if python3 -m dvc exp run -n "$name" >> "$RES/runs/$name.log" 2>&1; then
+      for f in params.yaml metrics/eval.json metrics/eval_summary.json metrics/train/summary.json; do
+        cp "$f" "$RES/runs/$name.$(basename "${f%.*}" | sed 's/^summary$/train_summary/').${f##*.}"; done
+      timeout 120 python3 -m dvc exp show --json > $SW/show_w$k.part 2> /dev/null && mv $SW/show_w$k.part $SW/show_w$k.json
+      touch "$SW/claims/$name/done"; echo "$(date +%T) +$SECONDS s w$k: $name done"
+    elif [ -e $SW/stop ]; then
+      return 0  # the deadline: the next call resumes it from its checkpoint
+    else
+      touch "$SW/claims/$name/failed"; echo "$(date +%T) w$k: $name FAILED"; tail -5 "$RES/runs/$name.log"
+    fi
   done
-  timeout 30 python3 -m dvc queue status > "$RES/queue_status.txt" 2>&1; cat "$RES/queue_status.txt"
-  timeout 60 python3 -m dvc exp show --json > "$RES/exp_show.json" 2> /dev/null
-  timeout 60 python3 -m samba.frontier "$RES/sparsity" --from-json "$RES/exp_show.json" 2>&1 | tail -24
-  mkdir -p "$RES/runs"  # each finished experiment's params and eval.json, from its git ref
-  for ref in $(git for-each-ref --format='%(refname)' refs/exps | grep -vE '/(EXEC_[A-Z_]+|stash)$'); do
-    git show "$ref:metrics/eval.json" > "$RES/runs/${ref##*/}.eval.json" 2>/dev/null || rm -f "$RES/runs/${ref##*/}.eval.json"
-    git show "$ref:params.yaml" > "$RES/runs/${ref##*/}.params.yaml" 2>/dev/null
-    git show "$ref:metrics/train/metrics.json" > "$RES/runs/${ref##*/}.train.json" 2>/dev/null
-    git show "$ref:metrics/train/summary.json" > "$RES/runs/${ref##*/}.train_summary.json" 2>/dev/null; done
-  for name in $(awk '/Failed/ {print $2}' "$RES/queue_status.txt"); do
-    timeout 20 python3 -m dvc queue logs "$name" > "$RES/failed_$name.log" 2>&1; done
-  cd "$REPO"; pack
+}
+work() {  # the plan's workers until they finish it or DEADLINE; then stop them resumably, tabulate, pack
+  [ -f $SW/plan.txt ] || { echo "no sweep to go on with ($SW/plan.txt): run the sweep part first"; return 1; }
+  export PYTHONPATH=/tmp/site  # each clone's stages import their own src (stages/_repo.py)
+  NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NGPU" -ge 1 ] || NGPU=1
+  rm -f $SW/stop; mkdir -p "$RES/runs"
+  local pids=() k
+  for k in $(seq 0 $((${SWEEP_JOBS:-4} - 1))); do worker "$k" & pids+=($!); done
+  while [ $SECONDS -lt $DEADLINE ]; do
+    alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 1 ] || break; sleep 5
+  done
+  touch $SW/stop
+  pkill -TERM -f "stages/(check|prepare|convert|train|evaluate).py --params params.yaml" 2> /dev/null
+  for i in $(seq 20); do alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 1 ] || break; sleep 1; done
+  pkill -KILL -f "stages/(check|prepare|convert|train|evaluate).py --params params.yaml" 2> /dev/null; wait "${pids[@]}" 2> /dev/null
+  tabulate
+}
+tabulate() {  # the frontier of every finished run (each clone's exp show, saved after each run), what is left
+  python3 -c "import json, sys; print(json.dumps([e for f in sys.argv[1:] for e in json.load(open(f))]))" \
+    $SW/show_*.json > "$RES/exp_show.json" && PYTHONPATH=/tmp/site:$REPO/src timeout 60 python3 -m samba.frontier \
+    "$RES/sparsity" --from-json "$RES/exp_show.json" 2>&1 | tail -40
+  while read -r n _; do c=$SW/claims/$n
+    if [ -e $c/done ]; then s=done; elif [ -e $c/failed ]; then s=FAILED; elif [ -d $c ]; then s="started (w$(cat $c/worker 2>/dev/null))"; else s=waiting; fi
+    echo "$n: $s"; done < $SW/plan.txt | tee "$RES/plan_status.txt"
+  cp $SW/plan.txt "$RES/plan.txt"; pack
 }
 
+install_lmeval() {  # the zero-shot GPU tests need lm-eval (2026-12-07 ran without it: those two failed on the import)
+  python3 -c "import lm_eval" 2>/dev/null || ! ls .gpu/lmeval/*.whl > /dev/null 2>&1 || python3 -m pip install -q \
+    --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpu/lmeval/*.whl 2>&1 | grep -v WARNING | tail -3
+}
 gpu_tests() {
   local start=$SECONDS
   install_dvc  # the graphed-training tests run the train stage, which logs with dvclive
-  # the zero-shot GPU tests need lm-eval (2026-12-07 ran without it: those two failed on the import)
-  python3 -c "import lm_eval" 2>/dev/null || ! ls .gpu/lmeval/*.whl > /dev/null 2>&1 || python3 -m pip install -q \
-    --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpu/lmeval/*.whl 2>&1 | grep -v WARNING | tail -3
+  install_lmeval
   python3 -m pytest -p no:cacheprovider -m gpu -v -s tests/test_kernels_gpu.py > "$RES/gpu_tests.log" 2>&1
   grep -E "rel err|bound|PASS|FAIL|Error|passed|failed" "$RES/gpu_tests.log" | tail -75
   echo "GPU tests: $((SECONDS - start)) s"
@@ -139,7 +183,8 @@ fi
 
 TESTS_PID=
 if [[ ,$PARTS, == *,testsbg,* ]]; then  # after the timed parts: the GPU tests beside the sweep's set-up
-  echo "=== GPU tests, in the background"; install_dvc; gpu_tests > "$RES/gpu_tests_summary.txt" 2>&1 &
+  echo "=== GPU tests, in the background"; install_dvc; install_lmeval  # before the sweep imports from /tmp/site
+  gpu_tests > "$RES/gpu_tests_summary.txt" 2>&1 &
   TESTS_PID=$!
 fi
 
@@ -153,12 +198,12 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   export PYTHONPATH=/tmp/site:$RUN/src OMP_NUM_THREADS=4
   cd $RUN && git init -q && git config user.email gpu@example.com && git config user.name gpu || exit 1
   # WikiText-2 (wikitext-2-v1 files: the raw train split is not at hand) and the GPT-NeoX tokenizer
-  wt2_params params.yaml training.warmup_steps=30 training.eval_every=150 training.checkpoint_every=1000 \
+  wt2_params params.yaml training.warmup_steps=30 training.eval_every=150 training.checkpoint_every=150 \
     "eval.prune_fractions=[0.0]" || exit 1
   if [ "${SWEEP_DRY:-0}" = 1 ]; then  # a tiny model, a few steps: every command runs, no number means anything
     set_params params.yaml model.d_model=32 model.n_layers=4 model.readout_stride=2 model.readout_hidden_dim=32 \
-      training.batch_size=4 training.seq_len=32 training.max_steps=6 training.eval_every=3 training.eval_batches=2 \
-      training.warmup_steps=2 eval.max_windows=8 compute.device=cpu || exit 1
+      training.batch_size=4 training.seq_len=32 training.max_steps=40 training.eval_every=20 training.eval_batches=2 \
+      training.warmup_steps=2 training.checkpoint_every=5 eval.max_windows=8 compute.device=cpu || exit 1
   fi
   git add -A && git commit -qm "sweep base" && python3 -m dvc repro prepare convert > "$RES/setup.log" 2>&1 \
     || { tail -20 "$RES/setup.log"; pack; exit 1; }
@@ -193,41 +238,40 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   cp -r models/samba /tmp/twin && git checkout -q -- params.yaml dvc.lock && python3 -m dvc checkout -q
   grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/twin.log" | tail -2; echo "twin: $((SECONDS - start)) s"; pack
 
-  echo "=== the fine-tunes, queued, several workers per GPU"; start=$SECONDS
-  i=0
-  queue() { python3 -m dvc exp run --queue -n "$1" -S compute.device=$DEVICE "${@:2}" > /dev/null; i=$((i + 1)); }
-  DEVICE=cuda:0; [ "${SWEEP_DRY:-0}" = 1 ] && DEVICE=cpu
-  ep6="-S training.epochs=6"; ep12="-S training.epochs=12"
-  if [ "${SWEEP_12:-0}" = 1 ]; then  # the longest first: started last, they would not end within the calls
-    queue twin-12ep $kl $ep12
-    queue topk90-12ep $kl $ep12 $sparse=0.9
+  echo "=== the fine-tunes: $SW/plan.txt, ${SWEEP_JOBS:-4} workers, each in a clone of $RUN"; start=$SECONDS
+  rm -rf $SW && mkdir -p $SW/claims "$RES/runs" || exit 1
+  (cd $RUN && timeout 120 python3 -m dvc exp show --json > $SW/show_run.json)  # control-s0, twin-s0
+  for k in $(seq 0 $((${SWEEP_JOBS:-4} - 1))); do
+    git clone -q $RUN $SW/w$k && (cd $SW/w$k && python3 -m dvc cache dir --local $RUN/.dvc/cache \
+      && python3 -m dvc checkout -q prepare convert) || { echo "clone $k failed"; pack; exit 1; }
+  done
+  kl="training.lr=3.0e-4 training.teacher=/tmp/teacher training.distill_weight=10.0"
+  sparse="training.pruning_weight=0.5 model.sparsity_target"
+  {  # in order: the 12-epoch sparse run first (the longest), then every row a target rests on, then the knobs
+    echo "topk90-12ep $kl training.epochs=12 $sparse=0.9"
+    for s in 1 2; do echo "twin-s$s $kl training.seed=$s"; done
+    for s in 0 1 2; do echo "topk90-s$s $kl $sparse=0.9 training.seed=$s"; done
+    for s in 0 1 2; do echo "topk95-s$s $kl $sparse=0.95 training.seed=$s"; done
+    echo "twin-6ep $kl training.epochs=6"
+    echo "topk90-6ep $kl training.epochs=6 $sparse=0.9"
+    echo "topk95-6ep $kl training.epochs=6 $sparse=0.95"
+    echo "topk75 $kl $sparse=0.75"
+    echo "topk90-ramp50 $kl $sparse=0.9 training.sparsity_warmup_steps=0 training.sparsity_warmup_fraction=0.5"
+    echo "topk90-lr6 training.lr=6.0e-4 training.teacher=/tmp/teacher training.distill_weight=10.0 $sparse=0.9"
+    echo "topk90-kl3 training.lr=3.0e-4 training.teacher=/tmp/teacher training.distill_weight=3.0 $sparse=0.9"
+    echo "topk90-twinteacher training.lr=3.0e-4 training.teacher=/tmp/twin training.distill_weight=10.0 $sparse=0.9"
+    echo "twin-12ep $kl training.epochs=12"
+  } > $SW/plan.txt
+  echo "$(wc -l < $SW/plan.txt) runs planned, clones ready: $((SECONDS - start)) s"
+  if [ "${SWEEP_PCA:-0}" = 1 ]; then  # measured 2026-12-07 (results/2026-12-07/pca_control_twin.json)
+    echo "=== training-free pruning in the PCA basis: the control and the twin (beside the fine-tunes)"
+    cp params.yaml /tmp/pca_params.yaml && set_params /tmp/pca_params.yaml "eval.prune_basis=[native,pca]" \
+      "eval.prune_fractions=[0.0,0.25,0.5,0.75,0.9,0.95]"
+    ( python3 stages/evaluate.py --params /tmp/pca_params.yaml --data data/tokenized --baseline /tmp/teacher \
+        --model /tmp/twin --out "$RES/pca_control_twin.json" --summary /tmp/pca_summary.json --plots "$RES/pca_plots" \
+        > "$RES/pca.log" 2>&1; echo "pca: exit $?" >> "$RES/pca.log" ) &
   fi
-  for s in 1 2; do queue twin-s$s $kl -S training.seed=$s; done
-  for s in 0 1 2; do queue topk90-s$s $kl $sparse=0.9 -S training.seed=$s; done
-  for s in 0 1 2; do queue topk95-s$s $kl $sparse=0.95 -S training.seed=$s; done
-  queue twin-6ep $kl $ep6
-  queue topk90-6ep $kl $ep6 $sparse=0.9
-  queue topk95-6ep $kl $ep6 $sparse=0.95
-  queue topk75 $kl $sparse=0.75
-  # the knobs, one seed each, at 3 epochs
-  queue topk90-ramp50 $kl $sparse=0.9 -S training.sparsity_warmup_steps=0 -S training.sparsity_warmup_fraction=0.5
-  queue topk90-lr6 -S training.lr=6.0e-4 -S training.teacher=/tmp/teacher -S training.distill_weight=10.0 $sparse=0.9
-  queue topk90-kl3 -S training.lr=3.0e-4 -S training.teacher=/tmp/teacher -S training.distill_weight=3.0 $sparse=0.9
-  queue topk90-twinteacher -S training.lr=3.0e-4 -S training.teacher=/tmp/twin -S training.distill_weight=10.0 $sparse=0.9
-  [ "${SWEEP_12:-0}" = 1 ] && queue topk90-6ep-ramp225 $kl $ep6 $sparse=0.9 -S training.sparsity_warmup_steps=0 \
-    -S training.sparsity_warmup_fraction=0.225
-  # In a session of their own (setsid), the workers outlive the call and run on until the machine
-  # is given back (30 s after a call ends): a call made within those 30 s finds them at work. Without
-  # setsid they end with the call (2026-12-07: every queued run was lost between two calls).
-  setsid -w python3 -m dvc queue start -j ${SWEEP_JOBS:-4} < /dev/null > /dev/null 2>&1
-  echo "queued $i runs: $((SECONDS - start)) s"
-  echo "=== training-free pruning in the PCA basis: the control and the twin (beside the queue)"
-  cp params.yaml /tmp/pca_params.yaml && set_params /tmp/pca_params.yaml "eval.prune_basis=[native,pca]" \
-    "eval.prune_fractions=[0.0,0.25,0.5,0.75,0.9,0.95]"
-  ( setsid -w python3 stages/evaluate.py --params /tmp/pca_params.yaml --data data/tokenized --baseline /tmp/teacher \
-      --model /tmp/twin --out "$RES/pca_control_twin.json" --summary /tmp/pca_summary.json --plots "$RES/pca_plots" \
-      > "$RES/pca.log" 2>&1; echo "pca: exit $?" >> "$RES/pca.log" ) &
-  collect
+  work
   echo "sweep: $((SECONDS - start)) s"
   cd "$REPO"
 fi
@@ -279,9 +323,8 @@ print(*(f'{n} {v(n)}' for n in ('lm_eval', 'datasets', 'pyarrow', 'fsspec', 'hug
   echo "zero-shot: $((SECONDS - start)) s"; pack
 fi
 
-if [[ $PARTS == *collect* ]]; then  # a later call on the same (warm) machine: the rest of the queue
-  export PYTHONPATH=/tmp/site:/tmp/run/src
-  collect
+if [[ $PARTS == *collect* ]]; then  # a call within 30 s of the last: the plan's runs go on (resumed), tabulated
+  echo "=== the sweep's fine-tunes, continued"; work
 fi
 if [ -n "$TESTS_PID" ]; then wait $TESTS_PID; echo "=== GPU tests (background)"; cat "$RES/gpu_tests_summary.txt"; fi
 pack; ls -la "$OUT"
