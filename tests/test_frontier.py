@@ -187,6 +187,15 @@ def test_the_pareto_front_and_the_columns(tmp_path):
     assert [r["experiment"] for r in write_frontier(_shown(exps), tmp_path)][:2] == ["control", "l1"]
 
 
+def test_a_dense_models_few_natural_zeros_do_not_put_it_on_the_front(tmp_path):
+    # measured 2026-12-07: dense twins of 3, 6 and 12 epochs differ in exact zeros by ~1e-7 of their elements
+    exps = [_exp("twin-6ep", 61.7, zeros=0.0, tokens=6_000_000), _exp("twin-3ep", 62.2, zeros=2e-7, tokens=3_000_000),
+            _exp("twin-12ep", 62.8, zeros=4e-7, tokens=12_000_000),
+            _exp("topk90", 64.2, target=0.9, zeros=0.8997, tokens=12_000_000)]
+    rows = _rows(tmp_path, exps)
+    assert {n for n, r in rows.items() if r["pareto"]} == {"twin-6ep", "topk90"}
+
+
 def test_the_plot_has_the_seeds_error_bars_and_no_label_on_the_points(tmp_path, monkeypatch):
     import matplotlib.axes
 

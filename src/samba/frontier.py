@@ -60,6 +60,7 @@ SPARSITY_OFF = {"model.sparsity_target": 0.0, "training.pruning_weight": 0.0}
 EVAL_PROTOCOL = ("eval.max_windows", "training.seq_len")
 REQUIRED = ("ppl", "readout_ppl", "baseline", "sparsity")
 REQUIRED_SPARSITY = ("l0", "l0_min_chunk", "near_zero_rel")
+ZEROS_RESOLUTION = 1e-3  # the Pareto front compares fractions of exact zeros to 0.1 percentage point
 
 
 class FrontierError(UserError, ValueError):
@@ -219,7 +220,10 @@ def best_dense(rows: list[dict], row: dict) -> dict | None:
 
 
 def pareto(points: list[tuple[float, float]]) -> list[bool]:
-    """points (zeros, ppl): on the front when no other point has >= zeros at <= ppl, one strictly."""
+    """points (zeros, ppl): on the front when no other point has >= zeros at <= ppl, one strictly.
+    Zeros count to ZEROS_RESOLUTION: a dense model's few natural exact zeros (a fraction of 1e-7
+    or so) do not put it on the front beside a better dense model."""
+    points = [(round(z / ZEROS_RESOLUTION), p) for z, p in points]
     return [not any(z2 >= z and p2 <= p and (z2 > z or p2 < p) for z2, p2 in points) for z, p in points]
 
 
@@ -280,7 +284,8 @@ def plot(rows: list[dict], path: Path) -> None:
         err = 100 * r["ppl_std"] / reference if r["n_seeds"] > 1 else None
         color = "tab:red" if r["pareto"] else ("tab:blue" if r["dense"] else "tab:gray")
         ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, zorder=3, color=color)
-        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8, color=color)
+        same = sum(abs(x - x2) < 1.0 and abs(y - y2) < 0.3 for x2, y2, _ in points)  # a point drawn there already
+        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(5 + 12 * same, 3), fontsize=8, color=color)
         points.append((x, y, r))
     front = sorted((x, y) for x, y, r in points if r["pareto"])
     if front:
