@@ -330,7 +330,10 @@ def _gpu_params(tmp_path, sources, **training):
 
 @pytest.mark.parametrize("target", [0.0, 0.5])
 def test_graphed_training_equals_eager(sources, tmp_path, target):
-    """The train stage with compute.cuda_graphs true and false: same weights, same curves."""
+    """The train stage with compute.cuda_graphs true and false: same weights, same curves. At
+    sparsity 0.5 a tie at top-k's cut (float atomics in mamba-ssm's scan backward) gives 4.1e-4
+    in 8 of 13 runs of this test to date, 3e-7 to 5e-7 in the others: the bound 1e-3 is above the
+    first, and a wrong captured step (a stale input, a missed update) is far above it."""
     import csv
 
     from safetensors.torch import load_file
@@ -364,7 +367,14 @@ def test_graphed_training_equals_eager(sources, tmp_path, target):
 
 def test_graphed_distillation_equals_eager(sources, tmp_path, caplog):
     """Distillation (the KL to a teacher, the teacher's forward without gradients) inside the
-    captured training step: captured, and the same weights and curves as eager."""
+    captured training step: captured, and the same weights and curves as eager.
+
+    Dense (sparsity 0): with top-k the comparison is a coin toss, not a bound. mamba-ssm's scan
+    backward adds gradients with float atomics, so two runs differ in the last bits; where two
+    magnitudes tie within that at top-k's cut, the runs zero different elements, and the KL to a
+    disagreeing teacher at lr 2e-3 carries that on: 2.1e-3 and 3.5e-4 in 2 of the 6 runs of this test
+    at sparsity 0.5 (2026-11-30 to 2026-12-07), 2.6e-7 to 3.7e-7 in the others. Top-k inside the
+    captured step is test_graphed_training_equals_eager[0.5]'s."""
     import csv
     import logging
 
@@ -377,7 +387,7 @@ def test_graphed_distillation_equals_eager(sources, tmp_path, caplog):
 
     data = _gpu_params(tmp_path, sources, lr=2.0e-3, distill_weight=1.0)
     data["compute"]["precision"] = "fp32"
-    data["model"]["sparsity_target"] = 0.5
+    data["model"]["sparsity_target"] = 0.0
     params = Params.from_dict(data, require_all=True)
     prepare_tokens(params.dataset, tmp_path / "data")
     convert(params, tmp_path / "init")
