@@ -332,8 +332,8 @@ def _gpu_params(tmp_path, sources, **training):
 def test_graphed_training_equals_eager(sources, tmp_path, target):
     """The train stage with compute.cuda_graphs true and false: same weights, same curves. At
     sparsity 0.5 a tie at top-k's cut (float atomics in mamba-ssm's scan backward) gives 4.1e-4
-    in 8 of 13 runs of this test to date, 3e-7 to 5e-7 in the others: the bound 1e-3 is above the
-    first, and a wrong captured step (a stale input, a missed update) is far above it."""
+    in 8 of 13 runs of this test to date, 3e-7 to 5e-7 in the others: the bound 1e-3 is above
+    the first."""
     import csv
 
     from safetensors.torch import load_file
