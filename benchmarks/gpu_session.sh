@@ -115,10 +115,12 @@ work() {  # the plan's workers until they finish it or DEADLINE; then stop them 
     [ $alive = 1 ] || break; sleep 5
   done
   touch $SW/stop
-  pkill -TERM -f "stages/(check|prepare|convert|train|evaluate).py --params params.yaml" 2> /dev/null
-  for i in $(seq 20); do alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-    [ $alive = 1 ] || break; sleep 1; done
-  pkill -KILL -f "stages/(check|prepare|convert|train|evaluate).py --params params.yaml" 2> /dev/null; wait "${pids[@]}" 2> /dev/null
+  # the stages' Python processes only: the shell DVC runs each in would die at once, DVC with it,
+  # and the train stage must be given the seconds it takes to finish its step and save
+  local stage='^[^ ]*python[0-9.]* stages/(check|prepare|convert|train|evaluate)[.]py --params params[.]yaml'
+  pkill -TERM -f "$stage" 2> /dev/null
+  for i in $(seq 40); do pgrep -f "$stage" > /dev/null || break; sleep 1; done
+  pkill -KILL -f "$stage" 2> /dev/null; wait "${pids[@]}" 2> /dev/null
   tabulate
 }
 tabulate() {  # the frontier of every finished run (each clone's exp show, saved after each run), what is left

@@ -25,7 +25,7 @@ def test_repository_params_are_valid_and_the_real_experiment():
     assert params.dataset.tokenizer == "EleutherAI/gpt-neox-20b"
     assert (params.dataset.name, params.dataset.config_name) == ("wikitext", "wikitext-2-raw-v1")
     t = params.training
-    # the schedule of the fresh-data sweep's best dense control (benchmarks/results/sparsity):
+    # the schedule of the fresh-data sweeps' dense control (benchmarks/results/sparsity, 2026-11-30/sparsity_sweep):
     # 3 epochs at lr 1e-4, warm-up 30; no penalty, no top-k, no teacher: the default run is that
     # control, the teacher of the sparse recipe
     assert (t.readout_weight, t.lr, t.batch_size, t.seq_len, t.epochs, t.warmup_steps) == (0.5, 1.0e-4, 16, 512, 3, 30)

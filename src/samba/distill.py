@@ -9,7 +9,7 @@ in nats, averaged over tokens (Hinton et al. 2015, at temperature 1). Computed s
 
 A second term was tried and removed: a normalised MSE between each chunk output (before top-k)
 and the teacher's. On the H200 sweep it made top-k 0.9 + KL 10 worse (+4.5% over the best dense
-control against +2.1% without it; benchmarks/results/sparsity/README.md).
+control against +2.1% without it; benchmarks/results/2026-11-30/sparsity_sweep/README.md).
 
 The teacher (``training.teacher``) is any model directory ``Samba.from_pretrained`` reads: the
 converted baseline (``models/init``, the default), a Samba directory written by ``train`` (a
