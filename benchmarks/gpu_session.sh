@@ -10,7 +10,8 @@
 #   ZS_MODELS="standin=/tmp/standin sparse=DIR" COMMIT=abc1234 bash benchmarks/gpu_session.sh zeroshot
 #                                                      # lm-eval: wikitext + offline zero-shot tasks of those models, speed vs HFLM
 # Knobs: DEADLINE (seconds into the call to stop the sweep's runs, resumably, and pack; default 450),
-# SWEEP_JOBS (runs at once, default 4), SWEEP_PCA=1 (training-free PCA pruning of control and twin too),
+# SWEEP_PLAN (the runs: benchmarks/sweep_plans/twin.txt, or next.txt), SWEEP_JOBS (runs at once, default 4),
+# SWEEP_PCA=1 (training-free PCA pruning of control and twin too),
 # SWEEP_DRY=1 (sweep and collect on this CPU with a tiny model: checks the logic, no number means anything).
 # Carry .gpu: the mamba-ssm / causal-conv1d wheels (../shared/wheels), liger-kernel and
 # cut-cross-entropy wheels, .gpu/dvc/*.whl (dvc, dvclive and what they need), .gpu/data/wt2.tar.gz
@@ -247,23 +248,12 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
     git clone -q $RUN $SW/w$k && (cd $SW/w$k && python3 -m dvc cache dir --local $RUN/.dvc/cache \
       && python3 -m dvc checkout -q prepare convert) || { echo "clone $k failed"; pack; exit 1; }
   done
-  kl="training.lr=3.0e-4 training.teacher=/tmp/teacher training.distill_weight=10.0"
-  sparse="training.pruning_weight=0.5 model.sparsity_target"
-  {  # in order: the 12-epoch sparse run first (the longest), then every row a target rests on, then the knobs
-    echo "topk90-12ep $kl training.epochs=12 $sparse=0.9"
-    for s in 1 2; do echo "twin-s$s $kl training.seed=$s"; done
-    for s in 0 1 2; do echo "topk90-s$s $kl $sparse=0.9 training.seed=$s"; done
-    for s in 0 1 2; do echo "topk95-s$s $kl $sparse=0.95 training.seed=$s"; done
-    echo "twin-6ep $kl training.epochs=6"
-    echo "topk90-6ep $kl training.epochs=6 $sparse=0.9"
-    echo "topk95-6ep $kl training.epochs=6 $sparse=0.95"
-    echo "topk75 $kl $sparse=0.75"
-    echo "topk90-ramp50 $kl $sparse=0.9 training.sparsity_warmup_steps=0 training.sparsity_warmup_fraction=0.5"
-    echo "topk90-lr6 training.lr=6.0e-4 training.teacher=/tmp/teacher training.distill_weight=10.0 $sparse=0.9"
-    echo "topk90-kl3 training.lr=3.0e-4 training.teacher=/tmp/teacher training.distill_weight=3.0 $sparse=0.9"
-    echo "topk90-twinteacher training.lr=3.0e-4 training.teacher=/tmp/twin training.distill_weight=10.0 $sparse=0.9"
-    echo "twin-12ep $kl training.epochs=12"
-  } > $SW/plan.txt
+  KL="training.lr=3.0e-4 training.teacher=/tmp/teacher training.distill_weight=10.0"
+  TOPK="training.pruning_weight=0.5 model.sparsity_target"
+  # the plan: SWEEP_PLAN (default benchmarks/sweep_plans/twin.txt), $KL and $TOPK spelled out
+  plan=${SWEEP_PLAN:-benchmarks/sweep_plans/twin.txt}; [[ $plan == /* ]] || plan=$REPO/$plan
+  grep -vE '^\s*(#|$)' "$plan" | sed "s|\$KL|$KL|g; s|\$TOPK|$TOPK|g" > $SW/plan.txt && [ -s $SW/plan.txt ] \
+    || { echo "SWEEP_PLAN $plan: no runs in it"; pack; exit 1; }
   echo "$(wc -l < $SW/plan.txt) runs planned, clones ready: $((SECONDS - start)) s"
   if [ "${SWEEP_PCA:-0}" = 1 ]; then  # measured 2026-12-07 (results/2026-12-07/pca_control_twin.json)
     echo "=== training-free pruning in the PCA basis: the control and the twin (beside the fine-tunes)"
