@@ -196,10 +196,31 @@ def test_a_dense_models_few_natural_zeros_do_not_put_it_on_the_front(tmp_path):
     assert {n for n, r in rows.items() if r["pareto"]} == {"twin-6ep", "topk90"}
 
 
+def test_the_front_tells_apart_exact_zeros_a_tenth_of_a_point_apart():
+    from samba.frontier import pareto
+
+    # 0.2 points more zeros at a higher ppl is a trade-off, and so is 95% against 90%
+    assert pareto([(0.900, 64.0), (0.902, 65.0)]) == [True, True]
+    assert pareto([(0.90, 64.0), (0.95, 70.0), (0.75, 63.0)]) == [True, True, True]
+    # 0.04 points of natural zeros are no trade-off: the worse model is off the front
+    assert pareto([(0.0, 61.7), (4e-4, 62.2)]) == [True, False]
+
+
+def test_a_row_without_a_number_for_ppl_or_zeros_is_refused_in_one_line(tmp_path):
+    for broken in ({"l0": None}, {"l0": float("nan")}, {"ppl": "n/a"}):
+        exp = _exp("topk90", 64.0, target=0.9)
+        scores = exp["data"]["metrics"][EVAL_FILE]["data"]
+        scores.update({k: v for k, v in broken.items() if k == "ppl"})
+        scores["sparsity"].update({k: v for k, v in broken.items() if k == "l0"})
+        with pytest.raises(FrontierError, match="topk90: its .* has (ppl|sparsity.l0) = .*, not a number"):
+            write_frontier(_shown([_exp("twin", 62.0), exp]), tmp_path)
+
+
 def test_the_plot_has_the_seeds_error_bars_and_no_label_on_the_points(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    drawn, labels, real_bar, real_note = [], [], matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.annotate
+    drawn, labels, offsets = [], [], []
+    real_bar, real_note = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.annotate
 
     def errorbar(self, x, y, yerr=None, **kwargs):
         drawn.append((x, y, yerr))
@@ -207,6 +228,7 @@ def test_the_plot_has_the_seeds_error_bars_and_no_label_on_the_points(tmp_path, 
 
     def annotate(self, text, *args, **kwargs):
         labels.append(text)
+        offsets.append(kwargs.get("xytext"))
         return real_note(self, text, *args, **kwargs)
     monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
     monkeypatch.setattr(matplotlib.axes.Axes, "annotate", annotate)
@@ -217,6 +239,13 @@ def test_the_plot_has_the_seeds_error_bars_and_no_label_on_the_points(tmp_path, 
     # the control's two seeds: std 1.414 of a mean of 61, in % of the best dense model's ppl; one seed: no bar
     assert bars[0.0] == pytest.approx(100 * 2 ** 0.5 / 61.0) and bars[75.0] is None
     assert labels == ["1", "2"]  # numbers by the points, the names in the key beside them
+    assert offsets[0] == offsets[1]  # apart on the plot: each label at the same place by its point
+
+    # two dense rows, each the best dense model of its budget, sit at (0, 0): their labels apart
+    labels.clear(), offsets.clear()
+    write_frontier(_shown([_exp("twin-6ep", 61.7, tokens=6_000_000), _exp("twin-3ep", 62.2, tokens=3_000_000)]),
+                   tmp_path)
+    assert labels == ["1", "2"] and offsets[0] != offsets[1]
 
 
 def test_experiments_that_have_not_finished_are_left_out(tmp_path):

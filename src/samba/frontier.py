@@ -316,6 +316,10 @@ def write_frontier(shown: list, out_dir: Path) -> list[dict]:
         if missing:
             raise FrontierError(f"experiment {run['name']}: its {EVAL_FILE} lacks {', '.join(missing)} (written by "
                                 "another version of the evaluate stage?)")
+        for name, value in (("ppl", run["eval"]["ppl"]), ("sparsity.l0", run["eval"]["sparsity"]["l0"])):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise FrontierError(f"experiment {run['name']}: its {EVAL_FILE} has {name} = {value!r}, not a number "
+                                    "(the row's place on the front needs it)")
     rows, best = table(runs)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
