@@ -333,7 +333,7 @@ def test_graphed_training_equals_eager(sources, tmp_path, target):
     """The train stage with compute.cuda_graphs true and false: same weights, same curves. At
     sparsity 0.5 a tie at top-k's cut (float atomics in mamba-ssm's scan backward) gives 4.1e-4
     in 8 of 13 runs of this test to date, 3e-7 to 5e-7 in the others: the bound 1e-3 is above
-    the first."""
+    the first. At sparsity 0: 2.6e-7 to 1.2e-6 in 16 runs, bound 1e-5."""
     import csv
 
     from safetensors.torch import load_file
@@ -361,7 +361,7 @@ def test_graphed_training_equals_eager(sources, tmp_path, target):
     (wa, la), (wb, lb) = results[True], results[False]
     worst = max(relative_error(wa[k], wb[k]) for k in wa if wb[k].norm() > 0)
     print(f"graphed vs eager training (sparsity {target}): worst weight rel err {worst:.2e}; losses {la[-1]:.4f} {lb[-1]:.4f}")
-    assert worst < 1e-3
+    assert worst < (1e-5 if target == 0 else 1e-3)
     assert la == pytest.approx(lb, rel=1e-3)
 
 
@@ -369,12 +369,16 @@ def test_graphed_distillation_equals_eager(sources, tmp_path, caplog):
     """Distillation (the KL to a teacher, the teacher's forward without gradients) inside the
     captured training step: captured, and the same weights and curves as eager.
 
-    Dense (sparsity 0): with top-k the comparison is a coin toss, not a bound. mamba-ssm's scan
+    At sparsity 0 (the Hoyer penalty on, which is continuous): with top-k the comparison is a coin
+    toss, not a bound. mamba-ssm's scan
     backward adds gradients with float atomics, so two runs differ in the last bits; where two
     magnitudes tie within that at top-k's cut, the runs zero different elements, and the KL to a
     disagreeing teacher at lr 2e-3 carries that on: 2.1e-3 and 3.5e-4 in 2 of the 6 runs of this test
     at sparsity 0.5 (2026-11-30 to 2026-12-07), 2.6e-7 to 3.7e-7 in the others. Top-k inside the
-    captured step is test_graphed_training_equals_eager[0.5]'s."""
+    captured step is test_graphed_training_equals_eager[0.5]'s. Without top-k, graphed and eager runs
+    differ by 2.6e-7 to 1.2e-6 (16 runs of the training test at sparsity 0, 4 of this one without a
+    tie): bound 1e-5; a teacher one batch behind or a dropped KL gradient gives 6e-3 to 0.17
+    (emulated on a CPU)."""
     import csv
     import logging
 
@@ -410,10 +414,10 @@ def test_graphed_distillation_equals_eager(sources, tmp_path, caplog):
     (wa, ka), (wb, kb) = results[True], results[False]
     worst = max(relative_error(wa[k], wb[k]) for k in wa if wb[k].norm() > 0)
     print(f"graphed vs eager distillation: worst weight rel err {worst:.2e}; KL {ka[0]:.4f} -> {ka[-1]:.4f}")
-    assert worst < 1e-3
+    assert worst < 1e-5
     # (the KL grows here: the teacher, a random init, predicts near-uniformly, the student learns the
     # data; that distillation pulls a student towards its teacher is tests/test_distill.py's)
-    assert ka == pytest.approx(kb, rel=1e-3) and ka[0] > 0
+    assert ka == pytest.approx(kb, rel=1e-4) and ka[0] > 0
 
 
 def test_linear_kl_divergence_bf16_matches_full_logits():
