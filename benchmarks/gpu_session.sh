@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Everything this project runs on the GPU machine (device time is scarce: few, full calls).
 #   bash benchmarks/gpu_session.sh tests,bench,gen     # one H200: kernel tests, step and decoding benchmarks
-#   DEADLINE=555 bash benchmarks/gpu_session.sh testsbg,sweep   # the GPU tests beside the sweep's set-up, then its runs
-#   DEADLINE=555 bash benchmarks/gpu_session.sh collect # each later call, made within 30 s of the last: the runs go on
+#   DEADLINE=500 bash benchmarks/gpu_session.sh testsbg,sweep   # the GPU tests beside the sweep's set-up, then its runs
+#   DEADLINE=500 bash benchmarks/gpu_session.sh collect # each later call, made within 30 s of the last: the runs go on
 #   bash benchmarks/gpu_session.sh sweep               # the fresh-data protocol: stand-in on half the train split, the sweep on the other half
 #   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes (+ evaluate_passes.py)
 #   bash benchmarks/gpu_session.sh bench,stage         # the train stage itself against the benchmark's a, one call
 #   bash benchmarks/gpu_session.sh scaling             # data-parallel scaling of the train stage (2+ GPUs)
 #   ZS_MODELS="standin=/tmp/standin sparse=DIR" COMMIT=abc1234 bash benchmarks/gpu_session.sh zeroshot
 #                                                      # lm-eval: wikitext + offline zero-shot tasks of those models, speed vs HFLM
-# Knobs: DEADLINE (seconds into the call to stop the sweep's runs, resumably, and pack; default 450),
+# Knobs: DEADLINE (seconds into the call to stop the sweep's runs, resumably, and pack; default 450;
+# up to GRACE=30 s for the stop and 60 s for the table follow it, so at most 500 in a 600-s call),
 # SWEEP_PLAN (the runs: benchmarks/sweep_plans/twin.txt, or next.txt), SWEEP_JOBS (runs at once, default 4),
 # SWEEP_PCA=1 (training-free PCA pruning of control and twin too),
 # SWEEP_DRY=1 (sweep and collect on this CPU with a tiny model: checks the logic, no number means anything).
@@ -75,8 +76,10 @@ wt2_project() {  # wt2_project DIR LOG [section.key=value ...]: DIR/params.yaml 
 # within 30 s (`collect`) resumes it from there, in the same clone. (2026-12-07: the DVC queue's
 # workers ended with the call that started them, and 16 queued runs were lost.)
 SW=/tmp/sweep
+# A run that fails is marked FAILED and not tried again (its log: $RES/runs/NAME.log).
 worker() {  # worker K: its own unfinished run first (resumed), then the next unclaimed one of the plan
   local k=$1 name args
+  set -f  # a value such as [0.0,0.5] is a YAML list, not a glob
   cd "$SW/w$k" || return 1
   while [ ! -e $SW/stop ]; do
     name=$(awk -v k="$k" -v c=$SW/claims '{ d = c "/" $1; if (system("test -e " d "/done -o -e " d "/failed") == 0) next;
@@ -85,18 +88,22 @@ worker() {  # worker K: its own unfinished run first (resumed), then the next un
       while read -r n _; do mkdir "$SW/claims/$n" 2>/dev/null && { echo "$k" > "$SW/claims/$n/worker"; name=$n; break; }; done < $SW/plan.txt
     fi
     [ -n "$name" ] || return 0
+    if git for-each-ref --format='%(refname)' refs/exps | grep -q "/$name\$"; then  # finished, cut before marked
+      touch "$SW/claims/$name/done"; continue
+    fi
     args=$(awk -v n="$name" '$1 == n { $1 = ""; print }' $SW/plan.txt)
     # params.yaml written whole from the clone's commit (never left to git, which can miss a
     # same-size rewrite: docs/experiments.md), then touched
     git show HEAD:params.yaml > params.yaml && set_params params.yaml compute.device=cuda:$((k % NGPU)) $args \
       && touch params.yaml || { touch "$SW/claims/$name/failed"; continue; }
     [ "${SWEEP_DRY:-0}" = 1 ] && set_params params.yaml compute.device=cpu
+    [ -e $SW/stop ] || [ $SECONDS -ge $DEADLINE ] && return 0  # no run starts after the deadline
     echo "$(date +%T) +$SECONDS s w$k: $name"
     if python3 -m dvc exp run -n "$name" >> "$RES/runs/$name.log" 2>&1; then
+      touch "$SW/claims/$name/done"; echo "$(date +%T) +$SECONDS s w$k: $name done"
       for f in params.yaml metrics/eval.json metrics/eval_summary.json metrics/train/summary.json; do
         cp "$f" "$RES/runs/$name.$(basename "${f%.*}" | sed 's/^summary$/train_summary/').${f##*.}"; done
-      timeout 120 python3 -m dvc exp show --json > $SW/show_w$k.part 2> /dev/null && mv $SW/show_w$k.part $SW/show_w$k.json
-      touch "$SW/claims/$name/done"; echo "$(date +%T) +$SECONDS s w$k: $name done"
+      show "$SW/w$k" 120
     elif [ -e $SW/stop ]; then
       return 0  # the deadline: the next call resumes it from its checkpoint
     else
@@ -104,29 +111,48 @@ worker() {  # worker K: its own unfinished run first (resumed), then the next un
     fi
   done
 }
+show() {  # show DIR SECONDS: DIR's dvc exp show --json into $SW/show_<dir>.json (the last one kept if it fails)
+  local out=$SW/show_$(basename "$1").json
+  (cd "$1" && timeout "$2" python3 -m dvc exp show --json > "$out.part" 2> "$out.err") && mv "$out.part" "$out" \
+    || echo "dvc exp show in $1 failed or took over $2 s: $(tail -1 "$out.err" 2>/dev/null); its last table stands"
+}
+sweep_stages() {  # the PIDs of the stages' Python processes run in the sweep's clones (not the shell DVC runs each in)
+  local pid
+  for pid in $(pgrep -f '^[^ ]*python[0-9.]* stages/(check|prepare|convert|train|evaluate)[.]py --params params[.]yaml'); do
+    [[ $(readlink /proc/$pid/cwd 2>/dev/null) == $SW/w* ]] && echo $pid
+  done
+}
 work() {  # the plan's workers until they finish it or DEADLINE; then stop them resumably, tabulate, pack
   [ -f $SW/plan.txt ] || { echo "no sweep to go on with ($SW/plan.txt): run the sweep part first"; return 1; }
   export PYTHONPATH=/tmp/site  # each clone's stages import their own src (stages/_repo.py)
   NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NGPU" -ge 1 ] || NGPU=1
   rm -f $SW/stop; mkdir -p "$RES/runs"
-  local pids=() k
-  for k in $(seq 0 $((${SWEEP_JOBS:-4} - 1))); do worker "$k" & pids+=($!); done
+  local pids=() k pid sent=" " alive
+  for k in $(seq 0 $(($(cat $SW/jobs) - 1))); do worker "$k" & pids+=($!); done  # the sweep's number, whatever SWEEP_JOBS says now
   while [ $SECONDS -lt $DEADLINE ]; do
-    alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    alive=0; for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     [ $alive = 1 ] || break; sleep 5
   done
   touch $SW/stop
-  # the stages' Python processes only: the shell DVC runs each in would die at once, DVC with it,
-  # and the train stage must be given the seconds it takes to finish its step and save
-  local stage='^[^ ]*python[0-9.]* stages/(check|prepare|convert|train|evaluate)[.]py --params params[.]yaml'
-  pkill -TERM -f "$stage" 2> /dev/null
-  for i in $(seq 40); do pgrep -f "$stage" > /dev/null || break; sleep 1; done
-  pkill -KILL -f "$stage" 2> /dev/null; wait "${pids[@]}" 2> /dev/null
+  local left; left=$(for pid in $(sweep_stages); do basename "$(readlink /proc/$pid/cwd)"; done | sort -u | tr '\n' ' ')
+  [ -z "$left" ] || echo "$(date +%T) +$SECONDS s: the deadline; stopping the runs of $left(resumed by a later collect)"
+  # One SIGTERM to each stage process, as it appears, for up to GRACE s: the train stage finishes
+  # its step and saves it; the shell DVC runs it in must not get one (it would die at once, DVC
+  # with it, and the stage be killed unsaved below). Then whatever is left is killed.
+  for i in $(seq ${GRACE:-30}); do
+    for pid in $(sweep_stages); do [[ $sent == *" $pid "* ]] || { kill -TERM $pid 2>/dev/null; sent+="$pid "; }; done
+    alive=0; for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ $alive = 1 ] || break; sleep 1
+  done
+  for pid in $(sweep_stages); do kill -KILL $pid 2>/dev/null; done
+  for pid in "${pids[@]}"; do pkill -KILL -P "$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null; done  # a worker's dvc exp show
+  wait "${pids[@]}" 2> /dev/null
   tabulate
 }
-tabulate() {  # the frontier of every finished run (each clone's exp show, saved after each run), what is left
+tabulate() {  # the frontier of every finished run (each clone's exp show), what is left
+  local d; for d in $SW/w*; do show "$d" 30 & done; wait
   python3 -c "import json, sys; print(json.dumps([e for f in sys.argv[1:] for e in json.load(open(f))]))" \
-    $SW/show_*.json > "$RES/exp_show.json" && PYTHONPATH=/tmp/site:$REPO/src timeout 60 python3 -m samba.frontier \
+    $SW/show_*.json > "$RES/exp_show.json" && PYTHONPATH=/tmp/site:$REPO/src timeout 30 python3 -m samba.frontier \
     "$RES/sparsity" --from-json "$RES/exp_show.json" 2>&1 | tail -40
   while read -r n _; do c=$SW/claims/$n
     if [ -e $c/done ]; then s=done; elif [ -e $c/failed ]; then s=FAILED; elif [ -d $c ]; then s="started (w$(cat $c/worker 2>/dev/null))"; else s=waiting; fi
@@ -242,8 +268,9 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/twin.log" | tail -2; echo "twin: $((SECONDS - start)) s"; pack
 
   echo "=== the fine-tunes: $SW/plan.txt, ${SWEEP_JOBS:-4} workers, each in a clone of $RUN"; start=$SECONDS
-  rm -rf $SW && mkdir -p $SW/claims "$RES/runs" || exit 1
-  (cd $RUN && timeout 120 python3 -m dvc exp show --json > $SW/show_run.json)  # control-s0, twin-s0
+  rm -rf $SW "$RES/runs" "$RES/sparsity" && mkdir -p $SW/claims "$RES/runs" || exit 1  # nothing of an earlier sweep
+  show $RUN 120  # control-s0, twin-s0
+  echo "${SWEEP_JOBS:-4}" > $SW/jobs
   for k in $(seq 0 $((${SWEEP_JOBS:-4} - 1))); do
     git clone -q $RUN $SW/w$k && (cd $SW/w$k && python3 -m dvc cache dir --local $RUN/.dvc/cache \
       && python3 -m dvc checkout -q prepare convert) || { echo "clone $k failed"; pack; exit 1; }
@@ -254,6 +281,8 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   plan=${SWEEP_PLAN:-benchmarks/sweep_plans/twin.txt}; [[ $plan == /* ]] || plan=$REPO/$plan
   grep -vE '^\s*(#|$)' "$plan" | sed "s|\$KL|$KL|g; s|\$TOPK|$TOPK|g" > $SW/plan.txt && [ -s $SW/plan.txt ] \
     || { echo "SWEEP_PLAN $plan: no runs in it"; pack; exit 1; }
+  dup=$(awk '{print $1}' $SW/plan.txt | sort | uniq -d | tr '\n' ' ')
+  [ -z "$dup" ] || { echo "SWEEP_PLAN $plan: each name once (twice: $dup)"; pack; exit 1; }
   echo "$(wc -l < $SW/plan.txt) runs planned, clones ready: $((SECONDS - start)) s"
   if [ "${SWEEP_PCA:-0}" = 1 ]; then  # measured 2026-12-07 (results/2026-12-07/pca_control_twin.json)
     echo "=== training-free pruning in the PCA basis: the control and the twin (beside the fine-tunes)"
@@ -316,7 +345,7 @@ print(*(f'{n} {v(n)}' for n in ('lm_eval', 'datasets', 'pyarrow', 'fsspec', 'hug
 fi
 
 if [[ $PARTS == *collect* ]]; then  # a call within 30 s of the last: the plan's runs go on (resumed), tabulated
-  echo "=== the sweep's fine-tunes, continued"; work
+  echo "=== the sweep's fine-tunes, continued"; work || exit 1
 fi
 if [ -n "$TESTS_PID" ]; then wait $TESTS_PID; echo "=== GPU tests (background)"; cat "$RES/gpu_tests_summary.txt"; fi
 pack; ls -la "$OUT"

@@ -284,6 +284,15 @@ def test_unreadable_inputs_are_refused_in_one_line(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(FrontierError, match="a-file/sub: cannot write there"):
         write_frontier(_shown([_exp("x", 60.0)]), tmp_path / "a-file" / "sub")
+    (tmp_path / "taken" / "frontier.md").mkdir(parents=True)  # the folder is there, a file in it cannot be
+    with pytest.raises(FrontierError, match="taken: cannot write there"):
+        write_frontier(_shown([_exp("x", 60.0)]), tmp_path / "taken")
+    (tmp_path / "utf16.json").write_bytes(b"\xff\xfe[\x00]\x00")
+    with pytest.raises(FrontierError, match=r"--from-json .*utf16.json: not JSON"):
+        read_experiments(str(tmp_path / "utf16.json"))
+    for shape in ({"a": 1}, [1, 2], "str", [{"rev": "abc", "experiments": "zz"}]):
+        with pytest.raises(FrontierError, match="not what `dvc exp show --json` writes"):
+            write_frontier(shape, tmp_path)
 
 
 def test_no_experiment_with_metrics_is_refused(tmp_path):

@@ -289,16 +289,19 @@ def plot(rows: list[dict], path: Path) -> None:
         points.append((x, y, r))
     front = sorted((x, y) for x, y, r in points if r["pareto"])
     if front:
-        ax.plot(*zip(*front), "-", color="tab:red", alpha=0.5, label="Pareto front")
-        ax.legend(fontsize=8, loc="upper left")
+        ax.plot(*zip(*front), "-", color="tab:red", alpha=0.5, label="Pareto front (red points)")
     for level in (1, 3, 6):
-        ax.axhline(level, color="tab:green", linestyle=":", linewidth=1)
+        ax.axhline(level, color="tab:green", linestyle=":", linewidth=1,
+                   label="+1 / +3 / +6%: the targets at 75 / 90 / 95%" if level == 1 else None)
+    for color, what in (("tab:blue", "dense"), ("tab:gray", "sparse")):
+        ax.plot([], [], "o", color=color, label=what)
+    ax.legend(fontsize=8, loc="upper left")
     ax.set_xlabel("exact zeros in the chunk outputs (%)")
     ax.set_ylabel("test ppl vs the best dense model within the run's budget (%)")
-    ax.set_title("Sparsity against perplexity (error bars: std over seeds)")
+    ax.set_title("Sparsity against perplexity (error bars: std over seeds, where several)")
     key.axis("off")
     text = [f"{i:>2}  {r['experiment']}  ({r['n_seeds']} seed{'s' if r['n_seeds'] > 1 else ''}; "
-            f"vs {r['best_dense_experiment']})" for i, r in enumerate(rows, 1)]
+            f"best dense: {r['best_dense_experiment']})" for i, r in enumerate(rows, 1)]
     key.text(0, 1, "\n".join(text) or "no row has a dense model to be set against", va="top", family="monospace",
              fontsize=7, transform=key.transAxes)
     fig.tight_layout()
@@ -307,7 +310,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_frontier(shown: list, out_dir: Path) -> list[dict]:
-    runs = runs_from_exp_show(shown)
+    try:
+        runs = runs_from_exp_show(shown)
+    except (AttributeError, TypeError):
+        raise FrontierError("the experiments are not what `dvc exp show --json` writes (a list of commits, each "
+                            "with its experiments)") from None
     if not runs:
         raise FrontierError(f"no finished experiment has {EVAL_FILE}; run some first (dvc exp run)")
     for run in runs:
@@ -323,11 +330,11 @@ def write_frontier(shown: list, out_dir: Path) -> list[dict]:
     rows, best = table(runs)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "frontier.md").write_text(markdown(rows, best))
+        write_json_atomic(out_dir / "frontier.json", {"best_dense": best["experiment"] if best else None, "rows": rows})
+        plot(rows, out_dir / "frontier.png")
     except OSError as err:
         raise FrontierError(f"{out_dir}: cannot write there ({err.strerror or err})") from None
-    (out_dir / "frontier.md").write_text(markdown(rows, best))
-    write_json_atomic(out_dir / "frontier.json", {"best_dense": best["experiment"] if best else None, "rows": rows})
-    plot(rows, out_dir / "frontier.png")
     return rows
 
 
@@ -338,7 +345,7 @@ def read_experiments(saved: str | None, all_commits: bool = False) -> list:
             return json.loads(Path(saved).read_text())
         except OSError as err:
             raise FrontierError(f"--from-json {saved}: cannot read it ({err.strerror or err})") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise FrontierError(f"--from-json {saved}: not JSON ({err}); save it with dvc exp show --json") from None
     proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if all_commits else [])],
                           capture_output=True, text=True)
