@@ -150,7 +150,8 @@ work() {  # the plan's workers until they finish it or DEADLINE; then stop them 
   tabulate
 }
 tabulate() {  # the frontier of every finished run (each clone's exp show), what is left
-  local d; for d in $SW/w*; do show "$d" 30 & done; wait
+  local d shows=(); for d in $SW/w*; do show "$d" 30 & shows+=($!); done
+  wait "${shows[@]}"  # these only: a bare wait would wait on the log's tee too, which ends only with the script
   python3 -c "import json, sys; print(json.dumps([e for f in sys.argv[1:] for e in json.load(open(f))]))" \
     $SW/show_*.json > "$RES/exp_show.json" && PYTHONPATH=/tmp/site:$REPO/src timeout 30 python3 -m samba.frontier \
     "$RES/sparsity" --from-json "$RES/exp_show.json" 2>&1 | tail -40
