@@ -122,16 +122,18 @@ sweep_stages() {  # the PIDs of the stages' Python processes run in the sweep's 
     [[ $(readlink /proc/$pid/cwd 2>/dev/null) == $SW/w* ]] && echo $pid
   done
 }
+any_alive() {  # any_alive PID...: whether one of these processes still runs
+  local pid; for pid in "$@"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1
+}
 work() {  # the plan's workers until they finish it or DEADLINE; then stop them resumably, tabulate, pack
   [ -f $SW/plan.txt ] || { echo "no sweep to go on with ($SW/plan.txt): run the sweep part first"; return 1; }
   export PYTHONPATH=/tmp/site  # each clone's stages import their own src (stages/_repo.py)
   NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NGPU" -ge 1 ] || NGPU=1
   rm -f $SW/stop; mkdir -p "$RES/runs"
-  local pids=() k pid sent=" " alive
+  local pids=() k pid sent=" "
   for k in $(seq 0 $(($(cat $SW/jobs) - 1))); do worker "$k" & pids+=($!); done  # the sweep's number, whatever SWEEP_JOBS says now
   while [ $SECONDS -lt $DEADLINE ]; do
-    alive=0; for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    [ $alive = 1 ] || break; sleep 5
+    any_alive "${pids[@]}" || break; sleep 5
   done
   touch $SW/stop
   local left; left=$(for pid in $(sweep_stages); do basename "$(readlink /proc/$pid/cwd)"; done | sort -u | tr '\n' ' ')
@@ -141,8 +143,7 @@ work() {  # the plan's workers until they finish it or DEADLINE; then stop them 
   # with it, and the stage be killed unsaved below). Then whatever is left is killed.
   for i in $(seq ${GRACE:-30}); do
     for pid in $(sweep_stages); do [[ $sent == *" $pid "* ]] || { kill -TERM $pid 2>/dev/null; sent+="$pid "; }; done
-    alive=0; for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    [ $alive = 1 ] || break; sleep 1
+    any_alive "${pids[@]}" || break; sleep 1
   done
   for pid in $(sweep_stages); do kill -KILL $pid 2>/dev/null; done
   for pid in "${pids[@]}"; do pkill -KILL -P "$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null; done  # a worker's dvc exp show

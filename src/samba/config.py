@@ -31,6 +31,12 @@ class ConfigError(UserError, ValueError):
 FLOAT_LITERAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
+def float_literal(value: Any) -> Any:
+    """A string that is exactly a FLOAT_LITERAL as that float (YAML 1.1 reads 5e-05, no dot, as
+    DVC's -S writes 5e-5, as a string); any other value as it is."""
+    return float(value) if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value) else value
+
+
 def _to_float(value: int | float) -> float:
     try:
         return float(value)
@@ -60,8 +66,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: must be an integer, got {value!r} ({type(value).__name__})")
         return value
     if annotation is float:
-        # YAML 1.1 reads 5e-05 (no dot), as DVC's -S writes 5e-5, as a string
-        number = float(value) if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value) else value
+        number = float_literal(value)
         if isinstance(number, str):
             raise ConfigError(f"{key}: must be a number, got the string {value!r}")
         if isinstance(number, bool) or not isinstance(number, (int, float)):

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .config import FLOAT_LITERAL, Params, flatten
+from .config import Params, flatten, float_literal
 from .data import local_dataset_files, local_tokenizer_file
 from .distill import require_teacher
 from .model_files import CheckpointError, local_checkpoint_dir
@@ -24,7 +24,7 @@ def _number(value: Any) -> Any:
     tuple as the list dvc.lock holds."""
     if isinstance(value, (list, tuple)):
         return [_number(v) for v in value]
-    return float(value) if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value) else value
+    return float_literal(value)
 
 
 _ABSENT = object()  # a recorded key params.yaml no longer has: its stage runs again
