@@ -295,6 +295,34 @@ def test_unreadable_inputs_are_refused_in_one_line(tmp_path):
             write_frontier(shape, tmp_path)
 
 
+def test_two_saved_sweeps_join_into_one_table(tmp_path):
+    # the seed-0 runs in one sweep's output, seeds 1 and 2 in another's (another call, another day)
+    from samba.frontier import read_experiments
+
+    first = [_exp("twin-s0", 62.0), _exp("topk90-s0", 70.0, target=0.9, pruning=0.5)]
+    second = [_exp("twin-s1", 64.0, seed=1), _exp("twin-s2", 63.0, seed=2),
+              _exp("topk90-s1", 72.0, target=0.9, pruning=0.5, seed=1)]
+    paths = []
+    for name, exps in (("a.json", first), ("b.json", second)):
+        (tmp_path / name).write_text(json.dumps(_shown(exps)))
+        paths.append(str(tmp_path / name))
+    rows = {r["experiment"]: r for r in write_frontier(read_experiments(paths), tmp_path / "out")}
+    assert rows["twin-s0"]["experiments"] == ["twin-s0", "twin-s1", "twin-s2"] and rows["twin-s0"]["ppl"] == 63.0
+    assert rows["topk90-s0"]["n_seeds"] == 2 and rows["topk90-s0"]["ppl_vs_twin"] == pytest.approx(71.0 / 63.0 - 1)
+    (tmp_path / "c.json").write_text(json.dumps({"rev": "workspace"}))
+    with pytest.raises(FrontierError, match=r"--from-json .*c.json: not what `dvc exp show --json` writes"):
+        read_experiments(paths + [str(tmp_path / "c.json")])
+
+
+def test_a_seed_run_twice_is_refused_not_counted_as_two_seeds(tmp_path):
+    # the set-up of a second sweep retrains the twin at seed 0: joined, it is the same seed twice
+    exps = [_exp("twin-s0", 62.0), _exp("twin-s1", 63.0, seed=1), _exp("twin-s0-again", 62.1)]
+    with pytest.raises(FrontierError, match="experiments twin-s0 and twin-s0-again have the same params, seed 0"):
+        write_frontier(_shown(exps), tmp_path)
+    exps[2]["data"]["params"]["params.yaml"]["data"]["training"]["seed"] = 2
+    assert _rows(tmp_path, exps)["twin-s0"]["n_seeds"] == 3
+
+
 def test_no_experiment_with_metrics_is_refused(tmp_path):
     with pytest.raises(FrontierError, match=f"no finished experiment has {EVAL_FILE}"):
         write_frontier([{"rev": "workspace", "data": {}}], tmp_path)

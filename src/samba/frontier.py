@@ -1,16 +1,17 @@
 """The sweep's answer: sparsity against perplexity, over DVC experiments, each sparse model set
 against its dense twin and the best dense model the same data gave.
 
-    python -m samba.frontier OUT_DIR [--all-commits] [--from-json exp_show.json]
+    python -m samba.frontier OUT_DIR [--all-commits] [--from-json exp_show.json ...]
 
 Reads the experiments (``dvc exp show --json`` in the current repository: those of the current
-commit, or of every commit with ``--all-commits``; or a saved copy of its output): each one's
-params, its evaluation headline (``metrics/eval_summary.json``) and its training headline
+commit, or of every commit with ``--all-commits``; or saved copies of its output, several joined
+into one table): each one's params, its evaluation headline (``metrics/eval_summary.json``) and its training headline
 (``metrics/train/summary.json``: steps and tokens seen). Writes to OUT_DIR:
 
 - ``frontier.md`` and ``frontier.json`` (``{"best_dense": ..., "rows": [...]}``): one row per
   group of experiments that differ only in ``training.seed``, every measure the mean over the
-  group's seeds (``n_seeds``; ``ppl_std`` the sample standard deviation of ppl).
+  group's seeds (``n_seeds``; ``ppl_std`` the sample standard deviation of ppl). Two runs of one
+  seed in a group are refused (they would count as two seeds).
 - ``frontier.png``: exact zeros against ppl over each row's best dense model, with the seeds'
   error bars.
 
@@ -136,6 +137,13 @@ def group_by_seed(runs: list[dict]) -> list[list[dict]]:
     for run in runs:
         groups.setdefault(_key(effective(run["params"]), {SEED}), []).append(run)
     ordered = [sorted(g, key=lambda r: (r["params"].get(SEED) or 0, r["name"])) for g in groups.values()]
+    for group in ordered:  # a seed run twice would count as two seeds and shrink the row's spread
+        for a, b in zip(group, group[1:]):
+            if _norm(a["params"].get(SEED)) == _norm(b["params"].get(SEED)):
+                raise FrontierError(
+                    f"experiments {a['name']} and {b['name']} have the same params, seed "
+                    f"{a['params'].get(SEED)} included: a row's runs must differ in training.seed "
+                    "(leave one out: dvc exp remove NAME, or drop it from the saved JSON)")
     return sorted(ordered, key=lambda g: g[0]["name"])
 
 
@@ -338,15 +346,24 @@ def write_frontier(shown: list, out_dir: Path) -> list[dict]:
     return rows
 
 
-def read_experiments(saved: str | None, all_commits: bool = False) -> list:
-    """``dvc exp show --json`` of this repository (``-A`` with ``all_commits``), or a saved copy."""
+def read_experiments(saved: str | list[str] | None, all_commits: bool = False) -> list:
+    """``dvc exp show --json`` of this repository (``-A`` with ``all_commits``), or saved copies:
+    one, or several joined (sweeps run on different machines or days; their commits one list)."""
+    if isinstance(saved, str):
+        saved = [saved]
     if saved:
-        try:
-            return json.loads(Path(saved).read_text())
-        except OSError as err:
-            raise FrontierError(f"--from-json {saved}: cannot read it ({err.strerror or err})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise FrontierError(f"--from-json {saved}: not JSON ({err}); save it with dvc exp show --json") from None
+        shown = []
+        for path in saved:
+            try:
+                data = json.loads(Path(path).read_text())
+            except OSError as err:
+                raise FrontierError(f"--from-json {path}: cannot read it ({err.strerror or err})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise FrontierError(f"--from-json {path}: not JSON ({err}); save it with dvc exp show --json") from None
+            if not isinstance(data, list):
+                raise FrontierError(f"--from-json {path}: not what `dvc exp show --json` writes (a list of commits)")
+            shown.extend(data)
+        return shown
     proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if all_commits else [])],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -358,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m samba.frontier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
-    parser.add_argument("--from-json", default=None, help="a saved `dvc exp show --json` output")
+    parser.add_argument("--from-json", action="append", default=None, metavar="FILE",
+                        help="a saved `dvc exp show --json` output; repeat it to join several sweeps")
     parser.add_argument("--all-commits", action="store_true",
                         help="the experiments of every commit (dvc exp show -A), not only the current one's")
     args = parser.parse_args(argv)
