@@ -156,6 +156,15 @@ tabulate() {  # the frontier of every finished run (each clone's exp show), what
   python3 -c "import json, sys; print(json.dumps([e for f in sys.argv[1:] for e in json.load(open(f))]))" \
     $SW/show_*.json > "$RES/exp_show.json" && PYTHONPATH=/tmp/site:$REPO/src timeout 30 python3 -m samba.frontier \
     "$RES/sparsity" --from-json "$RES/exp_show.json" 2>&1 | tail -40
+  # the plan's runs only, without the set-up's (each session retrains control-s0 and twin-s0): what joins
+  # another session's sweep (python -m samba.frontier OUT --from-json A/exp_show.json --from-json B/exp_show_plan_runs.json)
+  python3 - "$RES/exp_show.json" $SW/plan.txt > "$RES/exp_show_plan_runs.json" <<'EOF'
+import json, sys
+shown, plan = json.load(open(sys.argv[1])), {l.split()[0] for l in open(sys.argv[2]) if l.strip()}
+for commit in shown:
+    commit["experiments"] = [e for e in commit.get("experiments") or [] if any(r.get("name") in plan for r in e.get("revs") or [])]
+print(json.dumps(shown))
+EOF
   while read -r n _; do c=$SW/claims/$n
     if [ -e $c/done ]; then s=done; elif [ -e $c/failed ]; then s=FAILED; elif [ -d $c ]; then s="started (w$(cat $c/worker 2>/dev/null))"; else s=waiting; fi
     echo "$n: $s"; done < $SW/plan.txt | tee "$RES/plan_status.txt"
