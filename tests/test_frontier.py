@@ -321,6 +321,11 @@ def test_a_seed_run_twice_is_refused_not_counted_as_two_seeds(tmp_path):
         write_frontier(_shown(exps), tmp_path)
     exps[2]["data"]["params"]["params.yaml"]["data"]["training"]["seed"] = 2
     assert _rows(tmp_path, exps)["twin-s0"]["n_seeds"] == 3
+    # one name in two joined sweeps, the seed written 0 by one and 0.0 by the other, a third seed between
+    again = _exp("twin-s0", 62.2)
+    again["data"]["params"]["params.yaml"]["data"]["training"]["seed"] = 0.0
+    with pytest.raises(FrontierError, match="experiments twin-s0 and twin-s0 have the same params"):
+        write_frontier(_shown(exps + [again]), tmp_path)
 
 
 def test_no_experiment_with_metrics_is_refused(tmp_path):

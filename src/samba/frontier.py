@@ -138,12 +138,15 @@ def group_by_seed(runs: list[dict]) -> list[list[dict]]:
         groups.setdefault(_key(effective(run["params"]), {SEED}), []).append(run)
     ordered = [sorted(g, key=lambda r: (r["params"].get(SEED) or 0, r["name"])) for g in groups.values()]
     for group in ordered:  # a seed run twice would count as two seeds and shrink the row's spread
-        for a, b in zip(group, group[1:]):
-            if _norm(a["params"].get(SEED)) == _norm(b["params"].get(SEED)):
+        seen: dict[str, dict] = {}
+        for run in group:
+            seed = run["params"].get(SEED)
+            first = seen.setdefault(json.dumps(_norm(seed)), run)
+            if first is not run:  # names may repeat (one name in two joined sweeps)
                 raise FrontierError(
-                    f"experiments {a['name']} and {b['name']} have the same params, seed "
-                    f"{a['params'].get(SEED)} included: a row's runs must differ in training.seed "
-                    "(leave one out: dvc exp remove NAME, or drop it from the saved JSON)")
+                    f"experiments {first['name']} and {run['name']} have the same params, seed {seed} included: "
+                    "a row's runs must differ in training.seed (leave one out: dvc exp remove NAME, or "
+                    "drop it from the saved JSON)")
     return sorted(ordered, key=lambda g: g[0]["name"])
 
 
