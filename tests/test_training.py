@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import samba.loss
 import samba.resume
+import samba.train
 from samba.config import ConfigError, Params, flatten
 from samba.convert import convert
 from samba.train import TrainingInterrupted, Validator, lr_factor, train
@@ -55,15 +56,15 @@ def assert_same_history(a: Path, b: Path) -> None:
             assert y == pytest.approx(x, rel=1e-6, abs=1e-9), (name, s)
 
 
-def interrupt_during(monkeypatch, target, attribute: str, call: int) -> None:
-    """Send this process SIGINT from inside the ``call``-th call of ``target.attribute``, as a
-    Ctrl-C landing there would; the call itself completes."""
+def interrupt_during(monkeypatch, target, attribute: str, call: int, signum: int = signal.SIGINT) -> None:
+    """Send this process ``signum`` from inside the ``call``-th call of ``target.attribute``, as a
+    Ctrl-C (or a SIGTERM) landing there would; the call itself completes."""
     original, calls = getattr(target, attribute), {"n": 0}
 
     def wrapper(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == call:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(target, attribute, wrapper)
@@ -319,6 +320,26 @@ def test_validation_follows_eval_every_whatever_log_every(sources, project, tmp_
     run(params, project, tmp_path)
     assert [s for s, _ in logged(tmp_path, "val/ppl")] == [6, 12, 18, 24]
     assert [s for s, _ in logged(tmp_path, "train/loss")] == [4, 8, 12, 16, 20, 24]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_asked_after_the_last_step_lets_the_run_finish(sources, project, tmp_path, monkeypatch, signum):
+    # the sweep on the GPU stops its runs with SIGTERM at a deadline: one that arrived while a run
+    # wrote its model (2026-12-07) killed it there, and its last steps, which no checkpoint held, were lost
+    def default(received, frame):  # what the signal does where the stage does not handle it
+        raise RuntimeError(f"{signal.Signals(received).name} reached the default handler")
+
+    previous = signal.signal(signum, default)
+    try:
+        interrupt_during(monkeypatch, samba.train, "plot_training_curves", 1, signum)  # after save_pretrained
+        params = params_with(sources, training={"max_steps": 6, "checkpoint_every": 4})
+        summary = run(params, project, tmp_path)
+        assert signal.getsignal(signum) is default  # the stage's handler gone with the stage
+    finally:
+        signal.signal(signum, previous)
+    assert summary["steps"] == 6 and (tmp_path / "out/model.safetensors").is_file()
+    assert json.loads((tmp_path / "metrics/summary.json").read_text())["steps"] == 6
+    assert not (tmp_path / "ckpt/last.pt").exists()  # complete: nothing left to resume
 
 
 def test_logged_learning_rate_is_the_one_the_step_used(sources, project, tmp_path):

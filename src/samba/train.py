@@ -124,18 +124,25 @@ def epoch_order(seed: int, epoch: int, n_tokens: int, seq_len: int) -> tuple[int
 
 class StopRequests:
     """SIGINT / SIGTERM ask the loop to stop at the next step boundary; a second SIGINT raises
-    KeyboardInterrupt at once. Ranks agree on stopping through ``distributed.HostFlags``."""
+    KeyboardInterrupt at once. Ranks agree on stopping through ``distributed.HostFlags``. Once
+    every step is done (``finishing``), a request lets the run finish its writes (seconds): a
+    stop there would lose the run, since the last steps have no checkpoint of their own."""
 
     def __init__(self):
         self.requested = False
+        self.finishing = False
         self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        logger.warning("%s: stopping after this step (a checkpoint keeps every completed step); "
-                       "press Ctrl-C again to stop at once", signal.Signals(signum).name)
+        if self.finishing:
+            logger.warning("%s: every step is done; writing the model and metrics first; "
+                           "press Ctrl-C again to stop at once", signal.Signals(signum).name)
+        else:
+            logger.warning("%s: stopping after this step (a checkpoint keeps every completed step); "
+                           "press Ctrl-C again to stop at once", signal.Signals(signum).name)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -345,7 +352,8 @@ class Trainer:
             finally:
                 bar.close()
                 self.step_fn.release()
-        return self._finish(log)
+            stop.finishing = True
+            return self._finish(log)
 
     def _step(self, step: int, window: LogWindow) -> float:
         """Run step ``step`` (0-based), its loss parts summed into ``window``; returns its
