@@ -309,6 +309,9 @@ def test_two_saved_sweeps_join_into_one_table(tmp_path):
     rows = {r["experiment"]: r for r in write_frontier(read_experiments(paths), tmp_path / "out")}
     assert rows["twin-s0"]["experiments"] == ["twin-s0", "twin-s1", "twin-s2"] and rows["twin-s0"]["ppl"] == 63.0
     assert rows["topk90-s0"]["n_seeds"] == 2 and rows["topk90-s0"]["ppl_vs_twin"] == pytest.approx(71.0 / 63.0 - 1)
+    with pytest.raises(FrontierError, match="experiments twin-s0 and twin-s0 have the same params, seed 0 included "
+                                            r"\(one run given twice"):
+        write_frontier(read_experiments([paths[0], paths[0]]), tmp_path / "out")
     (tmp_path / "c.json").write_text(json.dumps({"rev": "workspace"}))
     with pytest.raises(FrontierError, match=r"--from-json .*c.json: not what `dvc exp show --json` writes"):
         read_experiments(paths + [str(tmp_path / "c.json")])
@@ -326,6 +329,15 @@ def test_a_seed_run_twice_is_refused_not_counted_as_two_seeds(tmp_path):
     again["data"]["params"]["params.yaml"]["data"]["training"]["seed"] = 0.0
     with pytest.raises(FrontierError, match="experiments twin-s0 and twin-s0 have the same params"):
         write_frontier(_shown(exps + [again]), tmp_path)
+
+
+def test_all_commits_with_saved_json_is_refused(tmp_path, capsys):
+    from samba.frontier import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / "out"), "--from-json", str(tmp_path / "a.json"), "--all-commits"])
+    assert info.value.code == 2 and "with --from-json it would do nothing" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_no_experiment_with_metrics_is_refused(tmp_path):

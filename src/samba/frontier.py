@@ -144,9 +144,9 @@ def group_by_seed(runs: list[dict]) -> list[list[dict]]:
             first = seen.setdefault(json.dumps(_norm(seed)), run)
             if first is not run:  # names may repeat (one name in two joined sweeps)
                 raise FrontierError(
-                    f"experiments {first['name']} and {run['name']} have the same params, seed {seed} included: "
-                    "a row's runs must differ in training.seed (leave one out: dvc exp remove NAME, or "
-                    "drop it from the saved JSON)")
+                    f"experiments {first['name']} and {run['name']} have the same params, seed {seed} included "
+                    "(one run given twice, or repeated): a row's runs must differ in training.seed (leave one "
+                    "out: dvc exp remove NAME, or drop it from a saved JSON; give each saved JSON once)")
     return sorted(ordered, key=lambda g: g[0]["name"])
 
 
@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--all-commits", action="store_true",
                         help="the experiments of every commit (dvc exp show -A), not only the current one's")
     args = parser.parse_args(argv)
+    if args.from_json and args.all_commits:
+        parser.error("--all-commits reads this repository's experiments: with --from-json it would do nothing")
     shown = read_experiments(args.from_json, args.all_commits)
     rows = write_frontier(shown, Path(args.out_dir))
     print((Path(args.out_dir) / "frontier.md").read_text())
