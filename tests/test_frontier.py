@@ -309,12 +309,26 @@ def test_two_saved_sweeps_join_into_one_table(tmp_path):
     rows = {r["experiment"]: r for r in write_frontier(read_experiments(paths), tmp_path / "out")}
     assert rows["twin-s0"]["experiments"] == ["twin-s0", "twin-s1", "twin-s2"] and rows["twin-s0"]["ppl"] == 63.0
     assert rows["topk90-s0"]["n_seeds"] == 2 and rows["topk90-s0"]["ppl_vs_twin"] == pytest.approx(71.0 / 63.0 - 1)
-    with pytest.raises(FrontierError, match="experiments twin-s0 and twin-s0 have the same params, seed 0 included "
-                                            r"\(one run given twice"):
-        write_frontier(read_experiments([paths[0], paths[0]]), tmp_path / "out")
+    # one file given twice: the same runs (the same revs), counted once
+    twice = {r["experiment"]: r for r in write_frontier(read_experiments([paths[0], paths[0]]), tmp_path / "twice")}
+    assert twice["twin-s0"]["n_seeds"] == 1 and twice["topk90-s0"]["n_seeds"] == 1
     (tmp_path / "c.json").write_text(json.dumps({"rev": "workspace"}))
     with pytest.raises(FrontierError, match=r"--from-json .*c.json: not what `dvc exp show --json` writes"):
         read_experiments(paths + [str(tmp_path / "c.json")])
+    with pytest.raises(FrontierError, match=r"--from-json .*missing.json: cannot read it"):
+        read_experiments(paths + [str(tmp_path / "missing.json")])
+
+
+def test_the_command_joins_every_from_json(tmp_path, capsys):
+    from samba.frontier import main
+
+    for name, exps in (("a.json", [_exp("twin-s0", 62.0)]), ("b.json", [_exp("twin-s1", 64.0, seed=1)]),
+                       ("c.json", [_exp("topk90-s0", 70.0, target=0.9, pruning=0.5)])):
+        (tmp_path / name).write_text(json.dumps(_shown(exps)))
+    main([str(tmp_path / "out"), *(a for n in ("a", "b", "c") for a in ("--from-json", str(tmp_path / f"{n}.json")))])
+    rows = json.loads((tmp_path / "out/frontier.json").read_text())["rows"]
+    assert {r["experiment"]: r["n_seeds"] for r in rows} == {"twin-s0": 2, "topk90-s0": 1}
+    assert "wrote" in capsys.readouterr().out
 
 
 def test_a_seed_run_twice_is_refused_not_counted_as_two_seeds(tmp_path):
@@ -324,11 +338,35 @@ def test_a_seed_run_twice_is_refused_not_counted_as_two_seeds(tmp_path):
         write_frontier(_shown(exps), tmp_path)
     exps[2]["data"]["params"]["params.yaml"]["data"]["training"]["seed"] = 2
     assert _rows(tmp_path, exps)["twin-s0"]["n_seeds"] == 3
-    # one name in two joined sweeps, the seed written 0 by one and 0.0 by the other, a third seed between
+    # one name in two joined sweeps (two runs, two revs), the seed written 0 by one and 0.0 by the other
     again = _exp("twin-s0", 62.2)
+    again["rev"] = "another-rev"
     again["data"]["params"]["params.yaml"]["data"]["training"]["seed"] = 0.0
     with pytest.raises(FrontierError, match="experiments twin-s0 and twin-s0 have the same params"):
         write_frontier(_shown(exps + [again]), tmp_path)
+
+
+def _seeded(name, seed, **kw):
+    exp = _exp(name, 70.0 + (seed or 0), target=0.9, pruning=0.5, **kw)
+    if seed is None:
+        del exp["data"]["params"]["params.yaml"]["data"]["training"]["seed"]
+    else:
+        exp["data"]["params"]["params.yaml"]["data"]["training"]["seed"] = seed
+    return exp
+
+
+@pytest.mark.parametrize("seeds,twice", [
+    ((0, 1, 2, 1), "b and d"),          # a later seed twice, in a sparse group beside a dense one
+    ((2, 0, 1, 2), "a and d"),          # the highest seed twice, listed first and last
+    ((0, None, 0), "a and b"),          # a run without a seed trains with the default, 0
+    ((None, 0), "a and b"),             # no seed is seed 0
+])
+def test_a_seed_twice_is_found_wherever_it_sits(tmp_path, seeds, twice):
+    exps = [_exp("dense-s0", 60.0), _exp("dense-s1", 61.0, seed=1)]
+    exps += [_seeded(name, seed) for name, seed in zip("abcd", seeds)]
+    first, second = twice.split(" and ")
+    with pytest.raises(FrontierError, match=f"experiments {first} and {second} have the same params"):
+        write_frontier(_shown(exps), tmp_path)
 
 
 def test_all_commits_with_saved_json_is_refused(tmp_path, capsys):

@@ -11,7 +11,8 @@ into one table): each one's params, its evaluation headline (``metrics/eval_summ
 - ``frontier.md`` and ``frontier.json`` (``{"best_dense": ..., "rows": [...]}``): one row per
   group of experiments that differ only in ``training.seed``, every measure the mean over the
   group's seeds (``n_seeds``; ``ppl_std`` the sample standard deviation of ppl). Two runs of one
-  seed in a group are refused (they would count as two seeds).
+  seed in a group are refused (they would count as two seeds); one run listed twice (the same
+  rev) counts once.
 - ``frontier.png``: exact zeros against ppl over each row's best dense model, with the seeds'
   error bars.
 
@@ -72,25 +73,29 @@ def runs_from_exp_show(shown: list) -> list[dict]:
     """Each finished experiment of ``dvc exp show --json`` that has an evaluation headline, and
     each commit the experiments start from that has one (a run committed, e.g. the CPU set-up's
     control): {name, params (flat), eval (EVAL_FILE), train (TRAIN_FILE or {})}. The workspace
-    row is left out (it repeats the last run)."""
-    runs = []
+    row is left out (it repeats the last run); a commit or experiment listed again (one sweep's
+    clones list its base commit each, a file joined twice) counts once, by its rev."""
+    runs, revs = [], set()
     for baseline in shown:
         if baseline.get("rev") != "workspace":
-            _take(baseline, runs)
+            _take(baseline, runs, revs)
         for exp in baseline.get("experiments") or []:
             # a queued, running or failed experiment shows the commit it started from: not its own results
             if ((exp.get("executor") or {}).get("state") or "success") != "success":
                 continue
             for rev in exp.get("revs") or []:
-                _take(rev, runs)
+                _take(rev, runs, revs)
     return runs
 
 
-def _take(rev: dict, runs: list[dict]) -> None:
+def _take(rev: dict, runs: list[dict], revs: set) -> None:
     data = rev.get("data") or {}
     metrics = data.get("metrics") or {}
     scores = (metrics.get(EVAL_FILE) or {}).get("data")
     params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+    if rev.get("rev") and rev["rev"] in revs:
+        return
+    revs.add(rev.get("rev"))
     if scores and params:
         runs.append({"name": rev.get("name") or data.get("name") or (rev.get("rev") or "?")[:7],
                      "params": flatten(params), "eval": scores,
@@ -141,12 +146,13 @@ def group_by_seed(runs: list[dict]) -> list[list[dict]]:
         seen: dict[str, dict] = {}
         for run in group:
             seed = run["params"].get(SEED)
+            seed = 0 if seed is None else seed  # the config's default
             first = seen.setdefault(json.dumps(_norm(seed)), run)
             if first is not run:  # names may repeat (one name in two joined sweeps)
                 raise FrontierError(
                     f"experiments {first['name']} and {run['name']} have the same params, seed {seed} included "
-                    "(one run given twice, or repeated): a row's runs must differ in training.seed (leave one "
-                    "out: dvc exp remove NAME, or drop it from a saved JSON; give each saved JSON once)")
+                    "(a run repeated, or two sweeps' runs of one recipe): a row's runs must differ in "
+                    "training.seed (leave one out: dvc exp remove NAME, or drop it from a saved JSON)")
     return sorted(ordered, key=lambda g: g[0]["name"])
 
 
