@@ -9,6 +9,7 @@ several hosts, start it with torchrun on each (docs/gpu.md, "Several GPUs").
 """
 
 import argparse
+import signal
 import sys
 
 import _repo  # noqa: F401  (first: this repository's own samba)
@@ -50,6 +51,9 @@ def main(argv=None) -> None:
     if n > 1 and not distributed.under_launcher():
         sys.exit(distributed.launch(n, __file__, sys.argv[1:] if argv is None else argv))
     summary = train(params, args.data, args.init, args.out, args.metrics, args.checkpoints)
+    # The run is complete and its checkpoint gone: a SIGTERM now (a sweep's deadline) would only
+    # lose it before DVC records the stage. The process is exiting anyway.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if distributed.context_from_env().is_main:
         print(f"wrote {args.out}: {summary}")
 

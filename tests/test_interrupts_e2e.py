@@ -145,3 +145,25 @@ def test_a_checkpoint_of_another_run_is_set_aside_and_the_run_starts_afresh(refe
     assert (repo / said.group(1)).read_bytes() == left  # kept, under the name the log gives
     assert not checkpoint.exists() and outputs(repo) != earlier
     assert "up to date" in dvc("status", cwd=repo).stdout
+
+
+EXIT_HOOK = '''
+import atexit, os, signal, sys
+if sys.argv and sys.argv[0].endswith("stages/train.py"):
+    atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))  # as the process exits
+'''
+
+
+def test_a_sigterm_as_the_completed_stage_exits_keeps_the_run(reference, tmp_path):
+    # a sweep's deadline sends SIGTERM to each stage process once; one that lands after the run
+    # completed (its checkpoint gone) but before the process ends must not lose it
+    repo, _ = reference
+    edited = yaml.safe_load((repo / "params.yaml").read_text())
+    edited["logging"]["project_name"] = "samba-exit-test"  # a changed stage, off the trajectory
+    (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook/sitecustomize.py").write_text(EXIT_HOOK)
+    ran = dvc("repro", "train", cwd=repo, env=tool_env(PYTHONPATH=str(tmp_path / "hook")), check=False)
+    assert ran.returncode == 0, (ran.stdout + ran.stderr)[-3000:]
+    assert "Stage 'train' didn't change, skipping" in dvc("repro", "train", cwd=repo).stdout  # recorded
+    assert not (repo / "checkpoints/train/last.pt").exists()

@@ -322,8 +322,13 @@ def test_validation_follows_eval_every_whatever_log_every(sources, project, tmp_
     assert [s for s, _ in logged(tmp_path, "train/loss")] == [4, 8, 12, 16, 20, 24]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stop_asked_after_the_last_step_lets_the_run_finish(sources, project, tmp_path, monkeypatch, signum):
+@pytest.mark.parametrize("signum,target,attribute", [
+    (signal.SIGTERM, samba.train, "plot_training_curves"),       # after the model is written
+    (signal.SIGINT, samba.train, "plot_training_curves"),
+    (signal.SIGTERM, samba.resume.Checkpointer, "complete"),     # as the checkpoint goes
+], ids=["SIGTERM-model-written", "SIGINT-model-written", "SIGTERM-checkpoint-going"])
+def test_a_stop_asked_after_the_last_step_lets_the_run_finish(sources, project, tmp_path, monkeypatch, caplog,
+                                                             signum, target, attribute):
     # the sweep on the GPU stops its runs with SIGTERM at a deadline: one that arrived while a run
     # wrote its model (2026-12-07) killed it there, and its last steps, which no checkpoint held, were lost
     def default(received, frame):  # what the signal does where the stage does not handle it
@@ -331,15 +336,36 @@ def test_a_stop_asked_after_the_last_step_lets_the_run_finish(sources, project, 
 
     previous = signal.signal(signum, default)
     try:
-        interrupt_during(monkeypatch, samba.train, "plot_training_curves", 1, signum)  # after save_pretrained
+        interrupt_during(monkeypatch, target, attribute, 1, signum)
         params = params_with(sources, training={"max_steps": 6, "checkpoint_every": 4})
-        summary = run(params, project, tmp_path)
+        with caplog.at_level("WARNING", logger="samba"):
+            summary = run(params, project, tmp_path)
         assert signal.getsignal(signum) is default  # the stage's handler gone with the stage
+    except KeyboardInterrupt:
+        pytest.fail("the stop request ended the run")
     finally:
         signal.signal(signum, previous)
+    assert f"{signal.Signals(signum).name}: every step is done; writing the model and metrics first" in caplog.text
     assert summary["steps"] == 6 and (tmp_path / "out/model.safetensors").is_file()
     assert json.loads((tmp_path / "metrics/summary.json").read_text())["steps"] == 6
     assert not (tmp_path / "ckpt/last.pt").exists()  # complete: nothing left to resume
+
+
+def test_a_second_ctrl_c_while_the_run_finishes_stops_it_at_once(sources, project, tmp_path, monkeypatch):
+    original, sent = samba.train.plot_training_curves, []
+
+    def twice(*args, **kwargs):  # SIGTERM, then a Ctrl-C: the user means it
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(samba.train, "plot_training_curves", twice)
+    params = params_with(sources, training={"max_steps": 6, "checkpoint_every": 4})
+    with pytest.raises(KeyboardInterrupt):
+        run(params, project, tmp_path)
+    assert sent == [signal.SIGTERM, signal.SIGINT]
+    assert torch.load(tmp_path / "ckpt/last.pt", weights_only=True)["step"] == 4  # what a rerun resumes from
 
 
 def test_logged_learning_rate_is_the_one_the_step_used(sources, project, tmp_path):

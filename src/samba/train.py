@@ -349,10 +349,10 @@ class Trainer:
                             raise TrainingInterrupted(
                                 f"interrupted after step {done} of {total}; {self.checkpoints.path} "
                                 "holds every completed step: run the stage again (dvc repro) to resume")
+                stop.finishing = True
             finally:
                 bar.close()
                 self.step_fn.release()
-            stop.finishing = True
             return self._finish(log)
 
     def _step(self, step: int, window: LogWindow) -> float:
