@@ -56,18 +56,22 @@ def assert_same_history(a: Path, b: Path) -> None:
             assert y == pytest.approx(x, rel=1e-6, abs=1e-9), (name, s)
 
 
-def interrupt_during(monkeypatch, target, attribute: str, call: int, signum: int = signal.SIGINT) -> None:
-    """Send this process ``signum`` from inside the ``call``-th call of ``target.attribute``, as a
-    Ctrl-C (or a SIGTERM) landing there would; the call itself completes."""
-    original, calls = getattr(target, attribute), {"n": 0}
+def interrupt_during(monkeypatch, target, attribute: str, call: int, *signums: int) -> list[int]:
+    """Send this process ``signums`` (default SIGINT), one after the other, from inside the
+    ``call``-th call of ``target.attribute``, as a Ctrl-C (or a SIGTERM) landing there would; the
+    call itself completes. Returns the signals sent, as they are sent."""
+    original, calls, sent = getattr(target, attribute), {"n": 0}, []
 
     def wrapper(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == call:
-            os.kill(os.getpid(), signum)
+            for signum in signums or (signal.SIGINT,):
+                sent.append(signum)
+                os.kill(os.getpid(), signum)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(target, attribute, wrapper)
+    return sent
 
 
 @pytest.fixture(scope="module")
@@ -352,15 +356,8 @@ def test_a_stop_asked_after_the_last_step_lets_the_run_finish(sources, project, 
 
 
 def test_a_second_ctrl_c_while_the_run_finishes_stops_it_at_once(sources, project, tmp_path, monkeypatch):
-    original, sent = samba.train.plot_training_curves, []
-
-    def twice(*args, **kwargs):  # SIGTERM, then a Ctrl-C: the user means it
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            sent.append(signum)
-            os.kill(os.getpid(), signum)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(samba.train, "plot_training_curves", twice)
+    # SIGTERM, then a Ctrl-C: the user means it
+    sent = interrupt_during(monkeypatch, samba.train, "plot_training_curves", 1, signal.SIGTERM, signal.SIGINT)
     params = params_with(sources, training={"max_steps": 6, "checkpoint_every": 4})
     with pytest.raises(KeyboardInterrupt):
         run(params, project, tmp_path)

@@ -5,8 +5,8 @@ against its dense twin and the best dense model the same data gave.
 
 Reads the experiments (``dvc exp show --json`` in the current repository: those of the current
 commit, or of every commit with ``--all-commits``; or saved copies of its output, several joined
-into one table): each one's params, its evaluation headline (``metrics/eval_summary.json``) and its training headline
-(``metrics/train/summary.json``: steps and tokens seen). Writes to OUT_DIR:
+into one table): each one's params, its evaluation headline (``metrics/eval_summary.json``) and
+its training headline (``metrics/train/summary.json``: steps and tokens seen). Writes to OUT_DIR:
 
 - ``frontier.md`` and ``frontier.json`` (``{"best_dense": ..., "rows": [...]}``): one row per
   group of experiments that differ only in ``training.seed``, every measure the mean over the
@@ -89,13 +89,14 @@ def runs_from_exp_show(shown: list) -> list[dict]:
 
 
 def _take(rev: dict, runs: list[dict], revs: set) -> None:
+    if rev.get("rev") in revs:
+        return
+    if rev.get("rev"):
+        revs.add(rev["rev"])
     data = rev.get("data") or {}
     metrics = data.get("metrics") or {}
     scores = (metrics.get(EVAL_FILE) or {}).get("data")
     params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
-    if rev.get("rev") and rev["rev"] in revs:
-        return
-    revs.add(rev.get("rev"))
     if scores and params:
         runs.append({"name": rev.get("name") or data.get("name") or (rev.get("rev") or "?")[:7],
                      "params": flatten(params), "eval": scores,
@@ -135,22 +136,27 @@ def _key(params: dict, leave_out=()) -> str:
     return json.dumps({k: _norm(v) for k, v in params.items() if k not in leave_out}, sort_keys=True)
 
 
+def _seed(run: dict):
+    """The run's training.seed; one without it trained with the config's default, 0."""
+    seed = run["params"].get(SEED)
+    return 0 if seed is None else seed
+
+
 def group_by_seed(runs: list[dict]) -> list[list[dict]]:
     """Runs whose effective params differ only in training.seed, together, each group sorted by
     seed (the lowest names it), the groups in a fixed order (by that name)."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
         groups.setdefault(_key(effective(run["params"]), {SEED}), []).append(run)
-    ordered = [sorted(g, key=lambda r: (r["params"].get(SEED) or 0, r["name"])) for g in groups.values()]
+    ordered = [sorted(g, key=lambda r: (_seed(r), r["name"])) for g in groups.values()]
     for group in ordered:  # a seed run twice would count as two seeds and shrink the row's spread
         seen: dict[str, dict] = {}
         for run in group:
-            seed = run["params"].get(SEED)
-            seed = 0 if seed is None else seed  # the config's default
-            first = seen.setdefault(json.dumps(_norm(seed)), run)
+            first = seen.setdefault(json.dumps(_norm(_seed(run))), run)
             if first is not run:  # names may repeat (one name in two joined sweeps)
                 raise FrontierError(
-                    f"experiments {first['name']} and {run['name']} have the same params, seed {seed} included "
+                    f"experiments {first['name']} and {run['name']} have the same params, "
+                    f"seed {_seed(run)} included "
                     "(a run repeated, or two sweeps' runs of one recipe): a row's runs must differ in "
                     "training.seed (leave one out: dvc exp remove NAME, or drop it from a saved JSON)")
     return sorted(ordered, key=lambda g: g[0]["name"])

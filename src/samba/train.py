@@ -137,12 +137,9 @@ class StopRequests:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        if self.finishing:
-            logger.warning("%s: every step is done; writing the model and metrics first; "
-                           "press Ctrl-C again to stop at once", signal.Signals(signum).name)
-        else:
-            logger.warning("%s: stopping after this step (a checkpoint keeps every completed step); "
-                           "press Ctrl-C again to stop at once", signal.Signals(signum).name)
+        what = ("every step is done; writing the model and metrics first" if self.finishing else
+                "stopping after this step (a checkpoint keeps every completed step)")
+        logger.warning("%s: %s; press Ctrl-C again to stop at once", signal.Signals(signum).name, what)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
