@@ -377,6 +377,14 @@ def read_experiments(saved: str | list[str] | None, all_commits: bool = False) -
                 raise FrontierError(f"--from-json {path}: not JSON ({err}); save it with dvc exp show --json") from None
             if not isinstance(data, list):
                 raise FrontierError(f"--from-json {path}: not what `dvc exp show --json` writes (a list of commits)")
+            try:  # each file read alone, so that the refusal names it
+                found = runs_from_exp_show(data)
+            except (AttributeError, TypeError):
+                raise FrontierError(f"--from-json {path}: not what `dvc exp show --json` writes (a list of "
+                                    "commits, each with its experiments)") from None
+            if not found and len(saved) > 1:
+                raise FrontierError(f"--from-json {path}: no finished experiment in it has {EVAL_FILE}, so joined it "
+                                    "would add nothing (a sweep that finished no run, or another file?)")
             shown.extend(data)
         return shown
     proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if all_commits else [])],
