@@ -309,9 +309,14 @@ def test_two_saved_sweeps_join_into_one_table(tmp_path):
     rows = {r["experiment"]: r for r in write_frontier(read_experiments(paths), tmp_path / "out")}
     assert rows["twin-s0"]["experiments"] == ["twin-s0", "twin-s1", "twin-s2"] and rows["twin-s0"]["ppl"] == 63.0
     assert rows["topk90-s0"]["n_seeds"] == 2 and rows["topk90-s0"]["ppl_vs_twin"] == pytest.approx(71.0 / 63.0 - 1)
-    # one file given twice: the same runs (the same revs), counted once
-    twice = {r["experiment"]: r for r in write_frontier(read_experiments([paths[0], paths[0]]), tmp_path / "twice")}
+    # a copy of one file joined to it: the same runs (the same revs), counted once
+    (tmp_path / "a-copy.json").write_text((tmp_path / "a.json").read_text())
+    twice = {r["experiment"]: r for r in
+             write_frontier(read_experiments([paths[0], str(tmp_path / "a-copy.json")]), tmp_path / "twice")}
     assert twice["twin-s0"]["n_seeds"] == 1 and twice["topk90-s0"]["n_seeds"] == 1
+    # the same file named twice (however spelt) is a typo for another sweep's: refused, both names given
+    with pytest.raises(FrontierError, match=r"--from-json .*/\./a.json: given twice \(.*/a.json is the same file\)"):
+        read_experiments([paths[0], paths[1], f"{tmp_path}/./a.json"])
     (tmp_path / "c.json").write_text(json.dumps({"rev": "workspace"}))
     with pytest.raises(FrontierError, match=r"--from-json .*c.json: not what `dvc exp show --json` writes"):
         read_experiments(paths + [str(tmp_path / "c.json")])
@@ -324,8 +329,10 @@ def test_two_saved_sweeps_join_into_one_table(tmp_path):
     # a file without a finished run would add nothing to a join: refused, named, not silently skipped
     for empty in ([], [{"rev": "workspace", "data": {}}]):
         (tmp_path / "e.json").write_text(json.dumps(empty))
-        with pytest.raises(FrontierError, match=r"--from-json .*e.json: no finished experiment in it"):
+        with pytest.raises(FrontierError, match=r"--from-json .*e.json: no finished experiment in it .*, so joined"):
             read_experiments([paths[0], str(tmp_path / "e.json")])
+        with pytest.raises(FrontierError, match=r"--from-json .*e.json: no finished experiment in it has [^,]* \(a"):
+            read_experiments([str(tmp_path / "e.json")])  # alone: named too
 
 
 def test_the_command_joins_every_from_json(tmp_path, capsys):
@@ -401,4 +408,4 @@ def test_the_command_refuses_in_one_line(tmp_path):
                               "PYTHONHASHSEED", "0")}})
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [proc.stderr.strip()]  # the whole of stderr is the one line
-    assert proc.stderr.startswith(f"[frontier] error: no finished experiment has {EVAL_FILE}")
+    assert proc.stderr.startswith(f"[frontier] error: --from-json {saved}: no finished experiment in it has {EVAL_FILE}")

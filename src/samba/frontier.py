@@ -367,8 +367,12 @@ def read_experiments(saved: str | list[str] | None, all_commits: bool = False) -
     if isinstance(saved, str):
         saved = [saved]
     if saved:
-        shown = []
+        shown, seen = [], {}
         for path in saved:
+            same = seen.get(os.path.realpath(path))
+            if same is not None:  # most likely a typo for another sweep's file; its runs would count once anyway
+                raise FrontierError(f"--from-json {path}: given twice ({same} is the same file)")
+            seen[os.path.realpath(path)] = path
             try:
                 data = json.loads(Path(path).read_text())
             except OSError as err:
@@ -382,9 +386,10 @@ def read_experiments(saved: str | list[str] | None, all_commits: bool = False) -
             except (AttributeError, TypeError):
                 raise FrontierError(f"--from-json {path}: not what `dvc exp show --json` writes (a list of "
                                     "commits, each with its experiments)") from None
-            if not found and len(saved) > 1:
-                raise FrontierError(f"--from-json {path}: no finished experiment in it has {EVAL_FILE}, so joined it "
-                                    "would add nothing (a sweep that finished no run, or another file?)")
+            if not found:
+                joined = ", so joined it would add nothing" if len(saved) > 1 else ""
+                raise FrontierError(f"--from-json {path}: no finished experiment in it has {EVAL_FILE}{joined} (a "
+                                    "sweep that finished no run, or another file?)")
             shown.extend(data)
         return shown
     proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if all_commits else [])],
