@@ -4,6 +4,8 @@
 #   DEADLINE=500 bash benchmarks/gpu_session.sh testsbg,sweep   # the GPU tests beside the sweep's set-up, then its runs
 #   DEADLINE=500 bash benchmarks/gpu_session.sh collect # each later call, made within 30 s of the last: the runs go on
 #   bash benchmarks/gpu_session.sh sweep               # the fresh-data protocol: stand-in on half the train split, the sweep on the other half
+#   SWEEP_PLAN=benchmarks/sweep_plans/next.txt bash benchmarks/gpu_session.sh plancheck
+#                                                      # any machine, no GPU: each run's params made as a worker makes them, loaded
 #   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes (+ evaluate_passes.py)
 #   bash benchmarks/gpu_session.sh bench,stage         # the train stage itself against the benchmark's a, one call
 #   bash benchmarks/gpu_session.sh scaling             # data-parallel scaling of the train stage (2+ GPUs)
@@ -34,13 +36,14 @@ unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=/tmp/pycache
 exec > >(tee -a "$OUT/session.log") 2>&1  # the log comes back even if the call is cut short
 pack() { tar czf /tmp/results.tar.gz.part -C /tmp results && mv /tmp/results.tar.gz.part "$OUT/results.tar.gz"; }
-if [ "${SWEEP_DRY:-0}" != 1 ]; then  # SWEEP_DRY=1 (sweep only, a CPU, in this repo's venv): no GPU, no kernels
+CPU_ONLY=0; { [ "${SWEEP_DRY:-0}" = 1 ] || [ "$PARTS" = plancheck ]; } && CPU_ONLY=1
+if [ $CPU_ONLY != 1 ]; then  # SWEEP_DRY=1 (sweep only) or plancheck: a CPU, in this repo's venv; no GPU, no kernels
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   [ -d /tmp/site/mamba_ssm ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$REPO/src
 mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH  # a wrapper: a symlinked venv python loses its venv
-[ "${SWEEP_DRY:-0}" = 1 ] || python3 -c "import torch, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__, 'GPUs', torch.cuda.device_count())"
+[ $CPU_ONLY = 1 ] || python3 -c "import torch, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__, 'GPUs', torch.cuda.device_count())"
 
 install_dvc() {  # once per machine: a second pip run over the same environment broke its PyYAML once
   python3 -c "import yaml, dvc, dvclive" 2>/dev/null && return 0
@@ -53,16 +56,19 @@ import sys, yaml
 path, *pairs = sys.argv[1:]
 p = yaml.safe_load(open(path))
 for pair in pairs:
-    key, value = pair.split("=", 1)
-    section, name = key.split(".")
-    p[section][name] = yaml.safe_load(value)
+    try:
+        key, value = pair.split("=", 1)
+        section, name = key.split(".")
+        p[section][name] = yaml.safe_load(value)
+    except (ValueError, KeyError, yaml.YAMLError) as err:  # one line: plan_check and the worker's log quote it
+        sys.exit(f"set_params {path}: {pair!r} is not section.key=value of a section there "
+                 f"({type(err).__name__}: {' '.join(str(err).split())})")
 yaml.safe_dump(p, open(path, "w"), sort_keys=False)
 EOF
 }
+WT2=(dataset.name=/tmp/wt2/wikitext-2-tokenized dataset.tokenizer=/tmp/wt2/tokenizers/gpt-neox-20b pretrained.use_pretrained=false)
 wt2_params() {  # wt2_params FILE [section.key=value ...]: WikiText-2 and the GPT-NeoX tokenizer from .gpu/data, random init
-  mkdir -p /tmp/wt2 && tar xzf "$REPO/.gpu/data/wt2.tar.gz" -C /tmp/wt2 \
-    && set_params "$1" dataset.name=/tmp/wt2/wikitext-2-tokenized dataset.tokenizer=/tmp/wt2/tokenizers/gpt-neox-20b \
-      pretrained.use_pretrained=false "${@:2}"
+  mkdir -p /tmp/wt2 && tar xzf "$REPO/.gpu/data/wt2.tar.gz" -C /tmp/wt2 && set_params "$1" "${WT2[@]}" "${@:2}"
 }
 wt2_project() {  # wt2_project DIR LOG [section.key=value ...]: DIR/params.yaml (wt2_params), DIR/tok, DIR/init
   mkdir -p "$1" && cp params.yaml "$1/params.yaml" && wt2_params "$1/params.yaml" "${@:3}" \
@@ -70,6 +76,63 @@ wt2_project() {  # wt2_project DIR LOG [section.key=value ...]: DIR/params.yaml 
     && python3 stages/convert.py --params "$1/params.yaml" --out "$1/init" >> "$2" 2>&1 \
     || { tail -5 "$2"; pack; exit 1; }
 }
+# The sweep (issue 22). Its base over params.yaml (WT2 first), then the fine-tunes' base (the unseen
+# half, from the stand-in); the set-up's models; the recipe that plans spell $KL and $TOPK: lr 3e-4,
+# KL 10 from the control; sparse: top-k + Hoyer 0.5.
+SWEEP_BASE=(training.warmup_steps=30 training.eval_every=150 training.checkpoint_every=150 "eval.prune_fractions=[0.0]")
+FINETUNE_BASE=(pretrained.use_pretrained=true pretrained.model_name=/tmp/standin "dataset.train_range=[0.5,1.0]"
+  training.epochs=3 training.lr=1.0e-4 training.sparsity_warmup_steps=100)
+SWEEP_MODELS=(/tmp/standin /tmp/teacher /tmp/twin)  # the stand-in, the control (every plan's teacher), twin-s0
+KL="training.lr=3.0e-4 training.teacher=/tmp/teacher training.distill_weight=10.0"
+TOPK="training.pruning_weight=0.5 model.sparsity_target"
+plan_file() { local p=${SWEEP_PLAN:-benchmarks/sweep_plans/twin.txt}; [[ $p == /* ]] || p=$REPO/$p; echo "$p"; }
+expand_plan() {  # expand_plan PLAN OUT: its runs, one a line, $KL and $TOPK spelled out; refused: no run, a name twice
+  grep -vE '^\s*(#|$)' "$1" | sed "s|\$KL|$KL|g; s|\$TOPK|$TOPK|g" > "$2" && [ -s "$2" ] \
+    || { echo "SWEEP_PLAN $1: no runs in it"; return 1; }
+  local dup; dup=$(awk '{print $1}' "$2" | sort | uniq -d | tr '\n' ' ')
+  [ -z "$dup" ] || { echo "SWEEP_PLAN $1: each name once (twice: $dup)"; return 1; }
+}
+run_args() { awk -v n="$1" '$1 == n { $1 = ""; print }' "$2"; }  # run_args NAME PLAN: the run's section.key=value pairs
+plan_check() {  # each run of SWEEP_PLAN made into its params as a worker makes them, then loaded; names and teachers
+  local d plan name; d=$(mktemp -d) && plan=$(plan_file) && expand_plan "$plan" "$d/plan.txt" || return 1
+  cp "$REPO/params.yaml" "$d/base.yaml" && set_params "$d/base.yaml" "${WT2[@]}" "${SWEEP_BASE[@]}" \
+    && set_params "$d/base.yaml" "${FINETUNE_BASE[@]}" || return 1
+  set -f  # as in the worker: a value such as [0.0,0.5] is a YAML list, not a glob
+  while read -r name _; do
+    [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || continue  # not a run name (a line without its name?): refused below
+    cp "$d/base.yaml" "$d/$name.yaml" && set_params "$d/$name.yaml" compute.device=cuda:0 $(run_args "$name" "$d/plan.txt") \
+      2> "$d/$name.err" || echo "$name: $(tail -1 "$d/$name.err")" >> "$d/refused"
+  done < "$d/plan.txt"
+  set +f
+  PYTHONPATH=$REPO/src python3 - "$d" "$plan" "${SWEEP_MODELS[*]}" \
+    $(grep -oE 'exp run -n [A-Za-z0-9_.-]+' "$REPO/benchmarks/gpu_session.sh" | awk '{print $4}') <<'EOF'
+import re, sys
+from pathlib import Path
+from samba.config import ConfigError, load_params
+d, plan, made, setup = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(), set(sys.argv[4:])
+refused = (d / "refused").read_text().splitlines() if (d / "refused").exists() else []
+names = [line.split()[0] for line in (d / "plan.txt").read_text().splitlines()]
+for name in names:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        refused.append(f"{name}: not a run name (a line without its name?)")
+    elif name in setup:
+        refused.append(f"{name}: the set-up's run of that name would be taken for it (pick another name)")
+    elif not (d / f"{name}.err").read_text():
+        try:
+            teacher = load_params(d / f"{name}.yaml").training.teacher
+        except ConfigError as err:
+            refused.append(f"{name}: {str(err).replace(str(d / name) + '.yaml: ', '')}")
+            continue
+        if teacher not in {*made, "models/init"}:
+            refused.append(f"{name}: training.teacher {teacher} is none of the set-up's models ({' '.join(made)})")
+if refused:
+    sys.exit(f"SWEEP_PLAN {plan}: {len(refused)} of its runs would fail\n  " + "\n  ".join(refused))
+print(f"SWEEP_PLAN {plan}: {len(names)} runs, each one's params load")
+EOF
+  local rc=$?; rm -rf "$d"; return $rc
+}
+if [ "$PARTS" = plancheck ]; then plan_check; exit; fi  # on its own: nothing else runs, nothing is packed
+
 # The sweep's fine-tunes run in the call, never beyond it: J workers, each in its own clone of
 # /tmp/run (one DVC cache), take the plan's runs in order; at DEADLINE each run in flight is asked
 # to stop (SIGTERM: the train stage saves its checkpoint at the next step) and a later call made
@@ -91,7 +154,7 @@ worker() {  # worker K: its own unfinished run first (resumed), then the next un
     if git for-each-ref --format='%(refname)' refs/exps | grep -q "/$name\$"; then  # finished, cut before marked
       touch "$SW/claims/$name/done"; continue
     fi
-    args=$(awk -v n="$name" '$1 == n { $1 = ""; print }' $SW/plan.txt)
+    args=$(run_args "$name" $SW/plan.txt)
     # params.yaml written whole from the clone's commit (never left to git, which can miss a
     # same-size rewrite: docs/experiments.md), then touched
     git show HEAD:params.yaml > params.yaml && set_params params.yaml compute.device=cuda:$((k % NGPU)) $args \
@@ -232,14 +295,14 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   # (benchmarks/results/sparsity/README.md). SWEEP_DRY=1: the same on a CPU with a tiny model (checks the logic).
   echo "=== set-up"; start=$SECONDS
   install_dvc; NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "${SWEEP_DRY:-0}" = 1 ] && NGPU=1
-  RUN=/tmp/run; rm -rf $RUN /tmp/standin /tmp/teacher /tmp/twin && mkdir $RUN
+  plan_check || { pack; exit 1; }  # before the set-up's minutes: a bad plan line would be a FAILED run
+  RUN=/tmp/run; rm -rf $RUN "${SWEEP_MODELS[@]}" && mkdir $RUN
   cp -r dvc.yaml params.yaml stages src .dvcignore .gitignore pyproject.toml $RUN/ && mkdir $RUN/.dvc \
     && cp -r .dvc/config .dvc/plots $RUN/.dvc/
   export PYTHONPATH=/tmp/site:$RUN/src OMP_NUM_THREADS=4
   cd $RUN && git init -q && git config user.email gpu@example.com && git config user.name gpu || exit 1
   # WikiText-2 (wikitext-2-v1 files: the raw train split is not at hand) and the GPT-NeoX tokenizer
-  wt2_params params.yaml training.warmup_steps=30 training.eval_every=150 training.checkpoint_every=150 \
-    "eval.prune_fractions=[0.0]" || exit 1
+  wt2_params params.yaml "${SWEEP_BASE[@]}" || exit 1
   if [ "${SWEEP_DRY:-0}" = 1 ]; then  # a tiny model, a few steps: every command runs, no number means anything
     set_params params.yaml model.d_model=32 model.n_layers=4 model.readout_stride=2 model.readout_hidden_dim=32 \
       training.batch_size=4 training.seq_len=32 training.max_steps=40 training.eval_every=20 training.eval_batches=2 \
@@ -261,8 +324,7 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   echo "=== the fine-tunes' base: the unseen second half, from the stand-in"; start=$SECONDS
   # the stand-in's metrics go: committed with the fine-tunes' params they would read as a run of them
   git checkout -q -- params.yaml dvc.lock && rm -rf metrics || exit 1
-  set_params params.yaml pretrained.use_pretrained=true pretrained.model_name=/tmp/standin "dataset.train_range=[0.5,1.0]" \
-    training.epochs=3 training.lr=1.0e-4 training.sparsity_warmup_steps=100 || exit 1
+  set_params params.yaml "${FINETUNE_BASE[@]}" || exit 1
   python3 -m dvc repro prepare convert > "$RES/convert_standin.log" 2>&1 || { tail -20 "$RES/convert_standin.log"; pack; exit 1; }
   git add -A && git commit -qm "sweep: the unseen half, from the stand-in" -q
   echo "=== the teacher: the dense control (lr 1e-4, 3 epochs, seed 0)"
@@ -270,9 +332,7 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   cp -r models/samba /tmp/teacher && git checkout -q -- params.yaml dvc.lock && python3 -m dvc checkout -q
   grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/teacher.log" | tail -2; echo "teacher: $((SECONDS - start)) s"; pack
 
-  # the recipe: lr 3e-4, KL 10 from the control; sparse: top-k + Hoyer 0.5; its twin the same with sparsity off
-  kl="-S training.lr=3.0e-4 -S training.teacher=/tmp/teacher -S training.distill_weight=10.0"
-  sparse="-S training.pruning_weight=0.5 -S model.sparsity_target"
+  kl=$(printf -- '-S %s ' $KL)  # the recipe with sparsity off
   echo "=== the dense twin, seed 0 (also a teacher below, and the PCA basis's model)"; start=$SECONDS
   python3 -m dvc exp run -n twin-s0 $kl > "$RES/twin.log" 2>&1 || { tail -30 "$RES/twin.log"; pack; exit 1; }
   cp -r models/samba /tmp/twin && git checkout -q -- params.yaml dvc.lock && python3 -m dvc checkout -q
@@ -286,14 +346,7 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
     git clone -q $RUN $SW/w$k && (cd $SW/w$k && python3 -m dvc cache dir --local $RUN/.dvc/cache \
       && python3 -m dvc checkout -q prepare convert) || { echo "clone $k failed"; pack; exit 1; }
   done
-  KL="training.lr=3.0e-4 training.teacher=/tmp/teacher training.distill_weight=10.0"
-  TOPK="training.pruning_weight=0.5 model.sparsity_target"
-  # the plan: SWEEP_PLAN (default benchmarks/sweep_plans/twin.txt), $KL and $TOPK spelled out
-  plan=${SWEEP_PLAN:-benchmarks/sweep_plans/twin.txt}; [[ $plan == /* ]] || plan=$REPO/$plan
-  grep -vE '^\s*(#|$)' "$plan" | sed "s|\$KL|$KL|g; s|\$TOPK|$TOPK|g" > $SW/plan.txt && [ -s $SW/plan.txt ] \
-    || { echo "SWEEP_PLAN $plan: no runs in it"; pack; exit 1; }
-  dup=$(awk '{print $1}' $SW/plan.txt | sort | uniq -d | tr '\n' ' ')
-  [ -z "$dup" ] || { echo "SWEEP_PLAN $plan: each name once (twice: $dup)"; pack; exit 1; }
+  expand_plan "$(plan_file)" $SW/plan.txt || { pack; exit 1; }  # SWEEP_PLAN (default benchmarks/sweep_plans/twin.txt)
   echo "$(wc -l < $SW/plan.txt) runs planned, clones ready: $((SECONDS - start)) s"
   if [ "${SWEEP_PCA:-0}" = 1 ]; then  # measured 2026-12-07 (results/2026-12-07/pca_control_twin.json)
     echo "=== training-free pruning in the PCA basis: the control and the twin (beside the fine-tunes)"

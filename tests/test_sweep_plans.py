@@ -1,78 +1,71 @@
-"""The sweep plans in benchmarks/sweep_plans/ hold what a GPU session will run: a misspelt key or a
-value the params refuse would cost that run's start-up on the device and mark it FAILED. Each run
-of each plan is applied to params.yaml the way benchmarks/gpu_session.sh applies it (its $KL and
-$TOPK spelled out, each value read as YAML) and the result must load."""
+"""The sweep plans in benchmarks/sweep_plans/ hold what a GPU session will run: a bad line would
+cost that run's start-up on the device and mark it FAILED, or run the wrong thing. gpu_session.sh's
+`plancheck` makes each run's params the way a worker makes them (its plan expansion, set_params,
+word splitting) over the sweep's base, and loads them; the sweep part runs the same check first.
+Here it runs on the committed plans and on lines the device would refuse or misread."""
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
-from samba.config import ConfigError, load_params
+from conftest import tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 PLANS = sorted((ROOT / "benchmarks" / "sweep_plans").glob("*.txt"))
 
-
-def _macros() -> dict[str, str]:
-    """$KL and $TOPK as gpu_session.sh defines them (the one place they are written)."""
-    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
-    found = dict(re.findall(r'^\s*(KL|TOPK)="([^"]*)"', script, flags=re.M))
-    assert set(found) == {"KL", "TOPK"}, f"gpu_session.sh no longer defines KL and TOPK: {found}"
-    return found
+pytestmark = pytest.mark.slow  # starts bash and Python processes
 
 
-def _runs(plan: Path) -> list[tuple[str, list[str]]]:
-    macros = _macros()
-    runs = []
-    for line in plan.read_text().splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        for name, value in macros.items():
-            line = line.replace("$" + name, value)
-        name, *pairs = line.split()
-        runs.append((name, pairs))
-    return runs
+def plancheck(plan: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return subprocess.run(["bash", str(SCRIPT), "plancheck"], cwd=ROOT, capture_output=True, text=True,
+                          env=tool_env(SWEEP_PLAN=str(plan), OUT=str(tmp_path / "out")), timeout=120)
 
 
-def _apply(base: dict, pairs: list[str]) -> dict:
-    """gpu_session.sh's set_params: section.key=value, the value read as YAML."""
-    params = yaml.safe_load(yaml.safe_dump(base))
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        section, name = key.split(".")
-        params[section][name] = yaml.safe_load(value)
-    return params
-
-
-def test_the_plans_are_found():
+def test_the_default_plan_and_next_are_there():
+    default = re.search(r"SWEEP_PLAN:-([^}]+)\}", SCRIPT.read_text()).group(1)
+    assert (ROOT / default).is_file(), default
     assert {p.name for p in PLANS} >= {"twin.txt", "next.txt"}
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=[p.name for p in PLANS])
-def test_every_run_of_a_plan_loads_and_names_each_run_once(plan, tmp_path):
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    runs = _runs(plan)
-    assert runs, f"{plan.name}: no runs"
-    names = [name for name, _ in runs]
-    assert len(names) == len(set(names)), f"{plan.name}: a name twice"
-    for name, pairs in runs:
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(_apply(base, pairs), sort_keys=False))
-        load_params(path)  # raises ConfigError naming the key
+def test_every_run_of_a_committed_plan_loads(plan, tmp_path):
+    proc = plancheck(plan, tmp_path)
+    runs = [line for line in plan.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{len(runs)} runs, each one's params load" in proc.stdout
 
 
-def test_a_misspelt_key_in_a_plan_is_caught(tmp_path):
-    """The check above refuses what the device would: a key params.yaml does not have."""
-    plan = tmp_path / "bad.txt"
-    plan.write_text("# a comment\nrun-a $KL training.epochs=6\nrun-b $KL training.lrr=1.0e-3\n")
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (name_a, pairs_a), (name_b, pairs_b) = _runs(plan)
-    assert pairs_a[0] == "training.lr=3.0e-4"  # $KL spelled out
-    ok = tmp_path / "a.yaml"
-    ok.write_text(yaml.safe_dump(_apply(base, pairs_a)))
-    assert load_params(ok).training.epochs == 6
-    bad = tmp_path / "b.yaml"
-    bad.write_text(yaml.safe_dump(_apply(base, pairs_b)))
-    with pytest.raises(ConfigError, match="lrr"):
-        load_params(bad)
+@pytest.mark.parametrize("line, refusal", [
+    ("run-b $KL training.lrr=1.0e-3", r"run-b: unknown key\(s\) training.lrr; did you mean training.lr\?"),
+    ("run-b trainig.lr=1.0e-3", r"run-b: set_params .*'trainig.lr=1.0e-3' is not section.key=value"),
+    ("run-b $KL $TOPKK=0.9", r"run-b: unknown key\(s\) model.sparsity_targetK"),  # a macro misspelt
+    ("run-b $KL training.epochs=six", r"run-b: training.epochs: must be an integer"),
+    ("run-b $KL training.epochs=6\u00a0training.seed=1", r"run-b: training.epochs: must be an integer"),  # no space
+    ("run-b $KL $TOPK=0.9 training.sparsity_warmup_fraction=0.5", r"run-b: training.sparsity_warmup_fraction: is 0.5"),
+    ("$KL training.epochs=6", r"training.lr=3.0e-4: not a run name"),  # the name left out
+    ("twin-s0 $KL training.epochs=6", r"twin-s0: the set-up's run of that name would be taken for it"),
+    ("run-b training.teacher=/tmp/teachr training.distill_weight=10.0", r"run-b: training.teacher /tmp/teachr is none"),
+])
+def test_a_line_the_device_would_refuse_or_misread_is_refused(line, refusal, tmp_path):
+    plan = tmp_path / "plan.txt"
+    plan.write_text(f"# a comment\nrun-a $KL $TOPK=0.9 training.epochs=6\n{line}\n")
+    proc = plancheck(plan, tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"SWEEP_PLAN {plan}: 1 of its runs would fail" in proc.stdout
+    assert re.search(refusal, proc.stdout), proc.stdout
+    assert "run-a" not in proc.stdout  # the good run is not among the refused
+
+
+@pytest.mark.parametrize("text, refusal", [
+    ("# only a comment\n", "no runs in it"),
+    ("run-a $KL\nrun-a $KL training.epochs=6\n", r"each name once \(twice: run-a \)"),
+])
+def test_a_plan_without_runs_or_with_a_name_twice_is_refused(text, refusal, tmp_path):
+    plan = tmp_path / "plan.txt"
+    plan.write_text(text)
+    proc = plancheck(plan, tmp_path)
+    assert proc.returncode == 1 and re.search(refusal, proc.stdout), proc.stdout + proc.stderr
+
