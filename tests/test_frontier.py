@@ -323,14 +323,17 @@ def test_two_saved_sweeps_join_into_one_table(tmp_path):
     with pytest.raises(FrontierError, match=r"--from-json .*missing.json: cannot read it"):
         read_experiments(paths + [str(tmp_path / "missing.json")])
     # a list, but not of commits with experiments, in one of several files: that file is named
-    (tmp_path / "d.json").write_text(json.dumps([{"rev": "abc", "experiments": "zz"}]))
-    with pytest.raises(FrontierError, match=r"--from-json .*d.json: not what `dvc exp show --json` writes"):
-        read_experiments([paths[0], str(tmp_path / "d.json"), paths[1]])
+    for malformed in ([{"rev": "abc", "experiments": "zz"}], [{"rev": "abc", "experiments": 5}]):  # Attribute/TypeError
+        (tmp_path / "d.json").write_text(json.dumps(malformed))
+        with pytest.raises(FrontierError, match=r"--from-json .*d.json: not what `dvc exp show --json` writes"):
+            read_experiments([paths[0], str(tmp_path / "d.json"), paths[1]])
     # a file without a finished run would add nothing to a join: refused, named, not silently skipped
     for empty in ([], [{"rev": "workspace", "data": {}}]):
         (tmp_path / "e.json").write_text(json.dumps(empty))
         with pytest.raises(FrontierError, match=r"--from-json .*e.json: no finished experiment in it .*, so joined"):
             read_experiments([paths[0], str(tmp_path / "e.json")])
+        with pytest.raises(FrontierError, match=r"--from-json .*e.json: no finished experiment in it .*, so joined"):
+            read_experiments([str(tmp_path / "e.json"), paths[0]])  # named wherever it sits
         with pytest.raises(FrontierError, match=r"--from-json .*e.json: no finished experiment in it has [^,]* \(a"):
             read_experiments([str(tmp_path / "e.json")])  # alone: named too
 
