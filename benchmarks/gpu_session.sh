@@ -42,7 +42,9 @@ if [ $CPU_ONLY != 1 ]; then  # SWEEP_DRY=1 (sweep only) or plancheck: a CPU, in 
   [ -d /tmp/site/mamba_ssm ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$REPO/src
-mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH  # a wrapper: a symlinked venv python loses its venv
+if [ "$PARTS" != plancheck ]; then  # a wrapper: a symlinked venv python loses its venv
+  mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH
+fi
 [ $CPU_ONLY = 1 ] || python3 -c "import torch, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__, 'GPUs', torch.cuda.device_count())"
 
 install_dvc() {  # once per machine: a second pip run over the same environment broke its PyYAML once
@@ -60,9 +62,10 @@ for pair in pairs:
         key, value = pair.split("=", 1)
         section, name = key.split(".")
         p[section][name] = yaml.safe_load(value)
-    except (ValueError, KeyError, yaml.YAMLError) as err:  # one line: plan_check and the worker's log quote it
-        sys.exit(f"set_params {path}: {pair!r} is not section.key=value of a section there "
-                 f"({type(err).__name__}: {' '.join(str(err).split())})")
+    except yaml.YAMLError as err:  # one line each: plan_check and the worker's log quote it
+        sys.exit(f"set_params {path}: {pair!r}: its value is not YAML ({' '.join(str(err).split())})")
+    except (ValueError, KeyError) as err:
+        sys.exit(f"set_params {path}: {pair!r} is not section.key=value of a section there ({type(err).__name__}: {err})")
 yaml.safe_dump(p, open(path, "w"), sort_keys=False)
 EOF
 }
@@ -94,14 +97,17 @@ expand_plan() {  # expand_plan PLAN OUT: its runs, one a line, $KL and $TOPK spe
 }
 run_args() { awk -v n="$1" '$1 == n { $1 = ""; print }' "$2"; }  # run_args NAME PLAN: the run's section.key=value pairs
 plan_check() {  # each run of SWEEP_PLAN made into its params as a worker makes them, then loaded; names and teachers
-  local d plan name; d=$(mktemp -d) && plan=$(plan_file) && expand_plan "$plan" "$d/plan.txt" || return 1
-  cp "$REPO/params.yaml" "$d/base.yaml" && set_params "$d/base.yaml" "${WT2[@]}" "${SWEEP_BASE[@]}" \
-    && set_params "$d/base.yaml" "${FINETUNE_BASE[@]}" || return 1
+  local d plan name; d=$(mktemp -d) && plan=$(plan_file) || return 1
+  if ! { expand_plan "$plan" "$d/plan.txt" && cp "$REPO/params.yaml" "$d/base.yaml" \
+      && set_params "$d/base.yaml" "${WT2[@]}" "${SWEEP_BASE[@]}" && set_params "$d/base.yaml" "${FINETUNE_BASE[@]}"; }; then
+    rm -rf "$d"; return 1
+  fi
   set -f  # as in the worker: a value such as [0.0,0.5] is a YAML list, not a glob
-  while read -r name _; do
+  while read -r name _; do  # the names as the workers read them
+    echo "$name" >> "$d/names"
     [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || continue  # not a run name (a line without its name?): refused below
     cp "$d/base.yaml" "$d/$name.yaml" && set_params "$d/$name.yaml" compute.device=cuda:0 $(run_args "$name" "$d/plan.txt") \
-      2> "$d/$name.err" || echo "$name: $(tail -1 "$d/$name.err")" >> "$d/refused"
+      2> "$d/$name.err" || { echo "$name: $(tail -1 "$d/$name.err" | sed "s|$d/||g")" >> "$d/refused"; touch "$d/$name.bad"; }
   done < "$d/plan.txt"
   set +f
   PYTHONPATH=$REPO/src python3 - "$d" "$plan" "${SWEEP_MODELS[*]}" \
@@ -111,17 +117,17 @@ from pathlib import Path
 from samba.config import ConfigError, load_params
 d, plan, made, setup = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(), set(sys.argv[4:])
 refused = (d / "refused").read_text().splitlines() if (d / "refused").exists() else []
-names = [line.split()[0] for line in (d / "plan.txt").read_text().splitlines()]
+names = open(d / "names", newline="").read().split("\n")[:-1]  # as bash read them: a CRLF line's name ends in \r
 for name in names:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        refused.append(f"{name}: not a run name (a line without its name?)")
+        refused.append(f"{name!r}: not a run name (a line without its name?)")
     elif name in setup:
         refused.append(f"{name}: the set-up's run of that name would be taken for it (pick another name)")
-    elif not (d / f"{name}.err").read_text():
+    elif not (d / f"{name}.bad").exists():
         try:
             teacher = load_params(d / f"{name}.yaml").training.teacher
         except ConfigError as err:
-            refused.append(f"{name}: {str(err).replace(str(d / name) + '.yaml: ', '')}")
+            refused.append(f"{name}: {err}")
             continue
         if teacher not in {*made, "models/init"}:
             refused.append(f"{name}: training.teacher {teacher} is none of the set-up's models ({' '.join(made)})")
@@ -132,6 +138,9 @@ EOF
   local rc=$?; rm -rf "$d"; return $rc
 }
 if [ "$PARTS" = plancheck ]; then plan_check; exit; fi  # on its own: nothing else runs, nothing is packed
+if [[ $PARTS == *sweep* ]]; then  # first, before the GPU tests start beside the set-up: a bad plan line would be a FAILED run
+  install_dvc; plan_check || { pack; exit 1; }
+fi
 
 # The sweep's fine-tunes run in the call, never beyond it: J workers, each in its own clone of
 # /tmp/run (one DVC cache), take the plan's runs in order; at DEADLINE each run in flight is asked
@@ -295,7 +304,6 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   # (benchmarks/results/sparsity/README.md). SWEEP_DRY=1: the same on a CPU with a tiny model (checks the logic).
   echo "=== set-up"; start=$SECONDS
   install_dvc; NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "${SWEEP_DRY:-0}" = 1 ] && NGPU=1
-  plan_check || { pack; exit 1; }  # before the set-up's minutes: a bad plan line would be a FAILED run
   RUN=/tmp/run; rm -rf $RUN "${SWEEP_MODELS[@]}" && mkdir $RUN
   cp -r dvc.yaml params.yaml stages src .dvcignore .gitignore pyproject.toml $RUN/ && mkdir $RUN/.dvc \
     && cp -r .dvc/config .dvc/plots $RUN/.dvc/

@@ -45,18 +45,36 @@ def test_every_run_of_a_committed_plan_loads(plan, tmp_path):
     ("run-b $KL training.epochs=six", r"run-b: training.epochs: must be an integer"),
     ("run-b $KL training.epochs=6\u00a0training.seed=1", r"run-b: training.epochs: must be an integer"),  # no space
     ("run-b $KL $TOPK=0.9 training.sparsity_warmup_fraction=0.5", r"run-b: training.sparsity_warmup_fraction: is 0.5"),
-    ("$KL training.epochs=6", r"training.lr=3.0e-4: not a run name"),  # the name left out
+    ("$KL training.epochs=6", r"'training.lr=3.0e-4': not a run name"),  # the name left out
     ("twin-s0 $KL training.epochs=6", r"twin-s0: the set-up's run of that name would be taken for it"),
     ("run-b training.teacher=/tmp/teachr training.distill_weight=10.0", r"run-b: training.teacher /tmp/teachr is none"),
+    # not globbed (as in the workers, under set -f): in the repository's root param[s].yaml would be params.yaml
+    ("run-b $KL training.teacher=param[s].yaml", r"run-b: training.teacher param\[s\].yaml is none"),
+    ("run-b $KL training.lr=[", r"run-b: set_params run-b.yaml: 'training.lr=\[': its value is not YAML"),
+    ("run-b\r $KL", r"'run-b\\r': not a run name"),  # a CRLF line: the workers would read the name with its \r
 ])
 def test_a_line_the_device_would_refuse_or_misread_is_refused(line, refusal, tmp_path):
     plan = tmp_path / "plan.txt"
-    plan.write_text(f"# a comment\nrun-a $KL $TOPK=0.9 training.epochs=6\n{line}\n")
+    # good runs beside it, before and after: a dense one from the init, one taught by the stand-in
+    plan.write_bytes(f"# a comment\nrun-a $KL $TOPK=0.9 training.epochs=6\n{line}\ndense-lr6 training.lr=6.0e-4\n"
+                     "from-standin training.teacher=/tmp/standin training.distill_weight=1.0\n".encode())
     proc = plancheck(plan, tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"SWEEP_PLAN {plan}: 1 of its runs would fail" in proc.stdout
     assert re.search(refusal, proc.stdout), proc.stdout
-    assert "run-a" not in proc.stdout  # the good run is not among the refused
+    assert not re.search(r"run-a|dense-lr6|from-standin", proc.stdout)  # the good runs are not among the refused
+
+
+def test_a_bad_line_is_refused_whatever_python_writes_to_stderr(tmp_path):
+    """PYTHONVERBOSE fills every process's stderr: the check must not read that as a failure, nor
+    let a bad run through as one it did not load."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text("run-b $KL training.lrr=1.0e-3\nrun-a $KL\n")
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run(["bash", str(SCRIPT), "plancheck"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=tool_env(SWEEP_PLAN=str(plan), OUT=str(tmp_path / "out"), PYTHONVERBOSE="1"))
+    assert proc.returncode == 1 and "1 of its runs would fail" in proc.stdout, proc.stdout[-2000:]
+    assert "run-b: unknown key(s) training.lrr" in proc.stdout
 
 
 @pytest.mark.parametrize("text, refusal", [
