@@ -18,10 +18,10 @@ PLANS = sorted((ROOT / "benchmarks" / "sweep_plans").glob("*.txt"))
 pytestmark = pytest.mark.slow  # starts bash and Python processes
 
 
-def plancheck(plan: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def plancheck(plan: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     (tmp_path / "out").mkdir(exist_ok=True)
     return subprocess.run(["bash", str(SCRIPT), "plancheck"], cwd=ROOT, capture_output=True, text=True,
-                          env=tool_env(SWEEP_PLAN=str(plan), OUT=str(tmp_path / "out")), timeout=120)
+                          env=tool_env(SWEEP_PLAN=str(plan), OUT=str(tmp_path / "out"), **env), timeout=120)
 
 
 def test_the_default_plan_and_next_are_there():
@@ -70,9 +70,7 @@ def test_a_bad_line_is_refused_whatever_python_writes_to_stderr(tmp_path):
     let a bad run through as one it did not load."""
     plan = tmp_path / "plan.txt"
     plan.write_text("run-b $KL training.lrr=1.0e-3\nrun-a $KL\n")
-    (tmp_path / "out").mkdir()
-    proc = subprocess.run(["bash", str(SCRIPT), "plancheck"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=tool_env(SWEEP_PLAN=str(plan), OUT=str(tmp_path / "out"), PYTHONVERBOSE="1"))
+    proc = plancheck(plan, tmp_path, PYTHONVERBOSE="1")
     assert proc.returncode == 1 and "1 of its runs would fail" in proc.stdout, proc.stdout[-2000:]
     assert "run-b: unknown key(s) training.lrr" in proc.stdout
 

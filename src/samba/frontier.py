@@ -88,6 +88,15 @@ def runs_from_exp_show(shown: list) -> list[dict]:
     return runs
 
 
+def _runs_of(shown, where: str) -> list[dict]:
+    """``runs_from_exp_show``, input of another shape refused in one line that starts with ``where``."""
+    try:
+        return runs_from_exp_show(shown)
+    except (AttributeError, TypeError):
+        raise FrontierError(f"{where}not what `dvc exp show --json` writes (a list of commits, each with its "
+                            "experiments)") from None
+
+
 def _take(rev: dict, runs: list[dict], revs: set) -> None:
     if rev.get("rev") in revs:
         return
@@ -333,11 +342,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_frontier(shown: list, out_dir: Path) -> list[dict]:
-    try:
-        runs = runs_from_exp_show(shown)
-    except (AttributeError, TypeError):
-        raise FrontierError("the experiments are not what `dvc exp show --json` writes (a list of commits, each "
-                            "with its experiments)") from None
+    runs = _runs_of(shown, "the experiments are ")
     if not runs:
         raise FrontierError(f"no finished experiment has {EVAL_FILE}; run some first (dvc exp run)")
     for run in runs:
@@ -381,12 +386,7 @@ def read_experiments(saved: str | list[str] | None, all_commits: bool = False) -
                 raise FrontierError(f"--from-json {path}: not JSON ({err}); save it with dvc exp show --json") from None
             if not isinstance(data, list):
                 raise FrontierError(f"--from-json {path}: not what `dvc exp show --json` writes (a list of commits)")
-            try:  # each file read alone, so that the refusal names it
-                found = runs_from_exp_show(data)
-            except (AttributeError, TypeError):
-                raise FrontierError(f"--from-json {path}: not what `dvc exp show --json` writes (a list of "
-                                    "commits, each with its experiments)") from None
-            if not found:
+            if not _runs_of(data, f"--from-json {path}: "):  # each file read alone, so that a refusal names it
                 joined = ", so joined it would add nothing" if len(saved) > 1 else ""
                 raise FrontierError(f"--from-json {path}: no finished experiment in it has {EVAL_FILE}{joined} (a "
                                     "sweep that finished no run, or another file?)")
