@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh sweep               # the fresh-data protocol: stand-in on half the train split, the sweep on the other half
 #   SWEEP_PLAN=benchmarks/sweep_plans/next.txt bash benchmarks/gpu_session.sh plancheck
 #                                                      # any machine, no GPU: each run's params made as a worker makes them, loaded
+#                                                      # (PLAN_SHOW=1: and each run's changes from params.yaml printed)
 #   bash benchmarks/gpu_session.sh evaltime            # the evaluate stage's wall time and where it goes (+ evaluate_passes.py)
 #   bash benchmarks/gpu_session.sh bench,stage         # the train stage itself against the benchmark's a, one call
 #   bash benchmarks/gpu_session.sh scaling             # data-parallel scaling of the train stage (2+ GPUs)
@@ -110,9 +111,9 @@ plan_check() {  # each run of SWEEP_PLAN made into its params as a worker makes 
       2> "$d/$name.err" || { echo "$name: $(tail -1 "$d/$name.err" | sed "s|$d/||g")" >> "$d/refused"; touch "$d/$name.bad"; }
   done < "$d/plan.txt"
   set +f
-  PYTHONPATH=$REPO/src python3 - "$d" "$plan" "${SWEEP_MODELS[*]}" \
+  REPO=$REPO PYTHONPATH=$REPO/src python3 - "$d" "$plan" "${SWEEP_MODELS[*]}" \
     $(grep -oE 'exp run -n [A-Za-z0-9_.-]+' "$REPO/benchmarks/gpu_session.sh" | awk '{print $4}') <<'EOF'
-import re, sys
+import json, os, re, sys
 from pathlib import Path
 from samba.config import ConfigError, load_params
 d, plan, made, setup = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(), set(sys.argv[4:])
@@ -134,6 +135,13 @@ for name in names:
 if refused:
     sys.exit(f"SWEEP_PLAN {plan}: {len(refused)} of its runs would fail\n  " + "\n  ".join(refused))
 print(f"SWEEP_PLAN {plan}: {len(names)} runs, each one's params load")
+if os.environ.get("PLAN_SHOW") == "1":  # what each run changes from the repository's params.yaml, as it will run
+    import yaml
+    flat = lambda p: {f"{s}.{k}": v for s, sec in p.items() if isinstance(sec, dict) for k, v in sec.items()}
+    repo = flat(yaml.safe_load(open(os.environ["REPO"] + "/params.yaml")))
+    for name in names:
+        run = flat(yaml.safe_load(open(d / f"{name}.yaml")))
+        print(name, " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in run.items() if repo.get(k, object()) != v))
 EOF
   local rc=$?; rm -rf "$d"; return $rc
 }

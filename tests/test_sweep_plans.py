@@ -85,3 +85,22 @@ def test_a_plan_without_runs_or_with_a_name_twice_is_refused(text, refusal, tmp_
     proc = plancheck(plan, tmp_path)
     assert proc.returncode == 1 and re.search(refusal, proc.stdout), proc.stdout + proc.stderr
 
+
+
+def test_plan_show_states_the_recipe_each_run_trains_with(tmp_path):
+    """The figures in benchmarks/results/sparsity/ name the recipe (docs/sparsity.md): the sweep's base
+    (fine-tunes from the stand-in on the train split's second half), $KL (lr 3e-4, KL 10 from the control)
+    and $TOPK (Hoyer 0.5 beside top-k). A change to any of them changes what a plan trains: it shows here."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text("twin $KL\ntopk90-6ep $KL $TOPK=0.9 training.epochs=6\n")
+    proc = plancheck(plan, tmp_path, PLAN_SHOW="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shown = dict(line.split(" ", 1) for line in proc.stdout.splitlines()[1:])
+    base = {'dataset.name="/tmp/wt2/wikitext-2-tokenized"', 'dataset.tokenizer="/tmp/wt2/tokenizers/gpt-neox-20b"',
+            "dataset.train_range=[0.5,1.0]", 'pretrained.model_name="/tmp/standin"', "training.eval_every=150",
+            "training.checkpoint_every=150", 'compute.device="cuda:0"', "eval.prune_fractions=[0.0]"}
+    kl = {"training.lr=0.0003", "training.distill_weight=10.0", 'training.teacher="/tmp/teacher"'}
+    assert set(shown) == {"twin", "topk90-6ep"}
+    assert set(shown["twin"].split()) == base | kl
+    assert set(shown["topk90-6ep"].split()) == base | kl | {"model.sparsity_target=0.9", "training.pruning_weight=0.5",
+                                                             "training.epochs=6"}
