@@ -104,3 +104,17 @@ def test_plan_show_states_the_recipe_each_run_trains_with(tmp_path):
     assert set(shown["twin"].split()) == base | kl
     assert set(shown["topk90-6ep"].split()) == base | kl | {"model.sparsity_target=0.9", "training.pruning_weight=0.5",
                                                              "training.epochs=6"}
+
+
+def test_the_sweep_refuses_a_bad_plan_before_it_starts_anything(tmp_path):
+    """The sweep part runs the same check first: a bad line stops the call before the set-up (here a
+    CPU dry run, SWEEP_DRY=1), not as a FAILED run after the stand-in has trained."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text("run-a $KL\nrun-b $KL training.lrr=1.0e-3\n")
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run(["bash", str(SCRIPT), "sweep"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=tool_env(SWEEP_PLAN=str(plan), SWEEP_DRY="1", OUT=str(tmp_path / "out")))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 of its runs would fail" in proc.stdout and "run-b: unknown key(s) training.lrr" in proc.stdout
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert "1 of its runs would fail" in log and "prepare" not in log.lower() and "stand-in" not in log.lower(), log
