@@ -412,3 +412,90 @@ def test_the_command_refuses_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [proc.stderr.strip()]  # the whole of stderr is the one line
     assert proc.stderr.startswith(f"[frontier] error: --from-json {saved}: no finished experiment in it has {EVAL_FILE}")
+
+
+def _lr_sweep():
+    """Twins and top-k 0.9 at three learning rates (two seeds at one), a 3-epoch twin at two, and
+    two rows alone in their recipe (no line through them)."""
+    kl = dict(distill=10.0, teacher="/abs/control", tokens=6_000_000)
+    exps = [_exp(f"twin-lr{i}", p, lr=lr, **kl) for i, (lr, p) in enumerate(((1e-3, 57.8), (3e-4, 61.6), (2e-3, 56.7)))]
+    exps += [_exp("twin-lr0-s1", 57.9, lr=1e-3, seed=1, **kl)]
+    exps += [_exp(f"topk90-lr{i}", p, lr=lr, target=0.9, pruning=0.5, **kl)
+             for i, (lr, p) in enumerate(((2e-3, 58.4), (1e-3, 60.1), (3e-4, 66.2)))]
+    exps += [_exp(f"twin3-lr{i}", p, lr=lr, distill=10.0, teacher="/abs/control", tokens=3_000_000)
+             for i, (lr, p) in enumerate(((3e-4, 62.2), (6e-4, 59.7)))]
+    exps += [_exp("topk90-ramp", 74.3, lr=3e-4, target=0.9, pruning=0.5, ramp=400, **kl), _exp("control", 68.8)]
+    return exps
+
+
+def test_rows_along_a_param_make_one_line_per_recipe(tmp_path):
+    from samba.frontier import series_against
+
+    rows = write_frontier(_shown(_lr_sweep()), tmp_path)
+    series = {s["label"]: s for s in series_against(rows, "training.lr")}
+    # the params in which the drawn lines differ, and only those (the KL, teacher and ramp are common to them)
+    assert set(series) == {"sparsity_target=0.0, epochs=6, pruning_weight=0.0",
+                           "sparsity_target=0.9, epochs=6, pruning_weight=0.5",
+                           "sparsity_target=0.0, epochs=3, pruning_weight=0.0"}
+    twin, topk = series["sparsity_target=0.0, epochs=6, pruning_weight=0.0"], series["sparsity_target=0.9, epochs=6, pruning_weight=0.5"]
+    assert [p["x"] for p in twin["points"]] == [3e-4, 1e-3, 2e-3] and twin["dense"] and not topk["dense"]
+    assert [p["ppl"] for p in twin["points"]] == pytest.approx([61.6, 57.85, 56.7])  # two seeds at 1e-3: their mean
+    assert twin["points"][1]["n_seeds"] == 2 and twin["points"][1]["ppl_std"] == pytest.approx(0.1 / 2 ** 0.5)
+    assert [p["ppl_vs_twin"] for p in topk["points"]] == pytest.approx([66.2 / 61.6 - 1, 60.1 / 57.85 - 1, 58.4 / 56.7 - 1])
+    assert [p["experiment"] for p in topk["points"]] == ["topk90-lr2", "topk90-lr1", "topk90-lr0"]
+
+
+def test_the_plot_along_a_param_draws_each_line_and_the_gap(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from samba.frontier import main
+
+    bars, lines, scales = [], [], []
+    real_bar, real_plot, real_scale = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.plot, matplotlib.axes.Axes.set_xscale
+
+    def errorbar(self, x, y, yerr=None, **kwargs):
+        if isinstance(x, list):  # frontier.png's points are drawn one at a time
+            bars.append((x, y, yerr))
+        return real_bar(self, x, y, yerr=yerr, **kwargs)
+
+    def plot(self, *args, **kwargs):
+        if len(args) >= 2 and len(args[0]) > 0:
+            lines.append((list(args[0]), list(args[1]), kwargs.get("label")))
+        return real_plot(self, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xscale", lambda self, v, **kw: (scales.append(v), real_scale(self, v, **kw)))
+    (tmp_path / "e.json").write_text(json.dumps(_shown(_lr_sweep())))
+    main([str(tmp_path / "out"), "--from-json", str(tmp_path / "e.json"), "--against", "training.lr"])
+    assert (tmp_path / "out" / "frontier_vs_lr.png").stat().st_size > 10_000
+    # left: the three lines, each point's seeds' std as its bar (0 for one seed); right: top-k's cost
+    # against its twin only (the dense lines have none); a learning rate on a log axis
+    expected = [([3e-4, 6e-4], [62.2, 59.7], [0.0, 0.0]),
+                ([3e-4, 1e-3, 2e-3], [61.6, 57.85, 56.7], [0.0, 0.1 / 2 ** 0.5, 0.0]),
+                ([3e-4, 1e-3, 2e-3], [66.2, 60.1, 58.4], [0.0, 0.0, 0.0])]
+    assert len(bars) == len(expected)
+    for x, y, err in expected:
+        assert sum(b[0] == x and b[1] == pytest.approx(y) and b[2] == pytest.approx(err) for b in bars) == 1, (x, y, bars)
+    gap = [ln for ln in lines if ln[2] == "sparsity_target=0.9, epochs=6, pruning_weight=0.5"]
+    assert len(gap) == 1 and gap[0][1] == pytest.approx([100 * (66.2 / 61.6 - 1), 100 * (60.1 / 57.85 - 1), 100 * (58.4 / 56.7 - 1)])
+    assert scales == ["log", "log"]
+
+
+@pytest.mark.parametrize("key, refusal", [
+    ("training.momentum", r"--against training.momentum: not a param that differs among the rows \(those that do: .*training.lr"),
+    ("training.teacher", r"--against training.teacher: \S+ has training.teacher = '/abs/\w+', not a number to plot along"),
+])
+def test_a_param_that_cannot_be_plotted_along_is_refused(tmp_path, key, refusal):
+    from samba.frontier import series_against
+
+    rows = write_frontier(_shown(_lr_sweep() + [_exp("twin-other-teacher", 60.0, distill=10.0, teacher="/abs/twin")]), tmp_path)
+    with pytest.raises(FrontierError, match=refusal):
+        series_against(rows, key)
+
+
+def test_no_two_rows_along_the_param_is_refused(tmp_path):
+    from samba.frontier import plot_against
+
+    rows = write_frontier(_shown([_exp("control", 68.8), _exp("twin", 62.0, lr=3e-4, distill=10.0)]), tmp_path)
+    with pytest.raises(FrontierError, match="no two rows differ in training.lr alone"):
+        plot_against(rows, "training.lr", tmp_path / "x.png")

@@ -1,7 +1,7 @@
 """The sweep's answer: sparsity against perplexity, over DVC experiments, each sparse model set
 against its dense twin and the best dense model the same data gave.
 
-    python -m samba.frontier OUT_DIR [--all-commits] [--from-json exp_show.json ...]
+    python -m samba.frontier OUT_DIR [--all-commits] [--from-json exp_show.json ...] [--against PARAM ...]
 
 Reads the experiments (``dvc exp show --json`` in the current repository: those of the current
 commit, or of every commit with ``--all-commits``; or saved copies of its output, several joined
@@ -15,6 +15,8 @@ its training headline (``metrics/train/summary.json``: steps and tokens seen). W
   rev) counts once.
 - ``frontier.png``: exact zeros against ppl over each row's best dense model, with the seeds'
   error bars.
+- with ``--against PARAM`` (e.g. ``training.lr``), ``frontier_vs_<name>.png``: ppl and the cost against
+  the twin along that param, a line per recipe (the rows alike in every other param).
 
 Terms:
 
@@ -341,6 +343,75 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def series_against(rows: list[dict], key: str) -> list[dict]:
+    """The rows as lines over one param (``--against``): rows alike in every other param (the seed is
+    not one) make a series, its points ordered by ``key``'s value. A series of one point is left out
+    (no line through it). Each: ``label`` (the params in which the drawn series differ), ``dense``,
+    ``points`` [{x, ppl, ppl_std, n_seeds, ppl_vs_twin, experiment}]."""
+    varying = sorted({k for r in rows for k in r["params"]})
+    if key not in varying:
+        raise FrontierError(f"--against {key}: not a param that differs among the rows (those that do: "
+                            f"{', '.join(varying) or 'none'})")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if key not in r["params"]:
+            continue
+        x = r["params"][key]
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise FrontierError(f"--against {key}: {r['experiment']} has {key} = {x!r}, not a number to plot along")
+        rest = {k: v for k, v in r["params"].items() if k != key}
+        groups.setdefault(json.dumps(rest, sort_keys=True), []).append(r)
+    drawn = [(json.loads(g), sorted(members, key=lambda r: r["params"][key]))
+             for g, members in sorted(groups.items()) if len({r["params"][key] for r in members}) > 1]
+    differ = [k for k in sorted({k for rest, _ in drawn for k in rest})
+              if len({json.dumps(rest[k]) for rest, _ in drawn if k in rest}) > 1]
+    return [{"label": ", ".join(f"{k.split('.')[-1]}={rest[k]}" for k in differ if k in rest) or "all rows",
+             "dense": members[0]["dense"],
+             "points": [{"x": r["params"][key], "ppl": r["ppl"], "ppl_std": r["ppl_std"], "n_seeds": r["n_seeds"],
+                         "ppl_vs_twin": r["ppl_vs_twin"], "experiment": r["experiment"]} for r in members]}
+            for rest, members in drawn]
+
+
+def plot_against(rows: list[dict], key: str, path: Path) -> list[dict]:
+    """ppl (left) and the cost against the twin (right, sparse series) along one param, a line per
+    series of ``series_against``; the seeds' standard deviation as error bars; a log axis for a
+    param whose values are all positive (a learning rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = series_against(rows, key)
+    if not series:
+        raise FrontierError(f"--against {key}: no two rows differ in {key} alone (nothing to draw a line through)")
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(12, 5))
+    for i, s in enumerate(series):
+        style = dict(color=f"C{i % 10}", marker="s" if s["dense"] else "o", capsize=3,
+                     linestyle="--" if s["dense"] else "-", label=s["label"])
+        xs = [p["x"] for p in s["points"]]
+        ax.errorbar(xs, [p["ppl"] for p in s["points"]],
+                    yerr=[p["ppl_std"] if p["n_seeds"] > 1 else 0.0 for p in s["points"]], **style)
+        twin = [(p["x"], 100 * p["ppl_vs_twin"]) for p in s["points"] if p["ppl_vs_twin"] is not None]
+        if not s["dense"] and twin:
+            gap.plot(*zip(*twin), **{k: v for k, v in style.items() if k != "capsize"})
+    for axis in (ax, gap):
+        if all(p["x"] > 0 for s in series for p in s["points"]):
+            axis.set_xscale("log")
+        axis.set_xlabel(key)
+        axis.grid(alpha=0.3)
+    ax.set_ylabel("test ppl (mean over seeds; bars: their std)")
+    ax.set_title(f"Perplexity along {key}")
+    gap.set_ylabel("test ppl vs the dense twin (%)")
+    gap.set_title("What sparsity costs against its twin")
+    gap.axhline(0, color="black", linewidth=0.8)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(series) / 3), 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return series
+
+
 def write_frontier(shown: list, out_dir: Path) -> list[dict]:
     runs = _runs_of(shown, "the experiments are ")
     if not runs:
@@ -407,6 +478,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a saved `dvc exp show --json` output; repeat it to join several sweeps")
     parser.add_argument("--all-commits", action="store_true",
                         help="the experiments of every commit (dvc exp show -A), not only the current one's")
+    parser.add_argument("--against", action="append", default=[], metavar="PARAM",
+                        help="also plot ppl and the cost against the twin along this param (e.g. training.lr), a line "
+                             "per recipe: OUT_DIR/frontier_vs_<name>.png; repeat it for several")
     args = parser.parse_args(argv)
     if args.from_json and args.all_commits:
         parser.error("--all-commits reads this repository's experiments: with --from-json it would do nothing")
@@ -414,6 +488,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = write_frontier(shown, Path(args.out_dir))
     print((Path(args.out_dir) / "frontier.md").read_text())
     print(f"wrote {args.out_dir}/frontier.{{md,json,png}}: {len(rows)} rows")
+    for key in args.against:
+        path = Path(args.out_dir) / f"frontier_vs_{key.split('.')[-1]}.png"
+        series = plot_against(rows, key, path)
+        print(f"wrote {path}: {len(series)} lines along {key}")
 
 
 if __name__ == "__main__":
