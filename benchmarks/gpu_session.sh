@@ -91,6 +91,7 @@ KL="training.lr=3.0e-4 training.teacher=/tmp/teacher training.distill_weight=10.
 TOPK="training.pruning_weight=0.5 model.sparsity_target"
 plan_file() { local p=${SWEEP_PLAN:-benchmarks/sweep_plans/twin.txt}; [[ $p == /* ]] || p=$REPO/$p; echo "$p"; }
 expand_plan() {  # expand_plan PLAN OUT: its runs, one a line, $KL and $TOPK spelled out; refused: no run, a name twice
+  [ -f "$1" ] || { echo "SWEEP_PLAN $1: no such file"; return 1; }
   grep -vE '^\s*(#|$)' "$1" | sed "s|\$KL|$KL|g; s|\$TOPK|$TOPK|g" > "$2" && [ -s "$2" ] \
     || { echo "SWEEP_PLAN $1: no runs in it"; return 1; }
   local dup; dup=$(awk '{print $1}' "$2" | sort | uniq -d | tr '\n' ' ')
@@ -134,7 +135,7 @@ for name in names:
             refused.append(f"{name}: training.teacher {teacher} is none of the set-up's models ({' '.join(made)})")
 if refused:
     sys.exit(f"SWEEP_PLAN {plan}: {len(refused)} of its runs would fail\n  " + "\n  ".join(refused))
-print(f"SWEEP_PLAN {plan}: {len(names)} runs, each one's params load")
+print(f"SWEEP_PLAN {plan}: {len(names)} run{'s' if len(names) > 1 else ''}, each one's params load")
 if os.environ.get("PLAN_SHOW") == "1":  # what each run changes from the repository's params.yaml, as it will run
     import yaml
     flat = lambda p: {f"{s}.{k}": v for s, sec in p.items() if isinstance(sec, dict) for k, v in sec.items()}

@@ -118,3 +118,16 @@ def test_the_sweep_refuses_a_bad_plan_before_it_starts_anything(tmp_path):
     assert "1 of its runs would fail" in proc.stdout and "run-b: unknown key(s) training.lrr" in proc.stdout
     log = (tmp_path / "out" / "session.log").read_text()
     assert "1 of its runs would fail" in log and "prepare" not in log.lower() and "stand-in" not in log.lower(), log
+
+
+def test_a_plan_file_that_is_not_there_is_refused_by_name(tmp_path):
+    proc = plancheck(tmp_path / "nxt.txt", tmp_path)
+    assert proc.returncode == 1 and f"SWEEP_PLAN {tmp_path / 'nxt.txt'}: no such file" in proc.stdout, proc.stdout + proc.stderr
+    assert "No such file or directory" not in proc.stdout + proc.stderr  # grep's, before the script's own word
+
+
+def test_one_run_is_counted_as_one(tmp_path):
+    plan = tmp_path / "plan.txt"
+    plan.write_text("run-a $KL\n")
+    proc = plancheck(plan, tmp_path)
+    assert proc.returncode == 0 and "1 run, each one's params load" in proc.stdout, proc.stdout + proc.stderr
