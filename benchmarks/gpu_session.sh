@@ -99,7 +99,7 @@ expand_plan() {  # expand_plan PLAN OUT: its runs, one a line, $KL and $TOPK spe
 }
 run_args() { awk -v n="$1" '$1 == n { $1 = ""; print }' "$2"; }  # run_args NAME PLAN: the run's section.key=value pairs
 plan_check() {  # each run of SWEEP_PLAN made into its params as a worker makes them, then loaded; names and teachers
-  local d plan name; d=$(mktemp -d) && plan=$(plan_file) || return 1
+  local d plan name; d=$(mktemp -d) && mkdir "$d/runs" && plan=$(plan_file) || return 1  # runs/: any name, base too
   if ! { expand_plan "$plan" "$d/plan.txt" && cp "$REPO/params.yaml" "$d/base.yaml" \
       && set_params "$d/base.yaml" "${WT2[@]}" "${SWEEP_BASE[@]}" && set_params "$d/base.yaml" "${FINETUNE_BASE[@]}"; }; then
     rm -rf "$d"; return 1
@@ -108,8 +108,8 @@ plan_check() {  # each run of SWEEP_PLAN made into its params as a worker makes 
   while read -r name _; do  # the names as the workers read them
     echo "$name" >> "$d/names"
     [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || continue  # not a run name (a line without its name?): refused below
-    cp "$d/base.yaml" "$d/$name.yaml" && set_params "$d/$name.yaml" compute.device=cuda:0 $(run_args "$name" "$d/plan.txt") \
-      2> "$d/$name.err" || { echo "$name: $(tail -1 "$d/$name.err" | sed "s|$d/||g")" >> "$d/refused"; touch "$d/$name.bad"; }
+    cp "$d/base.yaml" "$d/runs/$name.yaml" && set_params "$d/runs/$name.yaml" compute.device=cuda:0 $(run_args "$name" "$d/plan.txt") \
+      2> "$d/runs/$name.err" || { echo "$name: $(tail -1 "$d/runs/$name.err" | sed "s|$d/runs/||g")" >> "$d/refused"; touch "$d/runs/$name.bad"; }
   done < "$d/plan.txt"
   set +f
   REPO=$REPO PYTHONPATH=$REPO/src python3 - "$d" "$plan" "${SWEEP_MODELS[*]}" \
@@ -125,9 +125,9 @@ for name in names:
         refused.append(f"{name!r}: not a run name (a line without its name?)")
     elif name in setup:
         refused.append(f"{name}: the set-up's run of that name would be taken for it (pick another name)")
-    elif not (d / f"{name}.bad").exists():
+    elif not (d / "runs" / f"{name}.bad").exists():
         try:
-            teacher = load_params(d / f"{name}.yaml").training.teacher
+            teacher = load_params(d / "runs" / f"{name}.yaml").training.teacher
         except ConfigError as err:
             refused.append(f"{name}: {err}")
             continue
@@ -141,7 +141,7 @@ if os.environ.get("PLAN_SHOW") == "1":  # what each run changes from the reposit
     flat = lambda p: {f"{s}.{k}": v for s, sec in p.items() if isinstance(sec, dict) for k, v in sec.items()}
     repo = flat(yaml.safe_load(open(os.environ["REPO"] + "/params.yaml")))
     for name in names:
-        run = flat(yaml.safe_load(open(d / f"{name}.yaml")))
+        run = flat(yaml.safe_load(open(d / "runs" / f"{name}.yaml")))
         print(name, " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in run.items() if repo.get(k, object()) != v))
 EOF
   local rc=$?; rm -rf "$d"; return $rc

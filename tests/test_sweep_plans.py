@@ -3,7 +3,9 @@ cost that run's start-up on the device and mark it FAILED, or run the wrong thin
 `plancheck` makes each run's params the way a worker makes them (its plan expansion, set_params,
 word splitting) over the sweep's base, and loads them; the sweep part runs the same check first.
 Here it runs on the committed plans and on lines the device would refuse or misread."""
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -18,10 +20,24 @@ PLANS = sorted((ROOT / "benchmarks" / "sweep_plans").glob("*.txt"))
 pytestmark = pytest.mark.slow  # starts bash and Python processes
 
 
-def plancheck(plan: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+def script(parts: str, plan: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """gpu_session.sh PARTS on SWEEP_PLAN=plan, in its own process group: on a timeout the whole group
+    goes (a check that let a run through would leave DVC and a training stage running)."""
     (tmp_path / "out").mkdir(exist_ok=True)
-    return subprocess.run(["bash", str(SCRIPT), "plancheck"], cwd=ROOT, capture_output=True, text=True,
-                          env=tool_env(SWEEP_PLAN=str(plan), OUT=str(tmp_path / "out"), **env), timeout=120)
+    proc = subprocess.Popen(["bash", str(SCRIPT), parts], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env=tool_env(SWEEP_PLAN=str(plan), OUT=str(tmp_path / "out"), **env))
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"gpu_session.sh {parts} still ran after 120 s:\n{out[-3000:]}{err[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def plancheck(plan: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    return script("plancheck", plan, tmp_path, **env)
 
 
 def test_the_default_plan_and_next_are_there():
@@ -35,7 +51,7 @@ def test_every_run_of_a_committed_plan_loads(plan, tmp_path):
     proc = plancheck(plan, tmp_path)
     runs = [line for line in plan.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"{len(runs)} runs, each one's params load" in proc.stdout
+    assert proc.stdout.splitlines() == [f"SWEEP_PLAN {plan}: {len(runs)} runs, each one's params load"]  # nothing else
 
 
 @pytest.mark.parametrize("line, refusal", [
@@ -90,9 +106,12 @@ def test_a_plan_without_runs_or_with_a_name_twice_is_refused(text, refusal, tmp_
 def test_plan_show_states_the_recipe_each_run_trains_with(tmp_path):
     """The figures in benchmarks/results/sparsity/ name the recipe (docs/sparsity.md): the sweep's base
     (fine-tunes from the stand-in on the train split's second half), $KL (lr 3e-4, KL 10 from the control)
-    and $TOPK (Hoyer 0.5 beside top-k). A change to any of them changes what a plan trains: it shows here."""
+    and $TOPK (Hoyer 0.5 beside top-k). The check makes each run's params from the same arrays the sweep
+    uses (SWEEP_BASE, FINETUNE_BASE, $KL, $TOPK), so a change to a value there shows here; the sweep's
+    own use of them (the set-up, the workers) is checked by a CPU dry sweep (SWEEP_DRY=1), not here.
+    A line without $KL trains with the base alone: the control's recipe, the teacher of every $KL run."""
     plan = tmp_path / "plan.txt"
-    plan.write_text("twin $KL\ntopk90-6ep $KL $TOPK=0.9 training.epochs=6\n")
+    plan.write_text("base\ntwin $KL\ntopk90-6ep $KL $TOPK=0.9 training.epochs=6\n")
     proc = plancheck(plan, tmp_path, PLAN_SHOW="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     shown = dict(line.split(" ", 1) for line in proc.stdout.splitlines()[1:])
@@ -100,24 +119,25 @@ def test_plan_show_states_the_recipe_each_run_trains_with(tmp_path):
             "dataset.train_range=[0.5,1.0]", 'pretrained.model_name="/tmp/standin"', "training.eval_every=150",
             "training.checkpoint_every=150", 'compute.device="cuda:0"', "eval.prune_fractions=[0.0]"}
     kl = {"training.lr=0.0003", "training.distill_weight=10.0", 'training.teacher="/tmp/teacher"'}
-    assert set(shown) == {"twin", "topk90-6ep"}
+    assert set(shown) == {"base", "twin", "topk90-6ep"}
+    assert set(shown["base"].split()) == base  # lr 1e-4, 3 epochs, no teacher: params.yaml's, so not listed
     assert set(shown["twin"].split()) == base | kl
     assert set(shown["topk90-6ep"].split()) == base | kl | {"model.sparsity_target=0.9", "training.pruning_weight=0.5",
                                                              "training.epochs=6"}
 
 
 def test_the_sweep_refuses_a_bad_plan_before_it_starts_anything(tmp_path):
-    """The sweep part runs the same check first: a bad line stops the call before the set-up (here a
-    CPU dry run, SWEEP_DRY=1), not as a FAILED run after the stand-in has trained."""
+    """The sweep part runs the same check first: a bad line stops the call before the GPU tests start
+    beside the set-up (testsbg) and before the set-up (here a CPU dry run, SWEEP_DRY=1), not as a
+    FAILED run after the stand-in has trained, nor with the set-up's models deleted."""
     plan = tmp_path / "plan.txt"
     plan.write_text("run-a $KL\nrun-b $KL training.lrr=1.0e-3\n")
-    (tmp_path / "out").mkdir()
-    proc = subprocess.run(["bash", str(SCRIPT), "sweep"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=tool_env(SWEEP_PLAN=str(plan), SWEEP_DRY="1", OUT=str(tmp_path / "out")))
+    proc = script("testsbg,sweep", plan, tmp_path, SWEEP_DRY="1")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "1 of its runs would fail" in proc.stdout and "run-b: unknown key(s) training.lrr" in proc.stdout
     log = (tmp_path / "out" / "session.log").read_text()
-    assert "1 of its runs would fail" in log and "prepare" not in log.lower() and "stand-in" not in log.lower(), log
+    assert "1 of its runs would fail" in log, log
+    assert "=== GPU tests" not in log and "=== set-up" not in log and "stand-in" not in log.lower(), log
 
 
 def test_a_plan_file_that_is_not_there_is_refused_by_name(tmp_path):
