@@ -450,17 +450,19 @@ def test_the_plot_along_a_param_draws_each_line_and_the_gap(tmp_path, monkeypatc
 
     from samba.frontier import main
 
-    bars, lines, scales = [], [], []
+    bars, lines, scales, panels = [], [], [], {}
     real_bar, real_plot, real_scale = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.plot, matplotlib.axes.Axes.set_xscale
 
     def errorbar(self, x, y, yerr=None, **kwargs):
         if isinstance(x, list):  # frontier.png's points are drawn one at a time
             bars.append((x, y, yerr))
+            panels.setdefault("ppl", set()).add(id(self))
         return real_bar(self, x, y, yerr=yerr, **kwargs)
 
     def plot(self, *args, **kwargs):
-        if len(args) >= 2 and len(args[0]) > 0:
+        if len(args) >= 2 and len(args[0]) > 0 and "marker" in kwargs:  # not frontier.png's front
             lines.append((list(args[0]), list(args[1]), kwargs.get("label")))
+            panels.setdefault("gap", set()).add(id(self))
         return real_plot(self, *args, **kwargs)
     monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
@@ -476,8 +478,10 @@ def test_the_plot_along_a_param_draws_each_line_and_the_gap(tmp_path, monkeypatc
     assert len(bars) == len(expected)
     for x, y, err in expected:
         assert sum(b[0] == x and b[1] == pytest.approx(y) and b[2] == pytest.approx(err) for b in bars) == 1, (x, y, bars)
+    # one panel each: the lines of ppl on the left, the cost against the twin on the right, top-k's only
+    assert len(panels["ppl"]) == 1 and len(panels["gap"]) == 1 and panels["ppl"] != panels["gap"]
     gap = [ln for ln in lines if ln[2] == "sparsity_target=0.9, epochs=6, pruning_weight=0.5"]
-    assert len(gap) == 1 and gap[0][1] == pytest.approx([100 * (66.2 / 61.6 - 1), 100 * (60.1 / 57.85 - 1), 100 * (58.4 / 56.7 - 1)])
+    assert len(lines) == 1 and len(gap) == 1 and gap[0][1] == pytest.approx([100 * (66.2 / 61.6 - 1), 100 * (60.1 / 57.85 - 1), 100 * (58.4 / 56.7 - 1)])
     assert scales == ["log", "log"]
 
 
@@ -499,3 +503,42 @@ def test_no_two_rows_along_the_param_is_refused(tmp_path):
     rows = write_frontier(_shown([_exp("control", 68.8), _exp("twin", 62.0, lr=3e-4, distill=10.0)]), tmp_path)
     with pytest.raises(FrontierError, match="no two rows differ in training.lr alone"):
         plot_against(rows, "training.lr", tmp_path / "x.png")
+
+
+def test_a_recipe_spelt_0_or_0_0_is_one_line(tmp_path):
+    """DVC's -S writes 0, params.yaml 0.0: one recipe, as the table takes it, so one line (it vanished)."""
+    from samba.frontier import series_against
+
+    kl = dict(distill=10.0, teacher="/abs/control", tokens=6_000_000)
+    exps = [_exp("twin-a", 61.6, lr=3e-4, target=0, pruning=0, **kl), _exp("twin-b", 57.8, lr=1e-3, **kl),
+            _exp("topk-a", 66.2, lr=3e-4, target=0.9, pruning=0.5, **kl), _exp("topk-b", 60.1, lr=1e-3, target=0.9, pruning=0.5, **kl)]
+    series = series_against(write_frontier(_shown(exps), tmp_path), "training.lr")
+    assert sorted([p["experiment"] for p in s["points"]] for s in series) == [["topk-a", "topk-b"], ["twin-a", "twin-b"]]
+
+
+def test_a_fraction_is_plotted_on_a_linear_axis_and_one_line_says_what_it_is(tmp_path, monkeypatch):
+    """A line drawn alone is labelled by all its params, not as if it held every row."""
+    import matplotlib.axes
+
+    from samba.frontier import plot_against
+
+    scales = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xscale", lambda self, v, **kw: scales.append(v))
+    kl = dict(lr=1e-3, distill=10.0, teacher="/abs/control", tokens=6_000_000, pruning=0.5)
+    exps = [_exp(f"topk{int(100 * t)}", p, target=t, **kl) for t, p in ((0.75, 59.1), (0.9, 60.1), (0.95, 61.5))]
+    exps.append(_exp("topk90-lr3", 66.2, target=0.9, **{**kl, "lr": 3e-4}))  # alone in its recipe: no line
+    rows = write_frontier(_shown(exps), tmp_path)
+    series = plot_against(rows, "model.sparsity_target", tmp_path / "x.png")
+    assert scales == [] and len(series) == 1
+    assert "lr=0.001" in series[0]["label"] and "sparsity_target" not in series[0]["label"]
+
+
+def test_two_plots_of_one_name_are_refused(tmp_path, capsys):
+    from samba.frontier import main
+
+    (tmp_path / "e.json").write_text(json.dumps(_shown(_lr_sweep())))
+    for against in (["training.lr", "training.lr"], ["training.batch_size", "eval.batch_size"]):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path / "out"), "--from-json", str(tmp_path / "e.json"), *(a for k in against for a in ("--against", k))])
+        assert "each name once (the plots are named frontier_vs_<name>.png)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is written

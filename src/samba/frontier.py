@@ -359,17 +359,24 @@ def series_against(rows: list[dict], key: str) -> list[dict]:
         x = r["params"][key]
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise FrontierError(f"--against {key}: {r['experiment']} has {key} = {x!r}, not a number to plot along")
-        rest = {k: v for k, v in r["params"].items() if k != key}
-        groups.setdefault(json.dumps(rest, sort_keys=True), []).append(r)
-    drawn = [(json.loads(g), sorted(members, key=lambda r: r["params"][key]))
-             for g, members in sorted(groups.items()) if len({r["params"][key] for r in members}) > 1]
+        groups.setdefault(_key(r["params"], leave_out=(key,)), []).append(r)  # 0 and 0.0 alike, as in table()
+    drawn = [({k: v for k, v in members[0]["params"].items() if k != key}, sorted(members, key=lambda r: r["params"][key]))
+             for _, members in sorted(groups.items(), key=lambda g: _order(g[1][0]["params"], key))
+             if len({_norm(r["params"][key]) for r in members}) > 1]
     differ = [k for k in sorted({k for rest, _ in drawn for k in rest})
-              if len({json.dumps(rest[k]) for rest, _ in drawn if k in rest}) > 1]
+              if len({json.dumps(_norm(rest[k])) for rest, _ in drawn if k in rest}) > 1] or \
+        sorted({k for rest, _ in drawn for k in rest})  # one line: all it is
     return [{"label": ", ".join(f"{k.split('.')[-1]}={rest[k]}" for k in differ if k in rest) or "all rows",
              "dense": members[0]["dense"],
              "points": [{"x": r["params"][key], "ppl": r["ppl"], "ppl_std": r["ppl_std"], "n_seeds": r["n_seeds"],
                          "ppl_vs_twin": r["ppl_vs_twin"], "experiment": r["experiment"]} for r in members]}
             for rest, members in drawn]
+
+
+def _order(params: dict, key: str) -> list:
+    """Lines in a stable, readable order: by each param's value (numbers as numbers), then by name."""
+    return [(k, (0, _norm(v), "") if isinstance(_norm(v), float) else (1, 0.0, json.dumps(v)))
+            for k, v in sorted(params.items()) if k != key]
 
 
 def plot_against(rows: list[dict], key: str, path: Path) -> list[dict]:
@@ -384,7 +391,7 @@ def plot_against(rows: list[dict], key: str, path: Path) -> list[dict]:
     series = series_against(rows, key)
     if not series:
         raise FrontierError(f"--against {key}: no two rows differ in {key} alone (nothing to draw a line through)")
-    fig, (ax, gap) = plt.subplots(1, 2, figsize=(12, 5))
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(12, 5), sharex=True)
     for i, s in enumerate(series):
         style = dict(color=f"C{i % 10}", marker="s" if s["dense"] else "o", capsize=3,
                      linestyle="--" if s["dense"] else "-", label=s["label"])
@@ -394,15 +401,16 @@ def plot_against(rows: list[dict], key: str, path: Path) -> list[dict]:
         twin = [(p["x"], 100 * p["ppl_vs_twin"]) for p in s["points"] if p["ppl_vs_twin"] is not None]
         if not s["dense"] and twin:
             gap.plot(*zip(*twin), **{k: v for k, v in style.items() if k != "capsize"})
+    xs = [p["x"] for s in series for p in s["points"]]
     for axis in (ax, gap):
-        if all(p["x"] > 0 for s in series for p in s["points"]):
+        if min(xs) > 0 and max(xs) / min(xs) > 3:  # a learning rate, not a fraction
             axis.set_xscale("log")
         axis.set_xlabel(key)
         axis.grid(alpha=0.3)
     ax.set_ylabel("test ppl (mean over seeds; bars: their std)")
-    ax.set_title(f"Perplexity along {key}")
+    ax.set_title(f"Perplexity along {key} (dashed, squares: dense)")
     gap.set_ylabel("test ppl vs the dense twin (%)")
-    gap.set_title("What sparsity costs against its twin")
+    gap.set_title("What sparsity costs against its twin (sparse rows with a twin)")
     gap.axhline(0, color="black", linewidth=0.8)
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
@@ -482,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also plot ppl and the cost against the twin along this param (e.g. training.lr), a line "
                              "per recipe: OUT_DIR/frontier_vs_<name>.png; repeat it for several")
     args = parser.parse_args(argv)
+    names = [key.split(".")[-1] for key in args.against]
+    if len(set(names)) < len(names):
+        parser.error(f"--against {' '.join(args.against)}: each name once (the plots are named frontier_vs_<name>.png)")
     if args.from_json and args.all_commits:
         parser.error("--all-commits reads this repository's experiments: with --from-json it would do nothing")
     shown = read_experiments(args.from_json, args.all_commits)
