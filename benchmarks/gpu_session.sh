@@ -138,10 +138,10 @@ if refused:
 print(f"SWEEP_PLAN {plan}: {len(names)} run{'s' if len(names) > 1 else ''}, each one's params load")
 if os.environ.get("PLAN_SHOW") == "1":  # what each run changes from the repository's params.yaml, as it will run
     import yaml
-    flat = lambda p: {f"{s}.{k}": v for s, sec in p.items() if isinstance(sec, dict) for k, v in sec.items()}
-    repo = flat(yaml.safe_load(open(os.environ["REPO"] + "/params.yaml")))
+    from samba.config import flatten
+    repo = flatten(yaml.safe_load(open(os.environ["REPO"] + "/params.yaml")))
     for name in names:
-        run = flat(yaml.safe_load(open(d / "runs" / f"{name}.yaml")))
+        run = flatten(yaml.safe_load(open(d / "runs" / f"{name}.yaml")))
         print(name, " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in run.items() if repo.get(k, object()) != v))
 EOF
   local rc=$?; rm -rf "$d"; return $rc

@@ -498,11 +498,11 @@ def test_a_param_that_cannot_be_plotted_along_is_refused(tmp_path, key, refusal)
 
 
 def test_no_two_rows_along_the_param_is_refused(tmp_path):
-    from samba.frontier import plot_against
+    from samba.frontier import series_against
 
     rows = write_frontier(_shown([_exp("control", 68.8), _exp("twin", 62.0, lr=3e-4, distill=10.0)]), tmp_path)
     with pytest.raises(FrontierError, match="no two rows differ in training.lr alone"):
-        plot_against(rows, "training.lr", tmp_path / "x.png")
+        series_against(rows, "training.lr")
 
 
 def test_a_recipe_spelt_0_or_0_0_is_one_line(tmp_path):
@@ -520,7 +520,7 @@ def test_a_fraction_is_plotted_on_a_linear_axis_and_one_line_says_what_it_is(tmp
     """A line drawn alone is labelled by all its params, not as if it held every row."""
     import matplotlib.axes
 
-    from samba.frontier import plot_against
+    from samba.frontier import plot_against, series_against
 
     scales = []
     monkeypatch.setattr(matplotlib.axes.Axes, "set_xscale", lambda self, v, **kw: scales.append(v))
@@ -528,7 +528,8 @@ def test_a_fraction_is_plotted_on_a_linear_axis_and_one_line_says_what_it_is(tmp
     exps = [_exp(f"topk{int(100 * t)}", p, target=t, **kl) for t, p in ((0.75, 59.1), (0.9, 60.1), (0.95, 61.5))]
     exps.append(_exp("topk90-lr3", 66.2, target=0.9, **{**kl, "lr": 3e-4}))  # alone in its recipe: no line
     rows = write_frontier(_shown(exps), tmp_path)
-    series = plot_against(rows, "model.sparsity_target", tmp_path / "x.png")
+    series = series_against(rows, "model.sparsity_target")
+    plot_against(series, "model.sparsity_target", tmp_path / "x.png")
     assert scales == [] and len(series) == 1
     assert "lr=0.001" in series[0]["label"] and "sparsity_target" not in series[0]["label"]
 
@@ -542,3 +543,18 @@ def test_two_plots_of_one_name_are_refused(tmp_path, capsys):
             main([str(tmp_path / "out"), "--from-json", str(tmp_path / "e.json"), *(a for k in against for a in ("--against", k))])
         assert "each name once (the plots are named frontier_vs_<name>.png)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_bad_against_is_refused_before_anything_is_written(tmp_path, capsys):
+    from samba.frontier import main
+
+    other_teacher = _exp("twin-other-teacher", 60.0, distill=10.0, teacher="/abs/twin")
+    (tmp_path / "e.json").write_text(json.dumps(_shown(_lr_sweep() + [other_teacher])))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "frontier.md").write_text("an earlier table")
+    for key, refusal in (("training.momentum", "not a param that differs"), ("training.teacher", "not a number")):
+        with pytest.raises(FrontierError, match=refusal):
+            main([str(tmp_path / "out"), "--from-json", str(tmp_path / "e.json"), "--against", "training.lr",
+                  "--against", key])
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["frontier.md"]  # no plot, the table as it was
+        assert (tmp_path / "out" / "frontier.md").read_text() == "an earlier table"

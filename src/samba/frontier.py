@@ -370,7 +370,11 @@ def series_against(rows: list[dict], key: str) -> list[dict]:
              "dense": members[0]["dense"],
              "points": [{"x": r["params"][key], "ppl": r["ppl"], "ppl_std": r["ppl_std"], "n_seeds": r["n_seeds"],
                          "ppl_vs_twin": r["ppl_vs_twin"], "experiment": r["experiment"]} for r in members]}
-            for rest, members in drawn]
+            for rest, members in drawn] or _no_line(key)
+
+
+def _no_line(key: str):
+    raise FrontierError(f"--against {key}: no two rows differ in {key} alone (nothing to draw a line through)")
 
 
 def _order(params: dict, key: str) -> list:
@@ -379,27 +383,23 @@ def _order(params: dict, key: str) -> list:
             for k, v in sorted(params.items()) if k != key]
 
 
-def plot_against(rows: list[dict], key: str, path: Path) -> list[dict]:
+def plot_against(series: list[dict], key: str, path: Path) -> None:
     """ppl (left) and the cost against the twin (right, sparse series) along one param, a line per
-    series of ``series_against``; the seeds' standard deviation as error bars; a log axis for a
-    param whose values are all positive (a learning rate)."""
+    series of ``series_against``; the seeds' standard deviation as error bars (0 for one seed); a log
+    axis for a param whose positive values span more than a factor 3 (a learning rate)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = series_against(rows, key)
-    if not series:
-        raise FrontierError(f"--against {key}: no two rows differ in {key} alone (nothing to draw a line through)")
     fig, (ax, gap) = plt.subplots(1, 2, figsize=(12, 5), sharex=True)
     for i, s in enumerate(series):
         style = dict(color=f"C{i % 10}", marker="s" if s["dense"] else "o", capsize=3,
                      linestyle="--" if s["dense"] else "-", label=s["label"])
-        xs = [p["x"] for p in s["points"]]
-        ax.errorbar(xs, [p["ppl"] for p in s["points"]],
-                    yerr=[p["ppl_std"] if p["n_seeds"] > 1 else 0.0 for p in s["points"]], **style)
+        ax.errorbar([p["x"] for p in s["points"]], [p["ppl"] for p in s["points"]],
+                    yerr=[p["ppl_std"] for p in s["points"]], **style)  # summarize: ppl_std 0.0 for one seed
         twin = [(p["x"], 100 * p["ppl_vs_twin"]) for p in s["points"] if p["ppl_vs_twin"] is not None]
-        if not s["dense"] and twin:
+        if twin:  # sparse rows with a twin (a dense row has none)
             gap.plot(*zip(*twin), **{k: v for k, v in style.items() if k != "capsize"})
     xs = [p["x"] for s in series for p in s["points"]]
     for axis in (ax, gap):
@@ -417,10 +417,15 @@ def plot_against(rows: list[dict], key: str, path: Path) -> list[dict]:
     fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(series) / 3), 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
-    return series
 
 
-def write_frontier(shown: list, out_dir: Path) -> list[dict]:
+def against_path(out_dir: Path, key: str) -> Path:
+    return out_dir / f"frontier_vs_{key.split('.')[-1]}.png"
+
+
+def write_frontier(shown: list, out_dir: Path, against: list[str] | tuple = ()) -> list[dict]:
+    """The table, its plot, and one plot along each param of ``against``: each refused before
+    anything is written."""
     runs = _runs_of(shown, "the experiments are ")
     if not runs:
         raise FrontierError(f"no finished experiment has {EVAL_FILE}; run some first (dvc exp run)")
@@ -435,11 +440,14 @@ def write_frontier(shown: list, out_dir: Path) -> list[dict]:
                 raise FrontierError(f"experiment {run['name']}: its {EVAL_FILE} has {name} = {value!r}, not a number "
                                     "(the row's place on the front needs it)")
     rows, best = table(runs)
+    lines = {key: series_against(rows, key) for key in against}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "frontier.md").write_text(markdown(rows, best))
         write_json_atomic(out_dir / "frontier.json", {"best_dense": best["experiment"] if best else None, "rows": rows})
         plot(rows, out_dir / "frontier.png")
+        for key, series in lines.items():
+            plot_against(series, key, against_path(out_dir, key))
     except OSError as err:
         raise FrontierError(f"{out_dir}: cannot write there ({err.strerror or err})") from None
     return rows
@@ -496,13 +504,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_json and args.all_commits:
         parser.error("--all-commits reads this repository's experiments: with --from-json it would do nothing")
     shown = read_experiments(args.from_json, args.all_commits)
-    rows = write_frontier(shown, Path(args.out_dir))
+    rows = write_frontier(shown, Path(args.out_dir), args.against)
     print((Path(args.out_dir) / "frontier.md").read_text())
     print(f"wrote {args.out_dir}/frontier.{{md,json,png}}: {len(rows)} rows")
     for key in args.against:
-        path = Path(args.out_dir) / f"frontier_vs_{key.split('.')[-1]}.png"
-        series = plot_against(rows, key, path)
-        print(f"wrote {path}: {len(series)} lines along {key}")
+        print(f"wrote {against_path(Path(args.out_dir), key)}: {key}, a line per recipe")
 
 
 if __name__ == "__main__":
