@@ -38,6 +38,11 @@ export PYTHONPYCACHEPREFIX=/tmp/pycache
 exec > >(tee -a "$OUT/session.log") 2>&1  # the log comes back even if the call is cut short
 pack() { tar czf /tmp/results.tar.gz.part -C /tmp results && mv /tmp/results.tar.gz.part "$OUT/results.tar.gz"; }
 CPU_ONLY=0; { [ "${SWEEP_DRY:-0}" = 1 ] || [ "$PARTS" = plancheck ]; } && CPU_ONLY=1
+if [ $CPU_ONLY != 1 ] && [[ ,$PARTS, == *,tests,* || ,$PARTS, == *,testsbg,* || $PARTS == *zeroshot* ]] \
+   && ! ls .gpu/lmeval/*.whl > /dev/null 2>&1; then  # else the zero-shot tests fail on the import, late
+  echo "gpu_session: $PARTS needs lm-eval, and .gpu/lmeval/ has no wheels: bash benchmarks/gpu_prepare.sh without LMEVAL=0"
+  exit 2
+fi
 if [ $CPU_ONLY != 1 ]; then  # SWEEP_DRY=1 (sweep only) or plancheck: a CPU, in this repo's venv; no GPU, no kernels
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   [ -d /tmp/site/mamba_ssm ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl || exit 1
