@@ -20,11 +20,12 @@ PLANS = sorted((ROOT / "benchmarks" / "sweep_plans").glob("*.txt"))
 pytestmark = pytest.mark.slow  # starts bash and Python processes
 
 
-def script(parts: str, plan: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+def script(parts: str, plan: Path, tmp_path: Path, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
     """gpu_session.sh PARTS on SWEEP_PLAN=plan, in its own process group: on a timeout the whole group
-    goes (a check that let a run through would leave DVC and a training stage running)."""
+    goes (a check that let a run through would leave DVC and a training stage running). cwd: the
+    checkout the script runs in (its .gpu/ is what a call carries)."""
     (tmp_path / "out").mkdir(exist_ok=True)
-    proc = subprocess.Popen(["bash", str(SCRIPT), parts], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(["bash", str(SCRIPT), parts], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True,
                             env=tool_env(SWEEP_PLAN=str(plan), OUT=str(tmp_path / "out"), **env))
     try:
@@ -151,3 +152,28 @@ def test_one_run_is_counted_as_one(tmp_path):
     plan.write_text("run-a $KL\n")
     proc = plancheck(plan, tmp_path)
     assert proc.returncode == 0 and "1 run, each one's params load" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("parts", ["tests", "testsbg,sweep", "zeroshot"])
+def test_the_gpu_tests_are_refused_at_once_without_lm_evals_wheels(parts, tmp_path):
+    """.gpu/ made with LMEVAL=0 (to fit a call's 64 MiB) has no lm-eval: the zero-shot GPU tests would
+    fail on the import after the device's start-up; the call stops first, saying why."""
+    checkout = tmp_path / "checkout"
+    (checkout / ".gpu" / "dvc").mkdir(parents=True)
+    proc = script(parts, ROOT / "benchmarks" / "sweep_plans" / "next.txt", tmp_path, cwd=checkout)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"gpu_session: {parts} needs lm-eval, and .gpu/lmeval/ has no wheels" in proc.stdout, proc.stdout
+    assert "===" not in proc.stdout  # no part started
+
+
+@pytest.mark.parametrize("parts,lmeval", [("tests", True), ("sweep", False), ("collect", False)])
+def test_lm_eval_is_asked_for_only_where_a_part_needs_it(parts, lmeval, tmp_path):
+    """With its wheels there, or for the sweep alone, the call goes on (here it stops at the kernels'
+    install: this machine has no GPU and the checkout no kernel wheels)."""
+    checkout = tmp_path / "checkout"
+    (checkout / ".gpu" / "lmeval").mkdir(parents=True)
+    if lmeval:
+        (checkout / ".gpu" / "lmeval" / "lm_eval-0.4.13-py3-none-any.whl").write_bytes(b"")
+    proc = script(parts, ROOT / "benchmarks" / "sweep_plans" / "next.txt", tmp_path, cwd=checkout)
+    assert "needs lm-eval" not in proc.stdout + proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr
