@@ -28,7 +28,7 @@ python3 -m pip wheel -q --no-deps -w .gpu/dvc antlr4-python3-runtime==4.9.3
 python3 -m pip download -q "${for312[@]}" --find-links .gpu/dvc -d .gpu/dvc dvc==3.67.1 dvclive==3.49.1
 if [ "${LMEVAL:-1}" = 1 ]; then
   python3 -m pip download -q "${for312[@]}" --no-deps -d .gpu/lmeval lm-eval==0.4.13 requests urllib3 certifi idna \
-    chardet charset-normalizer
+    charset-normalizer  # requests takes chardet or charset-normalizer: one is enough
 else
   rm -rf .gpu/lmeval
 fi

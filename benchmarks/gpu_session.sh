@@ -29,6 +29,9 @@ RES=/tmp/results; mkdir -p $RES
 REPO=$(pwd)
 DEADLINE=${DEADLINE:-450}   # seconds: stop waiting on the sweep and pack what is done (a call ends at 600)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# Progress bars redrawn at most every 10 s (tqdm reads TQDM_* defaults): the logs come back into the repository,
+# and a 6-epoch run's log was ~90 kB of redrawn bars; a call carries the repository too (64 MiB with .gpu/).
+export TQDM_MININTERVAL=${TQDM_MININTERVAL:-10}
 # The machine's site-packages hold no bytecode, and its environment sets PYTHONDONTWRITEBYTECODE,
 # so every process compiled ~2,000 modules (torch._dynamo, sympy, transformers) from source:
 # 6-14 s of each stage's start-up (results/2026-11-29/evaluate_stage_no_bytecode.log). A normal install has its
