@@ -55,6 +55,9 @@ if [ "$PARTS" != plancheck ]; then  # a wrapper: a symlinked venv python loses i
   mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH
 fi
 [ $CPU_ONLY = 1 ] || python3 -c "import torch, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'mamba_ssm', mamba_ssm.__version__, 'GPUs', torch.cuda.device_count())"
+# what the machine's Python has, with versions (~1 s): which of .gpu/'s wheels it does not need (a call carries
+# 64 MiB, the repository included), read from a session's results rather than guessed
+[ $CPU_ONLY = 1 ] || [ -e $RES/pip_list.txt ] || python3 -m pip list --format=freeze > $RES/pip_list.txt 2>/dev/null
 
 install_dvc() {  # once per machine: a second pip run over the same environment broke its PyYAML once
   python3 -c "import yaml, dvc, dvclive" 2>/dev/null && return 0
