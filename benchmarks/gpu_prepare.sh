@@ -37,8 +37,9 @@ fi
 rm -f .gpu/dvc/{numpy,pyarrow,torch,triton,sympy,networkx,jinja2,markupsafe,fsspec,filelock,packaging,pyyaml}-*.whl
 
 tar czf .gpu/data/wt2.tar.gz -C "$SHARED/data" wikitext-2-tokenized tokenizers/gpt-neox-20b
-du -sh .gpu .gpu/* | sed 's/^/gpu_prepare: /'
-repo=$(git ls-files -z -co --exclude-standard | xargs -0 cat 2>/dev/null | wc -c)
+{ du -sh .gpu/*; du -sh .gpu; } | sed 's/^/gpu_prepare: /'
+# a tracked file deleted in the working tree is not carried (cat fails on it: not the end of the check)
+repo=$( { git ls-files -z -co --exclude-standard | xargs -0 cat 2>/dev/null || true; } | wc -c)
 gpu=$(find .gpu -type f -print0 | xargs -0 cat | wc -c)
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 echo "gpu_prepare: a call carries $(mib $((repo + gpu))) MiB of 64 (the repository's files $(mib $repo) MiB, .gpu $(mib $gpu) MiB)"

@@ -153,27 +153,3 @@ def test_one_run_is_counted_as_one(tmp_path):
     proc = plancheck(plan, tmp_path)
     assert proc.returncode == 0 and "1 run, each one's params load" in proc.stdout, proc.stdout + proc.stderr
 
-
-@pytest.mark.parametrize("parts", ["tests", "testsbg,sweep", "zeroshot"])
-def test_the_gpu_tests_are_refused_at_once_without_lm_evals_wheels(parts, tmp_path):
-    """.gpu/ made with LMEVAL=0 (to fit a call's 64 MiB) has no lm-eval: the zero-shot GPU tests would
-    fail on the import after the device's start-up; the call stops first, saying why."""
-    checkout = tmp_path / "checkout"
-    (checkout / ".gpu" / "dvc").mkdir(parents=True)
-    proc = script(parts, ROOT / "benchmarks" / "sweep_plans" / "next.txt", tmp_path, cwd=checkout)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert f"gpu_session: {parts} needs lm-eval, and .gpu/lmeval/ has no wheels" in proc.stdout, proc.stdout
-    assert "===" not in proc.stdout  # no part started
-
-
-@pytest.mark.parametrize("parts,lmeval", [("tests", True), ("sweep", False), ("collect", False)])
-def test_lm_eval_is_asked_for_only_where_a_part_needs_it(parts, lmeval, tmp_path):
-    """With its wheels there, or for the sweep alone, the call goes on (here it stops at the kernels'
-    install: this machine has no GPU and the checkout no kernel wheels)."""
-    checkout = tmp_path / "checkout"
-    (checkout / ".gpu" / "lmeval").mkdir(parents=True)
-    if lmeval:
-        (checkout / ".gpu" / "lmeval" / "lm_eval-0.4.13-py3-none-any.whl").write_bytes(b"")
-    proc = script(parts, ROOT / "benchmarks" / "sweep_plans" / "next.txt", tmp_path, cwd=checkout)
-    assert "needs lm-eval" not in proc.stdout + proc.stderr
-    assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -1,0 +1,168 @@
+"""What a GPU call carries (the repository and .gpu/: 64 MiB in all) and what a session refuses without it.
+gpu_prepare.sh says how much a call would carry and fails above 63 MiB (LMEVAL=0 leaves lm-eval out);
+gpu_session.sh refuses the parts that run the GPU tests or lm-eval when .gpu/lmeval/ has no wheels, before its
+first GPU step, and slows progress bars for every process it starts (their logs come back into the repository)."""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import tool_env
+from test_sweep_plans import ROOT, script
+
+pytestmark = pytest.mark.slow
+NEXT = ROOT / "benchmarks" / "sweep_plans" / "next.txt"
+MiB = 1 << 20
+
+
+def stub(bindir: Path, name: str, body: str) -> None:
+    bindir.mkdir(parents=True, exist_ok=True)
+    (bindir / name).write_text("#!/bin/sh\n" + body)
+    (bindir / name).chmod(0o755)
+
+
+def session(parts, tmp_path, lmeval_files=(), **env):
+    """gpu_session.sh PARTS in a bare checkout whose .gpu/lmeval/ holds lmeval_files (None: no folder).
+    nvidia-smi is a stub that marks $OUT/gpu_reached and stops the script: the first GPU step, whatever
+    this machine has (/tmp/site, a GPU)."""
+    checkout = tmp_path / "checkout"
+    (checkout / ".gpu" / "dvc").mkdir(parents=True)
+    if lmeval_files is not None:
+        (checkout / ".gpu" / "lmeval").mkdir()
+        for name in lmeval_files:
+            (checkout / ".gpu" / "lmeval" / name).write_bytes(b"")
+    stub(tmp_path / "bin", "nvidia-smi", f'touch "{tmp_path}/gpu_reached"; kill -TERM $PPID\n')
+    env.setdefault("PATH", f"{tmp_path / 'bin'}{os.pathsep}{tool_env()['PATH']}")
+    if parts is None:  # the script's default parts
+        proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], cwd=checkout, capture_output=True,
+                              text=True, timeout=60, env=tool_env(OUT=str(tmp_path / "out"), SWEEP_PLAN=str(NEXT), **env))
+    else:
+        proc = script(parts, env.pop("SWEEP_PLAN", NEXT), tmp_path, cwd=checkout, **env)
+    return proc, (tmp_path / "gpu_reached").exists()
+
+
+@pytest.mark.parametrize("parts", [None, "tests,bench,gen", "bench,tests", "testsbg,sweep", "sweep,zeroshot", "tests"])
+@pytest.mark.parametrize("lmeval_files", [None, (), ("README.txt",)], ids=["no-folder", "empty", "no-wheel"])
+def test_refused_before_any_gpu_step(parts, lmeval_files, tmp_path):
+    proc, reached = session(parts, tmp_path, lmeval_files)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"gpu_session: {parts or 'tests,bench,gen'} needs lm-eval" in proc.stdout
+    assert not reached  # before nvidia-smi and the kernels' install
+
+
+@pytest.mark.parametrize("parts,lmeval_files", [("tests", ("lm_eval-0.4.13-py3-none-any.whl",)), ("sweep", None),
+                                                ("collect", None), ("bench,gen", None)])
+def test_not_refused_goes_on_to_the_gpu(parts, lmeval_files, tmp_path):
+    proc, reached = session(parts, tmp_path, lmeval_files)
+    assert "needs lm-eval" not in proc.stdout + proc.stderr
+    assert reached and proc.returncode == -15, proc.stdout + proc.stderr  # stopped by the stub, nothing else
+
+
+def test_a_cpu_dry_run_of_testsbg_is_not_refused(tmp_path):
+    """SWEEP_DRY=1 runs on this CPU: no lm-eval asked for; it goes on to the plan check (here: no such plan)."""
+    proc, reached = session("testsbg,sweep", tmp_path, None, SWEEP_DRY="1", SWEEP_PLAN=tmp_path / "nxt.txt")
+    assert "needs lm-eval" not in proc.stdout
+    assert proc.returncode == 1 and f"SWEEP_PLAN {tmp_path / 'nxt.txt'}: no such file" in proc.stdout, proc.stdout
+    assert not reached
+
+
+def test_progress_bars_are_slowed_for_every_python_the_session_starts(tmp_path):
+    """TQDM_MININTERVAL reaches the processes the session starts (plancheck's first python3 here)."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    for given, want in ((None, "10"), ("3", "3")):
+        (tmp_path / "tqdm").unlink(missing_ok=True)
+        stub(tmp_path / "bin", "python3", f'echo "$TQDM_MININTERVAL" > "{tmp_path}/tqdm"; exit 1\n')
+        env = {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{tool_env()['PATH']}"}
+        if given:
+            env["TQDM_MININTERVAL"] = given
+        script("plancheck", NEXT, tmp_path, cwd=tmp_path, **env)
+        assert (tmp_path / "tqdm").read_text().strip() == want
+
+
+# gpu_prepare: a copy of the script in a scratch git checkout; pip is a stub that logs its arguments
+def prepare(tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    repo = tmp_path / "repo"
+    if not repo.exists():
+        (repo / "benchmarks").mkdir(parents=True)
+        shutil.copy(ROOT / "benchmarks" / "gpu_prepare.sh", repo / "benchmarks")
+        (repo / ".gitignore").write_text(".gpu/\nignored.bin\n")
+        subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+        subprocess.run(["git", "add", "."], cwd=repo, check=True)
+        shared = tmp_path / "shared"
+        for d in ("wheels", "data/wikitext-2-tokenized", "data/tokenizers/gpt-neox-20b"):
+            (shared / d).mkdir(parents=True)
+        (shared / "wheels" / "mamba_ssm-2-cp312-cp312-linux_x86_64.whl").write_bytes(b"k" * (3 * MiB))
+        (shared / "data" / "wikitext-2-tokenized" / "train.bin").write_bytes(b"t" * 1000)
+        stub(tmp_path / "bin", "python3", f'echo "$*" >> "{tmp_path}/pip.log"\n'
+             'case "$*" in *lm-eval*) d=$(echo "$*" | sed "s/.* -d \\([^ ]*\\) .*/\\1/"); '
+             'touch "$d/lm_eval-0.4.13-py3-none-any.whl";; esac\n')
+    env = {**os.environ, "SHARED": str(tmp_path / "shared"),
+           "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", **env}
+    return subprocess.run(["bash", "benchmarks/gpu_prepare.sh"], cwd=repo, capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+def carried(repo: Path) -> int:
+    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
+                            check=True).stdout.split(b"\0")
+    files = [repo / os.fsdecode(f) for f in listed if f] + [p for p in (repo / ".gpu").rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files if p.is_file())
+
+
+def test_prepare_says_what_a_call_carries_and_counts_no_ignored_file(tmp_path):
+    proc = prepare(tmp_path)
+    repo = tmp_path / "repo"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (repo / "untracked.bin").write_bytes(b"u" * (5 * MiB))
+    with open(repo / "ignored.bin", "wb") as f:  # git-ignored: not carried
+        f.truncate(100 * MiB)
+    proc = prepare(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = re.search(r"a call carries ([\d.]+) MiB of 64 \(the repository's files ([\d.]+) MiB, .gpu ([\d.]+) MiB\)",
+                     proc.stdout)
+    assert line, proc.stdout
+    assert float(line.group(1)) == pytest.approx(carried(repo) / MiB, abs=0.051)
+    assert float(line.group(2)) == pytest.approx(5.0, abs=0.051)
+    gpu = sum(p.stat().st_size for p in (repo / ".gpu").rglob("*") if p.is_file())
+    assert gpu > 3 * MiB and float(line.group(3)) == pytest.approx(gpu / MiB, abs=0.051)
+
+
+def test_prepare_fails_above_63_mib_and_not_at_63(tmp_path):
+    repo = tmp_path / "repo"
+    assert prepare(tmp_path).returncode == 0
+    pad = repo / "pad.bin"
+    with open(pad, "wb") as f:
+        f.truncate(63 * MiB - carried(repo))  # carried() before pad exists: pad makes it exactly 63 MiB
+    proc = prepare(tmp_path)
+    assert carried(repo) == 63 * MiB
+    assert proc.returncode == 0 and "too large" not in proc.stderr, proc.stdout + proc.stderr
+    with open(pad, "ab") as f:
+        f.write(b"x")
+    proc = prepare(tmp_path)
+    assert proc.returncode == 1 and "too large for a call; LMEVAL=0 leaves lm-eval out" in proc.stderr, proc.stderr
+
+
+def test_prepare_with_lmeval_0_leaves_lm_eval_out(tmp_path):
+    assert prepare(tmp_path).returncode == 0
+    log = (tmp_path / "pip.log").read_text()
+    assert "lm-eval==0.4.13" in log and "charset-normalizer" in log and not re.search(r"\bchardet\b", log)
+    assert list((tmp_path / "repo" / ".gpu" / "lmeval").glob("*.whl"))
+    (tmp_path / "pip.log").unlink()
+    proc = prepare(tmp_path, LMEVAL="0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "lm-eval" not in (tmp_path / "pip.log").read_text()
+    assert not (tmp_path / "repo" / ".gpu" / "lmeval").exists()  # the earlier wheels gone: not carried
+
+
+def test_prepare_counts_a_checkout_with_a_deleted_tracked_file(tmp_path):
+    """A tracked file deleted in the working tree (an edit in progress) is not carried; the check still runs."""
+    repo = tmp_path / "repo"
+    assert prepare(tmp_path).returncode == 0
+    (repo / "gone.txt").write_text("x")
+    subprocess.run(["git", "add", "gone.txt"], cwd=repo, check=True)
+    (repo / "gone.txt").unlink()
+    proc = prepare(tmp_path)
+    assert proc.returncode == 0 and "a call carries" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
