@@ -263,7 +263,7 @@ EOF
   cp $SW/plan.txt "$RES/plan.txt"; pack
 }
 
-install_lmeval() {  # the zero-shot GPU tests need lm-eval (2026-12-07 ran without it: those two failed on the import)
+install_lmeval() {  # the zero-shot GPU tests and zeroshot need lm-eval (2026-12-07 ran without it: two tests failed on the import)
   python3 -c "import lm_eval" 2>/dev/null || ! ls .gpu/lmeval/*.whl > /dev/null 2>&1 || python3 -m pip install -q \
     --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpu/lmeval/*.whl 2>&1 | grep -v WARNING | tail -3
 }
@@ -422,8 +422,7 @@ fi
 if [[ $PARTS == *zeroshot* ]]; then  # after sweep: its stand-in and sparse runs, named in ZS_MODELS (NAME=DIR ...)
   echo "=== zero-shot: lm-evaluation-harness on ${ZS_MODELS:-no models (speed only)}"; start=$SECONDS
   cd "$REPO"; export PYTHONPATH=/tmp/site:$REPO/src
-  python3 -c "import lm_eval" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --upgrade \
-    --target /tmp/site .gpu/lmeval/*.whl 2>&1 | grep -v WARNING | tail -3
+  install_lmeval
   python3 -c "import lm_eval, datasets, pyarrow, fsspec; from importlib.metadata import version as v; \
 print(*(f'{n} {v(n)}' for n in ('lm_eval', 'datasets', 'pyarrow', 'fsspec', 'huggingface_hub')))" || { pack; exit 1; }
   (cd .gpu/zeroshot && sha256sum --check --quiet SHA256SUMS) || { echo ".gpu/zeroshot: files missing or changed"; pack; exit 1; }

@@ -363,18 +363,16 @@ def series_against(rows: list[dict], key: str) -> list[dict]:
     drawn = [({k: v for k, v in members[0]["params"].items() if k != key}, sorted(members, key=lambda r: r["params"][key]))
              for _, members in sorted(groups.items(), key=lambda g: _order(g[1][0]["params"], key))
              if len({_norm(r["params"][key]) for r in members}) > 1]
-    differ = [k for k in sorted({k for rest, _ in drawn for k in rest})
-              if len({json.dumps(_norm(rest[k])) for rest, _ in drawn if k in rest}) > 1] or \
-        sorted({k for rest, _ in drawn for k in rest})  # one line: all it is
+    if not drawn:
+        raise FrontierError(f"--against {key}: no two rows differ in {key} alone (nothing to draw a line through)")
+    params = sorted({k for rest, _ in drawn for k in rest})
+    differ = [k for k in params if len({json.dumps(_norm(rest[k])) for rest, _ in drawn if k in rest}) > 1] \
+        or params  # one line: all it is
     return [{"label": ", ".join(f"{k.split('.')[-1]}={rest[k]}" for k in differ if k in rest) or "all rows",
              "dense": members[0]["dense"],
              "points": [{"x": r["params"][key], "ppl": r["ppl"], "ppl_std": r["ppl_std"], "n_seeds": r["n_seeds"],
                          "ppl_vs_twin": r["ppl_vs_twin"], "experiment": r["experiment"]} for r in members]}
-            for rest, members in drawn] or _no_line(key)
-
-
-def _no_line(key: str):
-    raise FrontierError(f"--against {key}: no two rows differ in {key} alone (nothing to draw a line through)")
+            for rest, members in drawn]
 
 
 def _order(params: dict, key: str) -> list:
@@ -498,8 +496,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also plot ppl and the cost against the twin along this param (e.g. training.lr), a line "
                              "per recipe: OUT_DIR/frontier_vs_<name>.png; repeat it for several")
     args = parser.parse_args(argv)
-    names = [key.split(".")[-1] for key in args.against]
-    if len(set(names)) < len(names):
+    plots = [against_path(Path(args.out_dir), key) for key in args.against]
+    if len(set(plots)) < len(plots):
         parser.error(f"--against {' '.join(args.against)}: each name once (the plots are named frontier_vs_<name>.png)")
     if args.from_json and args.all_commits:
         parser.error("--all-commits reads this repository's experiments: with --from-json it would do nothing")
