@@ -4,13 +4,14 @@
 # package registry is all it needs. The GPU machine has Python 3.12, torch, transformers, numpy,
 # pyarrow and pytest, and no network (../shared/GPU.md):
 #   .gpu/*.whl            mamba-ssm and causal-conv1d, built for it (from ../shared/wheels)
-#   .gpu/dvc/*.whl        dvc and dvclive with what they need there (antlr4 is built here: no wheel)
-#   .gpu/lmeval/*.whl     lm-eval and what `import samba.zeroshot` needs beyond that machine's
-#                         packages (the zero-shot GPU tests score through lm-eval's model API)
+#   .gpu/dvc/*.whl        dvc and dvclive with what they need there and the machine has not (antlr4 is built
+#                         here: no wheel; what it has: benchmarks/gpu_machine_packages.txt)
+#   .gpu/lmeval/*.whl     lm-eval (the zero-shot GPU tests score through lm-eval's model API; what else
+#                         `import samba.zeroshot` needs, the machine has)
 #   .gpu/data/wt2.tar.gz  WikiText-2 (tokenized files) and the GPT-NeoX tokenizer
 #
 #   bash benchmarks/gpu_prepare.sh        # SHARED=../shared by default
-#   LMEVAL=0 bash benchmarks/gpu_prepare.sh   # without lm-eval (11 MiB): for calls that run neither the GPU tests
+#   LMEVAL=0 bash benchmarks/gpu_prepare.sh   # without lm-eval (9 MiB): for calls that run neither the GPU tests
 #                                         # nor zeroshot, when the repository has grown and the carry would not fit
 # A call carries the repository's files (tracked and untracked-not-ignored) and .gpu/: 64 MiB in all.
 # The last line says how much of that this checkout takes.
@@ -26,15 +27,14 @@ for312=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp31
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 python3 -m pip wheel -q --no-deps -w .gpu/dvc antlr4-python3-runtime==4.9.3
 python3 -m pip download -q "${for312[@]}" --find-links .gpu/dvc -d .gpu/dvc dvc==3.67.1 dvclive==3.49.1
-if [ "${LMEVAL:-1}" = 1 ]; then
-  python3 -m pip download -q "${for312[@]}" --no-deps -d .gpu/lmeval lm-eval==0.4.13 requests urllib3 certifi idna \
-    charset-normalizer  # requests takes chardet or charset-normalizer: one is enough
+if [ "${LMEVAL:-1}" = 1 ]; then  # installed without its requirements: the machine has what samba.zeroshot uses
+  python3 -m pip download -q "${for312[@]}" --no-deps -d .gpu/lmeval lm-eval==0.4.13
 else
   rm -rf .gpu/lmeval
 fi
-# what that machine has already (torch's and transformers' requirements), to keep the carry
-# small; as wheel files spell them. nvidia-ml-py stays: dvclive needs it, torch does not bring it.
-rm -f .gpu/dvc/{numpy,pyarrow,torch,triton,sympy,networkx,jinja2,markupsafe,fsspec,filelock,packaging,pyyaml}-*.whl
+# what that machine has already, in versions dvc's and dvclive's wheels accept, stays here (7 MiB of 26 in .gpu/dvc):
+# benchmarks/gpu_machine_packages.txt, a session's pip list
+python3 benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc | tail -1
 
 tar czf .gpu/data/wt2.tar.gz -C "$SHARED/data" wikitext-2-tokenized tokenizers/gpt-neox-20b
 { du -sh .gpu/*; du -sh .gpu; } | sed 's/^/gpu_prepare: /'

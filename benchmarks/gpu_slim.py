@@ -1,0 +1,90 @@
+"""Which of .gpu/'s wheels the GPU machine does not need: it has the package already, in a version that meets
+every requirement the carried wheels put on it (pip keeps an installed package that satisfies, so the wheel
+would never be read). The machine's packages come from a session's `pip_list.txt` (gpu_session.sh writes it),
+kept in benchmarks/gpu_machine_packages.txt; a call carries 64 MiB, the repository included.
+
+    python3 benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc .gpu/lmeval   # removes them
+    python3 benchmarks/gpu_slim.py --dry-run LIST DIR ...                                        # only says which
+
+Requirements are read from each wheel's METADATA, those of extras and of other Pythons or platforms left aside,
+as pip on that machine (CPython 3.12, Linux x86_64) leaves them; a package a carried wheel asks for but that is neither carried nor on the machine
+is an error here, not on the GPU machine."""
+import argparse
+import sys
+import zipfile
+from pathlib import Path
+
+try:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+    from packaging.version import Version
+except ImportError:  # a bare python3 with pip: the same library, vendored
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.utils import canonicalize_name, parse_wheel_filename
+    from pip._vendor.packaging.version import Version
+
+
+# the GPU machine's interpreter (../shared/GPU.md), whatever runs this; no extras asked for
+MARKER_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
+              "platform_python_implementation": "CPython", "sys_platform": "linux", "platform_system": "Linux",
+              "os_name": "posix", "platform_machine": "x86_64", "extra": ""}
+
+
+def machine_packages(path: Path) -> dict:
+    """`pip list --format=freeze` lines (name==version) as {canonical name: Version}."""
+    have = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, version = line.partition("==")
+        if not sep:
+            raise ValueError(f"{path}:{n}: {line!r} is not name==version (pip list --format=freeze)")
+        have[canonicalize_name(name)] = Version(version)
+    return have
+
+
+def wheel_requirements(wheel: Path) -> list:
+    with zipfile.ZipFile(wheel) as z:
+        meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1), None)
+        if meta is None:
+            raise ValueError(f"{wheel}: no .dist-info/METADATA")
+        text = z.read(meta).decode()
+    head = text.split("\n\n", 1)[0]  # the headers; the description follows the first blank line
+    reqs = [Requirement(line.split(":", 1)[1].strip()) for line in head.splitlines() if line.startswith("Requires-Dist:")]
+    return [r for r in reqs if r.marker is None or r.marker.evaluate(MARKER_ENV)]
+
+
+def unneeded(have: dict, dirs) -> list:
+    """The wheels in dirs whose package the machine has in a version every carried wheel's requirement accepts."""
+    wheels = {}
+    for d in dirs:
+        for w in sorted(Path(d).glob("*.whl")):
+            wheels[canonicalize_name(parse_wheel_filename(w.name)[0])] = w
+    wanted = {}  # canonical name: the specifiers the carried wheels put on it
+    for w in wheels.values():
+        for req in wheel_requirements(w):
+            wanted.setdefault(canonicalize_name(req.name), []).append(req.specifier)
+    missing = sorted(n for n in wanted if n not in wheels and n not in have)
+    if missing:
+        raise SystemExit(f"gpu_slim: required by a carried wheel, neither carried nor on the machine: {', '.join(missing)}")
+    return [w for name, w in wheels.items()
+            if name in have and all(spec.contains(have[name], prereleases=True) for spec in wanted.get(name, []))]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("packages", type=Path, help="the machine's packages, name==version a line")
+    ap.add_argument("dirs", nargs="+", type=Path, help="folders of wheels carried together")
+    ap.add_argument("--dry-run", action="store_true", help="say which, remove none")
+    args = ap.parse_args(argv)
+    drop = unneeded(machine_packages(args.packages), args.dirs)
+    size = sum(w.stat().st_size for w in drop)
+    for w in drop:
+        print(f"gpu_slim: the machine has {w.name.split('-')[0]}: {w}")
+        if not args.dry_run:
+            w.unlink()
+    print(f"gpu_slim: {len(drop)} wheels, {size / 2**20:.1f} MiB, {'would be left' if args.dry_run else 'left'} out")
+
+if __name__ == "__main__":
+    sys.exit(main())

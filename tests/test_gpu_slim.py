@@ -1,0 +1,112 @@
+"""benchmarks/gpu_slim.py: a wheel stays out of a GPU call only where the machine's own version of its package meets
+every requirement the carried wheels put on it (pip keeps that one, so the wheel would never be read)."""
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SLIM = ROOT / "benchmarks" / "gpu_slim.py"
+
+
+def wheel(d: Path, name: str, version: str, *requires: str) -> Path:
+    """A wheel file with only its METADATA: what gpu_slim reads."""
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}-{version}-py3-none-any.whl"
+    meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    meta += [f"Requires-Dist: {r}" for r in requires]
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}-{version}.dist-info/METADATA", "\n".join(meta) + "\n\nRequires-Dist: not-a-header\n")
+    return path
+
+
+def slim(tmp_path, packages: str, *dirs, dry=False):
+    listing = tmp_path / "packages.txt"
+    listing.write_text(packages)
+    args = [sys.executable, str(SLIM), *(["--dry-run"] if dry else []), str(listing), *map(str, dirs)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def left(d: Path):
+    return sorted(p.name.split("-")[0] for p in d.glob("*.whl"))
+
+
+def test_only_what_the_machine_has_in_an_accepted_version_is_left_out(tmp_path):
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1", "rich>=14", "attrs>=22", "Click>=8.5", "tqdm<5,>=4.63")
+    wheel(d, "rich", "15.0.0", "pygments>=2.13")
+    wheel(d, "pygments", "2.21.0")
+    wheel(d, "attrs", "26.1.0")
+    wheel(d, "click", "8.5.1")
+    wheel(d, "tqdm", "4.70.1")
+    # the machine: rich and pygments as wanted (a name spelt otherwise), attrs too old, click older but accepted,
+    # tqdm not there
+    proc = slim(tmp_path, "# a comment\nRich==15.0.0\nPygments==2.21.0\nattrs==21.4.0\nclick==8.5.0\nnumpy==2.3.0\n", d)
+    assert proc.returncode == 0, proc.stderr
+    assert left(d) == ["attrs", "dvc", "tqdm"]
+    assert "3 wheels" in proc.stdout and "left out" in proc.stdout
+
+
+def test_a_requirement_of_an_extra_or_another_platform_does_not_keep_a_wheel(tmp_path):
+    d = tmp_path / "w"
+    wheel(d, "dvc", "3.67.1", "rich>=14", 'rich>=99; extra == "tests"', 'rich>=99; python_version < "3.10"',
+          'boto3; extra == "s3"', 'pywin32; sys_platform == "win32"')
+    wheel(d, "rich", "15.0.0")
+    proc = slim(tmp_path, "rich==15.0.0\n", d)
+    assert proc.returncode == 0, proc.stderr
+    assert left(d) == ["dvc"]
+
+
+def test_a_requirement_of_this_python_keeps_a_wheel(tmp_path):
+    d = tmp_path / "w"
+    wheel(d, "dvc", "3.67.1", 'rich>=15; python_version >= "3.12"')
+    wheel(d, "rich", "15.0.0")
+    assert slim(tmp_path, "rich==14.0.0\n", d).returncode == 0
+    assert left(d) == ["dvc", "rich"]
+
+
+def test_requirements_across_folders_are_counted_together(tmp_path):
+    wheel(tmp_path / "a", "dvc", "3.67.1", "urllib3>=2.8")
+    wheel(tmp_path / "b", "urllib3", "2.8.0")
+    assert slim(tmp_path, "urllib3==2.7.0\n", tmp_path / "a", tmp_path / "b").returncode == 0
+    assert left(tmp_path / "b") == ["urllib3"]
+
+
+def test_dry_run_removes_nothing_and_says_how_much(tmp_path):
+    d = tmp_path / "w"
+    wheel(d, "dvc", "3.67.1", "six")
+    six = wheel(d, "six", "1.17.0")
+    proc = slim(tmp_path, "six==1.17.0\n", d, dry=True)
+    assert proc.returncode == 0, proc.stderr
+    assert six.exists() and f"the machine has six: {six}" in proc.stdout
+    assert "1 wheels, 0.0 MiB, would be left out" in proc.stdout
+
+
+def test_a_requirement_nobody_provides_is_an_error_here(tmp_path):
+    d = tmp_path / "w"
+    wheel(d, "dvc", "3.67.1", "dvc-data>=3", "six")
+    six = wheel(d, "six", "1.17.0")
+    proc = slim(tmp_path, "six==1.17.0\n", d)
+    assert proc.returncode != 0 and "neither carried nor on the machine: dvc-data" in proc.stderr
+    assert six.exists()  # nothing removed
+
+
+@pytest.mark.parametrize("line", ["six 1.17.0", "six>=1"])
+def test_a_package_list_not_in_freeze_form_is_refused(tmp_path, line):
+    d = tmp_path / "w"
+    wheel(d, "six", "1.17.0")
+    proc = slim(tmp_path, f"{line}\n", d)
+    assert proc.returncode != 0 and "is not name==version" in proc.stderr and ":1:" in proc.stderr
+
+
+def test_the_committed_machine_list_leaves_dvc_and_dvclive_carried(tmp_path):
+    """The list gpu_prepare reads is in freeze form and has neither dvc nor dvclive (they must be carried)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_slim
+    finally:
+        sys.path.pop(0)
+    have = gpu_slim.machine_packages(ROOT / "benchmarks" / "gpu_machine_packages.txt")
+    assert "torch" in have and "dvc" not in have and "dvclive" not in have and "lm-eval" not in have
