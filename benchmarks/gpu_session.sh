@@ -97,7 +97,7 @@ wt2_project() {  # wt2_project DIR LOG [section.key=value ...]: DIR/params.yaml 
 SWEEP_BASE=(training.warmup_steps=30 training.eval_every=150 training.checkpoint_every=150 "eval.prune_fractions=[0.0]")
 FINETUNE_BASE=(pretrained.use_pretrained=true pretrained.model_name=/tmp/standin "dataset.train_range=[0.5,1.0]"
   training.epochs=3 training.lr=1.0e-4 training.sparsity_warmup_steps=100)
-SWEEP_MODELS=(/tmp/standin /tmp/teacher /tmp/twin)  # the stand-in, the control (every plan's teacher), twin-s0
+SWEEP_MODELS=(/tmp/standin /tmp/teacher /tmp/twin)  # the stand-in, the control (every plan's teacher), twin-s0 (where used)
 KL="training.lr=3.0e-4 training.teacher=/tmp/teacher training.distill_weight=10.0"
 TOPK="training.pruning_weight=0.5 model.sparsity_target"
 plan_file() { local p=${SWEEP_PLAN:-benchmarks/sweep_plans/twin.txt}; [[ $p == /* ]] || p=$REPO/$p; echo "$p"; }
@@ -107,6 +107,9 @@ expand_plan() {  # expand_plan PLAN OUT: its runs, one a line, $KL and $TOPK spe
     || { echo "SWEEP_PLAN $1: no runs in it"; return 1; }
   local dup; dup=$(awk '{print $1}' "$2" | sort | uniq -d | tr '\n' ' ')
   [ -z "$dup" ] || { echo "SWEEP_PLAN $1: each name once (twice: $dup)"; return 1; }
+}
+twin_needed() {  # does the set-up train twin-s0: a run of the plan learns from it, or SWEEP_PCA=1 prunes it
+  [ "${SWEEP_PCA:-0}" = 1 ] || grep -vE '^\s*#' "$(plan_file)" | grep -q '=/tmp/twin\b'
 }
 run_args() { awk -v n="$1" '$1 == n { $1 = ""; print }' "$2"; }  # run_args NAME PLAN: the run's section.key=value pairs
 plan_check() {  # each run of SWEEP_PLAN made into its params as a worker makes them, then loaded; names and teachers
@@ -155,7 +158,9 @@ if os.environ.get("PLAN_SHOW") == "1":  # what each run changes from the reposit
         run = flatten(yaml.safe_load(open(d / "runs" / f"{name}.yaml")))
         print(name, " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in run.items() if repo.get(k, object()) != v))
 EOF
-  local rc=$?; rm -rf "$d"; return $rc
+  local rc=$?; rm -rf "$d"
+  [ $rc = 0 ] && { twin_needed && echo "the set-up trains twin-s0 (/tmp/twin)" || echo "the set-up trains no twin-s0: nothing uses /tmp/twin"; }
+  return $rc
 }
 if [ "$PARTS" = plancheck ]; then plan_check; exit; fi  # on its own: nothing else runs, nothing is packed
 if [[ $PARTS == *sweep* ]]; then  # first, before the GPU tests start beside the set-up: a bad plan line would be a FAILED run
@@ -360,15 +365,21 @@ if [[ $PARTS == *sweep* ]]; then  # issue 22: every sparse model against its den
   cp -r models/samba /tmp/teacher && git checkout -q -- params.yaml dvc.lock && python3 -m dvc checkout -q
   grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/teacher.log" | tail -2; echo "teacher: $((SECONDS - start)) s"; pack
 
-  kl=$(printf -- '-S %s ' $KL)  # the recipe with sparsity off
-  echo "=== the dense twin, seed 0 (also a teacher below, and the PCA basis's model)"; start=$SECONDS
-  python3 -m dvc exp run -n twin-s0 $kl > "$RES/twin.log" 2>&1 || { tail -30 "$RES/twin.log"; pack; exit 1; }
-  cp -r models/samba /tmp/twin && git checkout -q -- params.yaml dvc.lock && python3 -m dvc checkout -q
-  grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/twin.log" | tail -2; echo "twin: $((SECONDS - start)) s"; pack
+  # twin-s0 only where something uses it: a plan run's teacher, or the PCA part (~85 s before any worker starts,
+  # about one 6-epoch run of four workers' time; its recipe's seeds are in the sweeps already)
+  if twin_needed; then
+    kl=$(printf -- '-S %s ' $KL)  # the recipe with sparsity off
+    echo "=== the dense twin, seed 0 (a teacher below, or the PCA basis's model)"; start=$SECONDS
+    python3 -m dvc exp run -n twin-s0 $kl > "$RES/twin.log" 2>&1 || { tail -30 "$RES/twin.log"; pack; exit 1; }
+    cp -r models/samba /tmp/twin && git checkout -q -- params.yaml dvc.lock && python3 -m dvc checkout -q
+    grep -vE "it/s|step/s|batch/s|^\s*$" "$RES/twin.log" | tail -2; echo "twin: $((SECONDS - start)) s"; pack
+  else
+    echo "=== no dense twin of the set-up: neither the plan nor SWEEP_PCA uses /tmp/twin"
+  fi
 
   echo "=== the fine-tunes: $SW/plan.txt, ${SWEEP_JOBS:-4} workers, each in a clone of $RUN"; start=$SECONDS
   rm -rf $SW "$RES/runs" "$RES/sparsity" && mkdir -p $SW/claims "$RES/runs" || exit 1  # nothing of an earlier sweep
-  show $RUN 120  # control-s0, twin-s0
+  show $RUN 120  # control-s0 (and twin-s0)
   echo "${SWEEP_JOBS:-4}" > $SW/jobs
   for k in $(seq 0 $((${SWEEP_JOBS:-4} - 1))); do
     git clone -q $RUN $SW/w$k && (cd $SW/w$k && python3 -m dvc cache dir --local $RUN/.dvc/cache \

@@ -52,7 +52,27 @@ def test_every_run_of_a_committed_plan_loads(plan, tmp_path):
     proc = plancheck(plan, tmp_path)
     runs = [line for line in plan.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.splitlines() == [f"SWEEP_PLAN {plan}: {len(runs)} runs, each one's params load"]  # nothing else
+    twin = {"twin.txt": "the set-up trains twin-s0 (/tmp/twin)",  # topk90-twinteacher learns from it
+            "next.txt": "the set-up trains no twin-s0: nothing uses /tmp/twin"}[plan.name]
+    assert proc.stdout.splitlines() == [f"SWEEP_PLAN {plan}: {len(runs)} runs, each one's params load", twin]  # nothing else
+
+
+@pytest.mark.parametrize("text, pca, trained", [
+    ("run-a $KL\n", "0", False),
+    ("run-a $KL\n# run-b training.teacher=/tmp/twin training.distill_weight=10.0\n", "0", False),  # a comment
+    ("run-a $KL\n  run-b training.teacher=/tmp/twin training.distill_weight=10.0\n", "0", True),
+    ("run-a training.distill_weight=10.0 training.teacher=/tmp/twin\n", "0", True),  # at the end of its line
+    ("run-a $KL\n", "1", True),  # the PCA part prunes the twin
+])
+def test_the_set_up_trains_twin_s0_only_where_it_is_used(text, pca, trained, tmp_path):
+    """twin-s0 costs ~85 s before any worker starts: trained where a run learns from /tmp/twin or SWEEP_PCA=1 prunes
+    it. plancheck says which, from the function the set-up asks (a CPU dry sweep took each branch, 2026-12-07)."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text(text)
+    proc = plancheck(plan, tmp_path, SWEEP_PCA=pca)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    said = "the set-up trains twin-s0 (/tmp/twin)" if trained else "the set-up trains no twin-s0: nothing uses /tmp/twin"
+    assert proc.stdout.splitlines()[-1] == said, proc.stdout
 
 
 @pytest.mark.parametrize("line, refusal", [
@@ -115,7 +135,9 @@ def test_plan_show_states_the_recipe_each_run_trains_with(tmp_path):
     plan.write_text("base\ntwin $KL\ntopk90-6ep $KL $TOPK=0.9 training.epochs=6\n")
     proc = plancheck(plan, tmp_path, PLAN_SHOW="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    shown = dict(line.split(" ", 1) for line in proc.stdout.splitlines()[1:])
+    *show, twin = proc.stdout.splitlines()[1:]
+    assert twin == "the set-up trains no twin-s0: nothing uses /tmp/twin"
+    shown = dict(line.split(" ", 1) for line in show)
     base = {'dataset.name="/tmp/wt2/wikitext-2-tokenized"', 'dataset.tokenizer="/tmp/wt2/tokenizers/gpt-neox-20b"',
             "dataset.train_range=[0.5,1.0]", 'pretrained.model_name="/tmp/standin"', "training.eval_every=150",
             "training.checkpoint_every=150", 'compute.device="cuda:0"', "eval.prune_fractions=[0.0]"}
