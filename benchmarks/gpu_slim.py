@@ -44,32 +44,42 @@ def machine_packages(path: Path) -> dict:
     return have
 
 
-def wheel_requirements(wheel: Path) -> list:
+def wheel_requirements(wheel: Path, extras=()) -> list:
+    """Its Requires-Dist that pip on the GPU machine would follow, with these of its extras asked for."""
     with zipfile.ZipFile(wheel) as z:
         meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1), None)
         if meta is None:
             raise ValueError(f"{wheel}: no .dist-info/METADATA")
         text = z.read(meta).decode()
-    head = text.split("\n\n", 1)[0]  # the headers; the description follows the first blank line
+    head = text.replace("\r\n", "\n").split("\n\n", 1)[0]  # the headers; the description follows the first blank line
     reqs = [Requirement(line.split(":", 1)[1].strip()) for line in head.splitlines() if line.startswith("Requires-Dist:")]
-    return [r for r in reqs if r.marker is None or r.marker.evaluate(MARKER_ENV)]
+    return [r for r in reqs if r.marker is None or any(r.marker.evaluate({**MARKER_ENV, "extra": e}) for e in ("", *extras))]
 
 
 def unneeded(have: dict, dirs) -> list:
     """The wheels in dirs whose package the machine has in a version every carried wheel's requirement accepts."""
     wheels = {}
     for d in dirs:
+        if not Path(d).is_dir():
+            raise ValueError(f"{d}: no such folder")
         for w in sorted(Path(d).glob("*.whl")):
             wheels[canonicalize_name(parse_wheel_filename(w.name)[0])] = w
-    wanted = {}  # canonical name: the specifiers the carried wheels put on it
-    for w in wheels.values():
-        for req in wheel_requirements(w):
-            wanted.setdefault(canonicalize_name(req.name), []).append(req.specifier)
+    extras = {name: set() for name in wheels}  # the extras of each carried package that some requirement asks for
+    while True:  # until no requirement asks for an extra not yet followed (fsspec[http] brings aiohttp's)
+        wanted = {}  # canonical name: the specifiers the carried wheels put on it
+        for name, w in wheels.items():
+            for req in wheel_requirements(w, sorted(extras[name])):
+                wanted.setdefault(canonicalize_name(req.name), []).append(req)
+        more = {(n, e) for n, reqs in wanted.items() if n in wheels for r in reqs for e in r.extras if e not in extras[n]}
+        if not more:
+            break
+        for n, e in more:
+            extras[n].add(e)
     missing = sorted(n for n in wanted if n not in wheels and n not in have)
     if missing:
-        raise SystemExit(f"gpu_slim: required by a carried wheel, neither carried nor on the machine: {', '.join(missing)}")
+        raise ValueError(f"required by a carried wheel, neither carried nor on the machine: {', '.join(missing)}")
     return [w for name, w in wheels.items()
-            if name in have and all(spec.contains(have[name], prereleases=True) for spec in wanted.get(name, []))]
+            if name in have and all(r.specifier.contains(have[name], prereleases=True) for r in wanted.get(name, []))]
 
 
 def main(argv=None):
@@ -78,13 +88,17 @@ def main(argv=None):
     ap.add_argument("dirs", nargs="+", type=Path, help="folders of wheels carried together")
     ap.add_argument("--dry-run", action="store_true", help="say which, remove none")
     args = ap.parse_args(argv)
-    drop = unneeded(machine_packages(args.packages), args.dirs)
+    try:
+        drop = unneeded(machine_packages(args.packages), args.dirs)
+    except (OSError, ValueError) as err:  # a missing or malformed list, a folder that is not there, a bad wheel
+        sys.exit(f"gpu_slim: {err}")
     size = sum(w.stat().st_size for w in drop)
     for w in drop:
         print(f"gpu_slim: the machine has {w.name.split('-')[0]}: {w}")
         if not args.dry_run:
             w.unlink()
     print(f"gpu_slim: {len(drop)} wheels, {size / 2**20:.1f} MiB, {'would be left' if args.dry_run else 'left'} out")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,11 +14,11 @@ SLIM = ROOT / "benchmarks" / "gpu_slim.py"
 def wheel(d: Path, name: str, version: str, *requires: str) -> Path:
     """A wheel file with only its METADATA: what gpu_slim reads."""
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{name}-{version}-py3-none-any.whl"
+    path = d / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"  # as wheel files spell a name
     meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     meta += [f"Requires-Dist: {r}" for r in requires]
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr(f"{name}-{version}.dist-info/METADATA", "\n".join(meta) + "\n\nRequires-Dist: not-a-header\n")
+        z.writestr(f"{name.replace('-', '_')}-{version}.dist-info/METADATA", "\n".join(meta) + "\n\nRequires-Dist: not-a-header\n")
     return path
 
 
@@ -59,6 +59,17 @@ def test_a_requirement_of_an_extra_or_another_platform_does_not_keep_a_wheel(tmp
     assert left(d) == ["dvc"]
 
 
+def test_an_extra_a_carried_wheel_asks_for_is_followed(tmp_path):
+    """dvc-http asks for fsspec[http]: what fsspec's http extra needs counts (aiohttp, here too old on the machine)."""
+    d = tmp_path / "w"
+    wheel(d, "dvc-http", "2.32.0", "fsspec[http]>=2024")
+    wheel(d, "fsspec", "2025.1.0", 'aiohttp>=3.13; extra == "http"', 'boto3; extra == "s3"')
+    wheel(d, "aiohttp", "3.14.5")
+    proc = slim(tmp_path, "fsspec==2025.1.0\naiohttp==3.9.0\n", d)
+    assert proc.returncode == 0, proc.stderr  # boto3 (the s3 extra, asked for by nobody) is not missing
+    assert left(d) == ["aiohttp", "dvc_http"]
+
+
 def test_a_requirement_of_this_python_keeps_a_wheel(tmp_path):
     d = tmp_path / "w"
     wheel(d, "dvc", "3.67.1", 'rich>=15; python_version >= "3.12"')
@@ -89,16 +100,28 @@ def test_a_requirement_nobody_provides_is_an_error_here(tmp_path):
     wheel(d, "dvc", "3.67.1", "dvc-data>=3", "six")
     six = wheel(d, "six", "1.17.0")
     proc = slim(tmp_path, "six==1.17.0\n", d)
-    assert proc.returncode != 0 and "neither carried nor on the machine: dvc-data" in proc.stderr
+    assert proc.returncode != 0 and "gpu_slim: required by a carried wheel, neither carried nor on the machine: dvc-data" \
+        in proc.stderr and "Traceback" not in proc.stderr
     assert six.exists()  # nothing removed
 
 
 @pytest.mark.parametrize("line", ["six 1.17.0", "six>=1"])
 def test_a_package_list_not_in_freeze_form_is_refused(tmp_path, line):
     d = tmp_path / "w"
-    wheel(d, "six", "1.17.0")
-    proc = slim(tmp_path, f"{line}\n", d)
-    assert proc.returncode != 0 and "is not name==version" in proc.stderr and ":1:" in proc.stderr
+    six = wheel(d, "six", "1.17.0")
+    proc = slim(tmp_path, f"# the machine\n{line}\n", d)
+    assert proc.returncode != 0 and f"packages.txt:2: {line!r} is not name==version" in proc.stderr
+    assert "Traceback" not in proc.stderr and six.exists()
+
+
+def test_a_list_or_folder_that_is_not_there_is_refused_by_name(tmp_path):
+    d = tmp_path / "w"
+    six = wheel(d, "six", "1.17.0")
+    proc = subprocess.run([sys.executable, str(SLIM), str(tmp_path / "nope.txt"), str(d)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "nope.txt" in proc.stderr and "Traceback" not in proc.stderr
+    proc = slim(tmp_path, "six==1.17.0\n", d, tmp_path / "gone")
+    assert proc.returncode != 0 and f"gpu_slim: {tmp_path / 'gone'}: no such folder" in proc.stderr
+    assert "Traceback" not in proc.stderr and six.exists()
 
 
 def test_the_committed_machine_list_leaves_dvc_and_dvclive_carried(tmp_path):
