@@ -32,7 +32,7 @@ if [ "${LMEVAL:-1}" = 1 ]; then  # installed without its requirements: the machi
 else
   rm -rf .gpu/lmeval
 fi
-# what that machine has already, in versions dvc's and dvclive's wheels accept, stays here (7 MiB of 26 in .gpu/dvc):
+# what that machine has already, in versions dvc's and dvclive's wheels accept, stays here (10 MiB of 29 in .gpu/dvc):
 # benchmarks/gpu_machine_packages.txt, a session's pip list
 python3 benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc | tail -1
 

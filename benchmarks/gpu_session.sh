@@ -19,7 +19,7 @@
 # SWEEP_DRY=1 (sweep and collect on this CPU with a tiny model: checks the logic, no number means anything).
 # Carry .gpu: the mamba-ssm / causal-conv1d wheels (../shared/wheels), liger-kernel and
 # cut-cross-entropy wheels, .gpu/dvc/*.whl (dvc, dvclive and what they need), .gpu/data/wt2.tar.gz
-# (WikiText-2 tokenized + the GPT-NeoX tokenizer); for zeroshot, .gpu/lmeval/*.whl (lm-eval and what it needs)
+# (WikiText-2 tokenized + the GPT-NeoX tokenizer); for zeroshot, .gpu/lmeval/*.whl (lm-eval alone: the machine has what else it needs)
 # and .gpu/zeroshot/ (benchmarks/zeroshot_data.py). Results: $RES, packed into $OUT/results.tar.gz
 # after every part, so that a call cut short still brings back what finished.
 set -uo pipefail
@@ -109,7 +109,7 @@ expand_plan() {  # expand_plan PLAN OUT: its runs, one a line, $KL and $TOPK spe
   [ -z "$dup" ] || { echo "SWEEP_PLAN $1: each name once (twice: $dup)"; return 1; }
 }
 twin_needed() {  # does the set-up train twin-s0: a run of the plan learns from it, or SWEEP_PCA=1 prunes it
-  [ "${SWEEP_PCA:-0}" = 1 ] || grep -vE '^\s*#' "$(plan_file)" | grep -q '=/tmp/twin\b'
+  [ "${SWEEP_PCA:-0}" = 1 ] || grep -vE '^\s*#' "$(plan_file)" | grep -qE "=[\"']?/tmp/twin\b"
 }
 run_args() { awk -v n="$1" '$1 == n { $1 = ""; print }' "$2"; }  # run_args NAME PLAN: the run's section.key=value pairs
 plan_check() {  # each run of SWEEP_PLAN made into its params as a worker makes them, then loaded; names and teachers
@@ -126,7 +126,8 @@ plan_check() {  # each run of SWEEP_PLAN made into its params as a worker makes 
       2> "$d/runs/$name.err" || { echo "$name: $(tail -1 "$d/runs/$name.err" | sed "s|$d/runs/||g")" >> "$d/refused"; touch "$d/runs/$name.bad"; }
   done < "$d/plan.txt"
   set +f
-  REPO=$REPO PYTHONPATH=$REPO/src python3 - "$d" "$plan" "${SWEEP_MODELS[*]}" \
+  local made="${SWEEP_MODELS[*]}"; twin_needed || made=${made/ \/tmp\/twin/}  # what the set-up will make
+  REPO=$REPO PYTHONPATH=$REPO/src python3 - "$d" "$plan" "$made" \
     $(grep -oE 'exp run -n [A-Za-z0-9_.-]+' "$REPO/benchmarks/gpu_session.sh" | awk '{print $4}') <<'EOF'
 import json, os, re, sys
 from pathlib import Path
@@ -253,7 +254,7 @@ tabulate() {  # the frontier of every finished run (each clone's exp show), what
   python3 -c "import json, sys; print(json.dumps([e for f in sys.argv[1:] for e in json.load(open(f))]))" \
     $SW/show_*.json > "$RES/exp_show.json" && PYTHONPATH=/tmp/site:$REPO/src timeout 30 python3 -m samba.frontier \
     "$RES/sparsity" --from-json "$RES/exp_show.json" 2>&1 | tail -40
-  # the plan's runs only, without the set-up's (each session retrains control-s0 and twin-s0): what joins
+  # the plan's runs only, without the set-up's (each session retrains control-s0, and twin-s0 where used): what joins
   # another session's sweep (python -m samba.frontier OUT --from-json A/exp_show.json --from-json B/exp_show_plan_runs.json)
   python3 - "$RES/exp_show.json" $SW/plan.txt > "$RES/exp_show_plan_runs.json" <<'EOF'
 import json, sys

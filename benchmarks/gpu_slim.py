@@ -40,17 +40,25 @@ def machine_packages(path: Path) -> dict:
         name, sep, version = line.partition("==")
         if not sep:
             raise ValueError(f"{path}:{n}: {line!r} is not name==version (pip list --format=freeze)")
-        have[canonicalize_name(name)] = Version(version)
+        try:
+            have[canonicalize_name(name)] = Version(version)
+        except ValueError as err:  # packaging's InvalidVersion
+            raise ValueError(f"{path}:{n}: {line!r}: {err}") from None
+    if not have:
+        raise ValueError(f"{path}: no packages in it (pip list --format=freeze of the GPU machine)")
     return have
 
 
 def wheel_requirements(wheel: Path, extras=()) -> list:
     """Its Requires-Dist that pip on the GPU machine would follow, with these of its extras asked for."""
-    with zipfile.ZipFile(wheel) as z:
-        meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1), None)
-        if meta is None:
-            raise ValueError(f"{wheel}: no .dist-info/METADATA")
-        text = z.read(meta).decode()
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1), None)
+            text = None if meta is None else z.read(meta).decode()
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{wheel}: not a wheel ({err})") from None
+    if text is None:
+        raise ValueError(f"{wheel}: no .dist-info/METADATA")
     head = text.replace("\r\n", "\n").split("\n\n", 1)[0]  # the headers; the description follows the first blank line
     reqs = [Requirement(line.split(":", 1)[1].strip()) for line in head.splitlines() if line.startswith("Requires-Dist:")]
     return [r for r in reqs if r.marker is None or any(r.marker.evaluate({**MARKER_ENV, "extra": e}) for e in ("", *extras))]

@@ -114,6 +114,24 @@ def test_a_package_list_not_in_freeze_form_is_refused(tmp_path, line):
     assert "Traceback" not in proc.stderr and six.exists()
 
 
+@pytest.mark.parametrize("text, said", [("requests===2.3\n", "packages.txt:1: 'requests===2.3'"),
+                                         ("# only a comment\n", "packages.txt: no packages in it")])
+def test_a_bad_version_or_an_empty_list_is_refused_by_line(tmp_path, text, said):
+    d = tmp_path / "w"
+    wheel(d, "six", "1.17.0")
+    proc = slim(tmp_path, text, d)
+    assert proc.returncode != 0 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_file_that_is_no_wheel_is_named(tmp_path):
+    d = tmp_path / "w"
+    wheel(d, "six", "1.17.0")
+    (d / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+    proc = slim(tmp_path, "six==1.17.0\n", d)
+    assert proc.returncode != 0 and "broken-1.0-py3-none-any.whl: not a wheel" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_list_or_folder_that_is_not_there_is_refused_by_name(tmp_path):
     d = tmp_path / "w"
     six = wheel(d, "six", "1.17.0")

@@ -63,6 +63,8 @@ def test_every_run_of_a_committed_plan_loads(plan, tmp_path):
     ("run-a $KL\n  run-b training.teacher=/tmp/twin training.distill_weight=10.0\n", "0", True),
     ("run-a training.distill_weight=10.0 training.teacher=/tmp/twin\n", "0", True),  # at the end of its line
     ("run-a $KL\n", "1", True),  # the PCA part prunes the twin
+    ("run-a training.teacher=\"/tmp/twin\" training.distill_weight=10.0\n", "0", True),  # quoted, as YAML allows
+    ("run-a training.teacher='/tmp/twin' training.distill_weight=10.0\n", "0", True),
 ])
 def test_the_set_up_trains_twin_s0_only_where_it_is_used(text, pca, trained, tmp_path):
     """twin-s0 costs ~85 s before any worker starts: trained where a run learns from /tmp/twin or SWEEP_PCA=1 prunes
@@ -122,6 +124,15 @@ def test_a_plan_without_runs_or_with_a_name_twice_is_refused(text, refusal, tmp_
     proc = plancheck(plan, tmp_path)
     assert proc.returncode == 1 and re.search(refusal, proc.stdout), proc.stdout + proc.stderr
 
+
+
+def test_a_teacher_twin_the_set_up_would_not_make_is_refused(tmp_path):
+    """A value the set-up's look for /tmp/twin misses but YAML reads as /tmp/twin: refused here, not a FAILED run there."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text('run-a training.teacher="/tmp/tw\\x69n" training.distill_weight=10.0\n')
+    proc = plancheck(plan, tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "run-a: training.teacher /tmp/twin is none of the set-up's models (/tmp/standin /tmp/teacher)" in proc.stdout
 
 
 def test_plan_show_states_the_recipe_each_run_trains_with(tmp_path):
