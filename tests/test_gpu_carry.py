@@ -148,8 +148,8 @@ def test_prepare_fails_above_63_mib_and_not_at_63(tmp_path):
 def test_prepare_with_lmeval_0_leaves_lm_eval_out(tmp_path):
     assert prepare(tmp_path).returncode == 0
     log = (tmp_path / "pip.log").read_text()
-    assert "lm-eval==0.4.13" in log and not re.search(r"\b(chardet|charset-normalizer|requests)\b", log)  # the machine has them
-    assert "benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc" in log  # what it has, not carried
+    assert "--no-deps -d .gpu/lmeval lm-eval==0.4.13" in log  # alone: the machine has what else it needs
+    assert not re.search(r"\b(chardet|charset-normalizer|requests)\b", log)
     assert list((tmp_path / "repo" / ".gpu" / "lmeval").glob("*.whl"))
     (tmp_path / "pip.log").unlink()
     proc = prepare(tmp_path, LMEVAL="0")
@@ -167,3 +167,25 @@ def test_prepare_counts_a_checkout_with_a_deleted_tracked_file(tmp_path):
     (repo / "gone.txt").unlink()
     proc = prepare(tmp_path)
     assert proc.returncode == 0 and "a call carries" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("lmeval", ["1", "0"])
+def test_prepare_leaves_out_what_the_machine_has_after_the_download(tmp_path, lmeval):
+    """gpu_slim runs once, on .gpu/dvc alone (lm-eval is installed without its requirements), after dvc's download."""
+    assert prepare(tmp_path, LMEVAL=lmeval).returncode == 0
+    lines = (tmp_path / "pip.log").read_text().splitlines()
+    slim = [i for i, line in enumerate(lines) if "gpu_slim" in line]
+    download = [i for i, line in enumerate(lines) if "dvc==3.67.1" in line]
+    assert len(slim) == 1 and lines[slim[0]] == "benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc"
+    assert download and slim[0] > max(download)
+
+
+def test_prepare_fails_where_gpu_slim_fails(tmp_path):
+    """A requirement nobody provides (or a bad list) stops gpu_prepare: a carry that would fail on the machine."""
+    assert prepare(tmp_path).returncode == 0
+    stub(tmp_path / "bin", "python3", 'case "$*" in *gpu_slim*) echo "gpu_slim: required by a carried wheel" >&2; exit 1;; '
+         'esac\n')
+    proc = prepare(tmp_path)
+    assert proc.returncode != 0 and "gpu_slim: required by a carried wheel" in proc.stderr
+    assert "a call carries" not in proc.stdout
+

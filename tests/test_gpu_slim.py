@@ -151,3 +151,82 @@ def test_the_committed_machine_list_leaves_dvc_and_dvclive_carried(tmp_path):
         sys.path.pop(0)
     have = gpu_slim.machine_packages(ROOT / "benchmarks" / "gpu_machine_packages.txt")
     assert "torch" in have and "dvc" not in have and "dvclive" not in have and "lm-eval" not in have
+
+
+@pytest.mark.parametrize("order", [("a", "b", "c"), ("c", "b", "a")])
+def test_every_requirer_counts_whatever_the_order(tmp_path, order):
+    d = tmp_path / "w"
+    for name, spec in zip(order, ("x>=1", "x>=3", "x>=1")):
+        wheel(d, name, "1.0", spec)
+    wheel(d, "x", "3.0")
+    assert slim(tmp_path, "x==2.0\na==1.0\nb==1.0\nc==1.0\n", d).returncode == 0
+    assert "x" in left(d)  # 2.0 meets x>=1 twice, not x>=3
+
+
+@pytest.mark.parametrize("have", ["5.0.0", "4.0.0"])
+def test_every_clause_of_a_specifier_counts(tmp_path, have):
+    d = tmp_path / "w"
+    wheel(d, "dvc", "1.0", "tqdm<5,>=4.63")
+    wheel(d, "tqdm", "4.70.1")
+    assert slim(tmp_path, f"tqdm=={have}\n", d).returncode == 0
+    assert left(d) == ["dvc", "tqdm"]
+
+
+def test_an_installed_prerelease_is_accepted_as_pip_keeps_it(tmp_path):
+    d = tmp_path / "w"
+    wheel(d, "dvc", "1.0", "six>=1")
+    wheel(d, "six", "1.17.0")
+    assert slim(tmp_path, "six==2.0.0rc1\n", d).returncode == 0
+    assert left(d) == ["dvc"]
+
+
+def test_names_spelt_otherwise_are_one_package(tmp_path):
+    d = tmp_path / "w"
+    wheel(d, "dvc", "1.0", "Typing.Extensions>=4", "ML-Dtypes")
+    wheel(d, "typing_extensions", "4.16.0")
+    proc = slim(tmp_path, "typing_extensions==4.16.0\nml_dtypes==0.5.0\n", d)
+    assert proc.returncode == 0, proc.stderr
+    assert left(d) == ["dvc"]
+
+
+def test_a_requirement_only_the_machine_has_is_not_missing(tmp_path):
+    d = tmp_path / "w"
+    wheel(d, "dvc", "1.0", "numpy>=2")
+    proc = slim(tmp_path, "numpy==2.3.0\n", d)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_requirements_of_another_machine_or_interpreter_are_left_aside(tmp_path):
+    d = tmp_path / "w"
+    wheel(d, "dvc", "1.0", 'armonly; platform_machine == "aarch64"', 'pypyonly; implementation_name == "pypy"',
+          'x86>=1; platform_machine == "x86_64"')
+    wheel(d, "x86", "1.0")
+    proc = slim(tmp_path, "x86==0.1\n", d)
+    assert proc.returncode == 0, proc.stderr  # armonly and pypyonly are not missing
+    assert left(d) == ["dvc", "x86"]  # 0.1 does not meet x86>=1
+
+
+def test_the_size_said_is_the_wheels(tmp_path):
+    d = tmp_path / "w"
+    wheel(d, "dvc", "1.0", "six")
+    six = wheel(d, "six", "1.17.0")
+    with zipfile.ZipFile(six, "a") as z:  # stored: the file grows by the MiB
+        z.writestr("pad.bin", b"\0" * (1 << 20))
+    proc = slim(tmp_path, "six==1.17.0\n", d, dry=True)
+    assert "1 wheels, 1.0 MiB, would be left out" in proc.stdout, proc.stdout
+
+
+def test_a_blank_line_in_the_list_is_skipped(tmp_path):
+    d = tmp_path / "w"
+    wheel(d, "six", "1.0")
+    assert slim(tmp_path, "six==1.0\n\nnumpy==2.0\n", d).returncode == 0
+
+
+def test_only_the_wheels_own_metadata_is_read(tmp_path):
+    d = tmp_path / "w"
+    d.mkdir()
+    with zipfile.ZipFile(d / "dvc-1.0-py3-none-any.whl", "w") as z:  # a vendored package's first
+        z.writestr("vendored/x-1.0.dist-info/METADATA", "Name: x\nRequires-Dist: nothere\n")
+        z.writestr("dvc-1.0.dist-info/METADATA", "Name: dvc\nVersion: 1.0\n")
+    proc = slim(tmp_path, "six==1.0\n", d)
+    assert proc.returncode == 0, proc.stderr

@@ -65,10 +65,11 @@ def test_every_run_of_a_committed_plan_loads(plan, tmp_path):
     ("run-a $KL\n", "1", True),  # the PCA part prunes the twin
     ("run-a training.teacher=\"/tmp/twin\" training.distill_weight=10.0\n", "0", True),  # quoted, as YAML allows
     ("run-a training.teacher='/tmp/twin' training.distill_weight=10.0\n", "0", True),
+    ("run-a $KL\n   # run-b training.teacher=/tmp/twin training.distill_weight=10.0\n", "0", False),  # indented comment
 ])
 def test_the_set_up_trains_twin_s0_only_where_it_is_used(text, pca, trained, tmp_path):
     """twin-s0 costs ~85 s before any worker starts: trained where a run learns from /tmp/twin or SWEEP_PCA=1 prunes
-    it. plancheck says which, from the function the set-up asks (a CPU dry sweep took each branch, 2026-12-07)."""
+    it. plancheck says which, from the function the set-up asks (its two branches: tests/test_sweep_dry.py)."""
     plan = tmp_path / "plan.txt"
     plan.write_text(text)
     proc = plancheck(plan, tmp_path, SWEEP_PCA=pca)
@@ -126,6 +127,13 @@ def test_a_plan_without_runs_or_with_a_name_twice_is_refused(text, refusal, tmp_
 
 
 
+def test_a_refused_plan_says_nothing_of_the_twin(tmp_path):
+    plan = tmp_path / "plan.txt"
+    plan.write_text("run-b training.teacher=/tmp/twin training.lrr=1.0e-3\n")
+    proc = plancheck(plan, tmp_path)
+    assert proc.returncode == 1 and "1 of its runs would fail" in proc.stdout and "the set-up trains" not in proc.stdout
+
+
 def test_a_teacher_twin_the_set_up_would_not_make_is_refused(tmp_path):
     """A value the set-up's look for /tmp/twin misses but YAML reads as /tmp/twin: refused here, not a FAILED run there."""
     plan = tmp_path / "plan.txt"
@@ -140,7 +148,7 @@ def test_plan_show_states_the_recipe_each_run_trains_with(tmp_path):
     (fine-tunes from the stand-in on the train split's second half), $KL (lr 3e-4, KL 10 from the control)
     and $TOPK (Hoyer 0.5 beside top-k). The check makes each run's params from the same arrays the sweep
     uses (SWEEP_BASE, FINETUNE_BASE, $KL, $TOPK), so a change to a value there shows here; the sweep's
-    own use of them (the set-up, the workers) is checked by a CPU dry sweep (SWEEP_DRY=1), not here.
+    own use of them (the set-up, the workers) is checked by a CPU dry sweep: tests/test_sweep_dry.py.
     A line without $KL trains with the base alone: the control's recipe, the teacher of every $KL run."""
     plan = tmp_path / "plan.txt"
     plan.write_text("base\ntwin $KL\ntopk90-6ep $KL $TOPK=0.9 training.epochs=6\n")
