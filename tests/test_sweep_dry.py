@@ -3,16 +3,15 @@ control, and twin-s0 only where the plan uses it), a worker's run through DVC wi
 params, and what comes back. No figure means anything; the logic is what is checked. The script's own paths are
 fixed (/tmp/run, /tmp/sweep, /tmp/standin, /tmp/teacher, /tmp/twin, /tmp/results): as on the GPU machine."""
 import json
-import os
 import shutil
-import signal
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, tool_env
+from conftest import SHARED_DATA
+from test_sweep_plans import script
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow,
@@ -37,20 +36,10 @@ def checkout(tmp_path: Path) -> Path:
 
 
 def sweep(tmp_path: Path, plan: str, deadline: int) -> tuple[subprocess.CompletedProcess, Path]:
-    repo = checkout(tmp_path)
     (tmp_path / "plan.txt").write_text(plan)
-    out = tmp_path / "out"
-    proc = subprocess.Popen(["bash", "benchmarks/gpu_session.sh", "sweep"], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=tool_env(SWEEP_DRY="1", SWEEP_JOBS="1", SWEEP_PLAN=str(tmp_path / "plan.txt"),
-                                         DEADLINE=str(deadline), OUT=str(out)))
-    try:
-        stdout, _ = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate()
-        pytest.fail(f"the dry sweep still ran after 600 s:\n{stdout[-4000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, ""), out
+    proc = script("sweep", tmp_path / "plan.txt", tmp_path, cwd=checkout(tmp_path), timeout=600, SWEEP_DRY="1",
+                  SWEEP_JOBS="1", DEADLINE=str(deadline))
+    return proc, tmp_path / "out"  # the script's log is its stdout, stderr included
 
 
 def test_a_plan_without_the_twin_trains_none_and_its_run_comes_back(tmp_path):

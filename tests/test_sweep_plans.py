@@ -20,7 +20,8 @@ PLANS = sorted((ROOT / "benchmarks" / "sweep_plans").glob("*.txt"))
 pytestmark = pytest.mark.slow  # starts bash and Python processes
 
 
-def script(parts: str, plan: Path, tmp_path: Path, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+def script(parts: str, plan: Path, tmp_path: Path, cwd: Path = ROOT, timeout: int = 120,
+           **env: str) -> subprocess.CompletedProcess:
     """gpu_session.sh PARTS on SWEEP_PLAN=plan, in its own process group: on a timeout the whole group
     goes (a check that let a run through would leave DVC and a training stage running). cwd: the
     checkout the script runs in (its .gpu/ is what a call carries)."""
@@ -29,11 +30,11 @@ def script(parts: str, plan: Path, tmp_path: Path, cwd: Path = ROOT, **env: str)
                             text=True, start_new_session=True,
                             env=tool_env(SWEEP_PLAN=str(plan), OUT=str(tmp_path / "out"), **env))
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"gpu_session.sh {parts} still ran after 120 s:\n{out[-3000:]}{err[-2000:]}")
+        pytest.fail(f"gpu_session.sh {parts} still ran after {timeout} s:\n{out[-3000:]}{err[-2000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
