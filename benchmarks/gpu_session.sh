@@ -126,7 +126,7 @@ plan_check() {  # each run of SWEEP_PLAN made into its params as a worker makes 
       2> "$d/runs/$name.err" || { echo "$name: $(tail -1 "$d/runs/$name.err" | sed "s|$d/runs/||g")" >> "$d/refused"; touch "$d/runs/$name.bad"; }
   done < "$d/plan.txt"
   set +f
-  local made="${SWEEP_MODELS[*]}"; twin_needed || made=${made/ \/tmp\/twin/}  # what the set-up will make
+  local made="${SWEEP_MODELS[*]}" twin=1; twin_needed || { twin=0; made=${made/ \/tmp\/twin/}; }  # what the set-up will make
   REPO=$REPO PYTHONPATH=$REPO/src python3 - "$d" "$plan" "$made" \
     $(grep -oE 'exp run -n [A-Za-z0-9_.-]+' "$REPO/benchmarks/gpu_session.sh" | awk '{print $4}') <<'EOF'
 import json, os, re, sys
@@ -160,7 +160,7 @@ if os.environ.get("PLAN_SHOW") == "1":  # what each run changes from the reposit
         print(name, " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in run.items() if repo.get(k, object()) != v))
 EOF
   local rc=$?; rm -rf "$d"
-  [ $rc = 0 ] && { twin_needed && echo "the set-up trains twin-s0 (/tmp/twin)" || echo "the set-up trains no twin-s0: nothing uses /tmp/twin"; }
+  [ $rc = 0 ] && { [ $twin = 1 ] && echo "the set-up trains twin-s0 (/tmp/twin)" || echo "the set-up trains no twin-s0: nothing uses /tmp/twin"; }
   return $rc
 }
 if [ "$PARTS" = plancheck ]; then plan_check; exit; fi  # on its own: nothing else runs, nothing is packed

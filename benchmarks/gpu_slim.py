@@ -3,8 +3,10 @@ every requirement the carried wheels put on it (pip keeps an installed package t
 would never be read). The machine's packages come from a session's `pip_list.txt` (gpu_session.sh writes it),
 kept in benchmarks/gpu_machine_packages.txt; a call carries 64 MiB, the repository included.
 
-    python3 benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc .gpu/lmeval   # removes them
-    python3 benchmarks/gpu_slim.py --dry-run LIST DIR ...                                        # only says which
+    python3 benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc   # removes them (gpu_prepare.sh)
+    python3 benchmarks/gpu_slim.py --dry-run LIST DIR ...                          # only says which
+
+Only folders pip installs with their requirements: .gpu/lmeval's lm-eval goes in without them.
 
 Requirements are read from each wheel's METADATA, those of extras and of other Pythons or platforms left aside,
 as pip on that machine (CPython 3.12, Linux x86_64) leaves them; a package a carried wheel asks for but that is neither carried nor on the machine
@@ -24,7 +26,7 @@ except ImportError:  # a bare python3 with pip: the same library, vendored
     from pip._vendor.packaging.version import Version
 
 
-# the GPU machine's interpreter (../shared/GPU.md), whatever runs this; no extras asked for
+# the GPU machine's interpreter (../shared/GPU.md), whatever runs this; "extra" set per requirement (followed)
 MARKER_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
               "platform_python_implementation": "CPython", "sys_platform": "linux", "platform_system": "Linux",
               "os_name": "posix", "platform_machine": "x86_64", "extra": ""}
@@ -49,8 +51,8 @@ def machine_packages(path: Path) -> dict:
     return have
 
 
-def wheel_requirements(wheel: Path, extras=()) -> list:
-    """Its Requires-Dist that pip on the GPU machine would follow, with these of its extras asked for."""
+def wheel_requirements(wheel: Path) -> list:
+    """Its Requires-Dist, each with its marker (which extra, which Python or platform)."""
     try:
         with zipfile.ZipFile(wheel) as z:
             meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1), None)
@@ -60,8 +62,12 @@ def wheel_requirements(wheel: Path, extras=()) -> list:
     if text is None:
         raise ValueError(f"{wheel}: no .dist-info/METADATA")
     head = text.replace("\r\n", "\n").split("\n\n", 1)[0]  # the headers; the description follows the first blank line
-    reqs = [Requirement(line.split(":", 1)[1].strip()) for line in head.splitlines() if line.startswith("Requires-Dist:")]
-    return [r for r in reqs if r.marker is None or any(r.marker.evaluate({**MARKER_ENV, "extra": e}) for e in ("", *extras))]
+    return [Requirement(line.split(":", 1)[1].strip()) for line in head.splitlines() if line.startswith("Requires-Dist:")]
+
+
+def followed(req, extras) -> bool:
+    """Does pip on the GPU machine follow this requirement, with these extras of its package asked for."""
+    return req.marker is None or any(req.marker.evaluate({**MARKER_ENV, "extra": e}) for e in ("", *extras))
 
 
 def unneeded(have: dict, dirs) -> list:
@@ -72,12 +78,14 @@ def unneeded(have: dict, dirs) -> list:
             raise ValueError(f"{d}: no such folder")
         for w in sorted(Path(d).glob("*.whl")):
             wheels[canonicalize_name(parse_wheel_filename(w.name)[0])] = w
+    requires = {name: wheel_requirements(w) for name, w in wheels.items()}  # each wheel read once
     extras = {name: set() for name in wheels}  # the extras of each carried package that some requirement asks for
     while True:  # until no requirement asks for an extra not yet followed (fsspec[http] brings aiohttp's)
-        wanted = {}  # canonical name: the specifiers the carried wheels put on it
-        for name, w in wheels.items():
-            for req in wheel_requirements(w, sorted(extras[name])):
-                wanted.setdefault(canonicalize_name(req.name), []).append(req)
+        wanted = {}  # canonical name: the requirements the carried wheels put on it
+        for name, reqs in requires.items():
+            for req in reqs:
+                if followed(req, extras[name]):
+                    wanted.setdefault(canonicalize_name(req.name), []).append(req)
         more = {(n, e) for n, reqs in wanted.items() if n in wheels for r in reqs for e in r.extras if e not in extras[n]}
         if not more:
             break

@@ -18,6 +18,8 @@ SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 PLANS = sorted((ROOT / "benchmarks" / "sweep_plans").glob("*.txt"))
 
 pytestmark = pytest.mark.slow  # starts bash and Python processes
+TWIN = "the set-up trains twin-s0 (/tmp/twin)"  # plancheck's last line: does the set-up train the twin
+NO_TWIN = "the set-up trains no twin-s0: nothing uses /tmp/twin"
 
 
 def script(parts: str, plan: Path, tmp_path: Path, cwd: Path = ROOT, timeout: int = 120,
@@ -53,8 +55,7 @@ def test_every_run_of_a_committed_plan_loads(plan, tmp_path):
     proc = plancheck(plan, tmp_path)
     runs = [line for line in plan.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    twin = {"twin.txt": "the set-up trains twin-s0 (/tmp/twin)",  # topk90-twinteacher learns from it
-            "next.txt": "the set-up trains no twin-s0: nothing uses /tmp/twin"}[plan.name]
+    twin = {"twin.txt": TWIN, "next.txt": NO_TWIN}[plan.name]  # twin.txt's topk90-twinteacher learns from it
     assert proc.stdout.splitlines() == [f"SWEEP_PLAN {plan}: {len(runs)} runs, each one's params load", twin]  # nothing else
 
 
@@ -75,8 +76,7 @@ def test_the_set_up_trains_twin_s0_only_where_it_is_used(text, pca, trained, tmp
     plan.write_text(text)
     proc = plancheck(plan, tmp_path, SWEEP_PCA=pca)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    said = "the set-up trains twin-s0 (/tmp/twin)" if trained else "the set-up trains no twin-s0: nothing uses /tmp/twin"
-    assert proc.stdout.splitlines()[-1] == said, proc.stdout
+    assert proc.stdout.splitlines()[-1] == (TWIN if trained else NO_TWIN), proc.stdout
 
 
 @pytest.mark.parametrize("line, refusal", [
@@ -156,7 +156,7 @@ def test_plan_show_states_the_recipe_each_run_trains_with(tmp_path):
     proc = plancheck(plan, tmp_path, PLAN_SHOW="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     *show, twin = proc.stdout.splitlines()[1:]
-    assert twin == "the set-up trains no twin-s0: nothing uses /tmp/twin"
+    assert twin == NO_TWIN
     shown = dict(line.split(" ", 1) for line in show)
     base = {'dataset.name="/tmp/wt2/wikitext-2-tokenized"', 'dataset.tokenizer="/tmp/wt2/tokenizers/gpt-neox-20b"',
             "dataset.train_range=[0.5,1.0]", 'pretrained.model_name="/tmp/standin"', "training.eval_every=150",
