@@ -26,7 +26,9 @@ cp "$SHARED"/wheels/*.whl .gpu/
 for312=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 python3 -m pip wheel -q --no-deps -w .gpu/dvc antlr4-python3-runtime==4.9.3
-python3 -m pip download -q "${for312[@]}" --find-links .gpu/dvc -d .gpu/dvc dvc==3.67.1 dvclive==3.49.1
+dvc_pins=($(grep -oE '^dvc(live)?==[^ ]+' requirements.txt || true))  # the versions requirements.txt pins
+[ ${#dvc_pins[@]} = 2 ] || { echo "gpu_prepare: requirements.txt pins no dvc==... and dvclive==... (${dvc_pins[*]:-none})" >&2; exit 2; }
+python3 -m pip download -q "${for312[@]}" --find-links .gpu/dvc -d .gpu/dvc "${dvc_pins[@]}"
 if [ "${LMEVAL:-1}" = 1 ]; then  # installed without its requirements: the machine has what samba.zeroshot uses
   python3 -m pip download -q "${for312[@]}" --no-deps -d .gpu/lmeval lm-eval==0.4.13
 else
@@ -34,7 +36,21 @@ else
 fi
 # what that machine has already, in versions dvc's and dvclive's wheels accept, stays here (10 MiB of 29 in .gpu/dvc):
 # benchmarks/gpu_machine_packages.txt, a session's pip list
-python3 benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc | tail -1
+# and, where this machine has a Python 3.12 (GPU_PYTHON=...; GPU_PYTHON= skips it), pip itself installs dvc and
+# dvclive from what is left beside that list (a dry run): a carry that would not install there fails here, not in a call
+if [ -z "${GPU_PYTHON+set}" ]; then  # the first that runs as a 3.12 (a pyenv shim may not)
+  GPU_PYTHON=
+  for py in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+    "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { GPU_PYTHON=$py; break; }
+  done
+fi
+if [ -n "$GPU_PYTHON" ]; then
+  python3 benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc --check "$GPU_PYTHON" \
+    $(printf -- '--require %s ' "${dvc_pins[@]}") | tail -2
+else
+  python3 benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc | tail -1
+  echo "gpu_prepare: no Python 3.12 here (GPU_PYTHON=...): pip's install of .gpu/dvc on the machine's packages not checked"
+fi
 
 tar czf .gpu/data/wt2.tar.gz -C "$SHARED/data" wikitext-2-tokenized tokenizers/gpt-neox-20b
 { du -sh .gpu/*; du -sh .gpu; } | sed 's/^/gpu_prepare: /'

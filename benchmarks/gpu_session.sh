@@ -61,7 +61,7 @@ fi
 
 install_dvc() {  # once per machine: a second pip run over the same environment broke its PyYAML once
   python3 -c "import yaml, dvc, dvclive" 2>/dev/null && return 0
-  python3 -m pip install -q --no-index --find-links "$REPO/.gpu/dvc" dvc==3.67.1 dvclive==3.49.1 2>&1 | grep -v WARNING | tail -3
+  python3 -m pip install -q --no-index --find-links "$REPO/.gpu/dvc" $(grep -oE '^dvc(live)?==[^ ]+' "$REPO/requirements.txt") 2>&1 | grep -v WARNING | tail -3
   python3 -c "import yaml, dvc, dvclive" || { echo "dvc / dvclive / yaml do not import"; exit 1; }
 }
 set_params() {  # set_params FILE section.key=value ...: edit a params file, each value read as YAML

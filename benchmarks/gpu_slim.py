@@ -5,6 +5,8 @@ kept in benchmarks/gpu_machine_packages.txt; a call carries 64 MiB, the reposito
 
     python3 benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc   # removes them (gpu_prepare.sh)
     python3 benchmarks/gpu_slim.py --dry-run LIST DIR ...                          # only says which
+    python3 benchmarks/gpu_slim.py LIST DIR --check PYTHON3.12 --require dvc==3.67.1 ...
+        # then pip itself, on an interpreter like the machine's, installs --require from DIR with LIST installed (dry run)
 
 Only folders pip installs with their requirements: .gpu/lmeval's lm-eval goes in without them.
 
@@ -12,7 +14,10 @@ Requirements are read from each wheel's METADATA, those of extras and of other P
 as pip on that machine (CPython 3.12, Linux x86_64) leaves them; a package a carried wheel asks for but that is neither carried nor on the machine
 is an error here, not on the GPU machine."""
 import argparse
+import os
+import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -94,8 +99,40 @@ def unneeded(have: dict, dirs) -> list:
     missing = sorted(n for n in wanted if n not in wheels and n not in have)
     if missing:
         raise ValueError(f"required by a carried wheel, neither carried nor on the machine: {', '.join(missing)}")
+    old = sorted(f"{n} {have[n]} ({'; '.join(str(r) for r in wanted[n])})" for n in wanted if n not in wheels
+                 and not all(r.specifier.contains(have[n], prereleases=True) for r in wanted[n]))
+    if old:
+        raise ValueError(f"required by a carried wheel, not carried, on the machine in a version refused: {', '.join(old)}")
     return [w for name, w in wheels.items()
             if name in have and all(r.specifier.contains(have[name], prereleases=True) for r in wanted.get(name, []))]
+
+
+def install_check(python, have: dict, dirs, requires) -> str:
+    """pip's own resolver where unneeded() is a reading of it: a bare venv of `python` (the machine's Python version)
+    whose installed packages are `have` (a dist-info each, no code), installing `requires` from dirs' wheels alone,
+    no configuration (this machine's pip.conf adds wheel folders). Returns what pip would install (name-version);
+    ValueError with pip's errors if it cannot."""
+    with tempfile.TemporaryDirectory() as tmp:
+        site = Path(tmp, "site")
+        for name, version in have.items():
+            info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+            info.mkdir(parents=True)
+            (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        venv = Path(tmp, "venv")
+        made = subprocess.run([str(python), "-m", "venv", "--without-pip", str(venv)], capture_output=True, text=True)
+        if made.returncode:
+            raise ValueError(f"{python}: no venv made ({' '.join(made.stderr.split())[-300:]})")
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp, "PIP_CONFIG_FILE": os.devnull, "PYTHONPATH": str(site)}
+        links = [a for d in dirs for a in ("--find-links", str(d))]
+        proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                               "--dry-run", "--no-index", "--disable-pip-version-check", *links, *requires],
+                              env=env, capture_output=True, text=True)
+    if proc.returncode:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")] or proc.stderr.splitlines()[-3:]
+        raise ValueError(f"pip would not install {' '.join(requires)} on {python} from {', '.join(map(str, dirs))}: "
+                         + " / ".join(errors))
+    said = next((line for line in proc.stdout.splitlines() if line.startswith("Would install ")), "")
+    return said.split()[2:]
 
 
 def main(argv=None):
@@ -103,9 +140,17 @@ def main(argv=None):
     ap.add_argument("packages", type=Path, help="the machine's packages, name==version a line")
     ap.add_argument("dirs", nargs="+", type=Path, help="folders of wheels carried together")
     ap.add_argument("--dry-run", action="store_true", help="say which, remove none")
+    ap.add_argument("--check", metavar="PYTHON", help="then let pip, run by this interpreter (the machine's Python "
+                    "version), install --require from what is left (a dry run; the wheels of dirs alone)")
+    ap.add_argument("--require", action="append", default=[], help="what the machine installs from dirs (repeat)")
     args = ap.parse_args(argv)
+    if bool(args.check) != bool(args.require):
+        ap.error("--check and --require go together")
+    if args.check and args.dry_run:
+        ap.error("--check reads the folders as left: not with --dry-run")
     try:
-        drop = unneeded(machine_packages(args.packages), args.dirs)
+        have = machine_packages(args.packages)
+        drop = unneeded(have, args.dirs)
     except (OSError, ValueError) as err:  # a missing or malformed list, a folder that is not there, a bad wheel
         sys.exit(f"gpu_slim: {err}")
     size = sum(w.stat().st_size for w in drop)
@@ -114,6 +159,13 @@ def main(argv=None):
         if not args.dry_run:
             w.unlink()
     print(f"gpu_slim: {len(drop)} wheels, {size / 2**20:.1f} MiB, {'would be left' if args.dry_run else 'left'} out")
+    if args.check:
+        try:
+            installs = install_check(args.check, have, args.dirs, args.require)
+        except (OSError, ValueError) as err:
+            sys.exit(f"gpu_slim: {err}")
+        print(f"gpu_slim: pip on {args.check}, with the machine's packages installed, would install "
+              f"{' '.join(args.require)} and {len(installs) - len(args.require)} more from what is left")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def prepare(tmp_path: Path, **env) -> subprocess.CompletedProcess:
     if not repo.exists():
         (repo / "benchmarks").mkdir(parents=True)
         shutil.copy(ROOT / "benchmarks" / "gpu_prepare.sh", repo / "benchmarks")
+        shutil.copy(ROOT / "requirements.txt", repo)
         (repo / ".gitignore").write_text(".gpu/\nignored.bin\n")
         subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
         subprocess.run(["git", "add", "."], cwd=repo, check=True)
@@ -99,8 +100,9 @@ def prepare(tmp_path: Path, **env) -> subprocess.CompletedProcess:
         stub(tmp_path / "bin", "python3", f'echo "$*" >> "{tmp_path}/pip.log"\n'
              'case "$*" in *lm-eval*) d=$(echo "$*" | sed "s/.* -d \\([^ ]*\\) .*/\\1/"); '
              'touch "$d/lm_eval-0.4.13-py3-none-any.whl";; esac\n')
-    env = {**os.environ, "SHARED": str(tmp_path / "shared"),
+    env = {**os.environ, "SHARED": str(tmp_path / "shared"), "GPU_PYTHON": "",  # no pip check unless a test asks
            "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", **env}
+    env = {k: v for k, v in env.items() if v is not None}  # None: unset
     return subprocess.run(["bash", "benchmarks/gpu_prepare.sh"], cwd=repo, capture_output=True, text=True, env=env,
                           timeout=60)
 
@@ -178,6 +180,39 @@ def test_prepare_leaves_out_what_the_machine_has_after_the_download(tmp_path, lm
     download = [i for i, line in enumerate(lines) if "dvc==3.67.1" in line]
     assert len(slim) == 1 and lines[slim[0]] == "benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc"
     assert download and slim[0] > max(download)
+
+
+PINS = re.findall(r"^(dvc(?:live)?==\S+)", (ROOT / "requirements.txt").read_text(), re.M)
+
+
+def test_prepare_has_pip_check_the_carry_on_a_python_3_12_with_requirements_pins(tmp_path):
+    """gpu_slim has pip install requirements.txt's dvc and dvclive from what is left, on GPU_PYTHON or else the first
+    Python 3.12 that runs (a pyenv shim of a version not selected does not); GPU_PYTHON= skips it and says so."""
+    assert len(PINS) == 2
+    stub(tmp_path / "bin", "python3.12", "exit 1\n")  # first on PATH, and does not run
+    stub(tmp_path / "bin", "pyenv", f'echo "{tmp_path / "pyenv"}"\n')
+    found = tmp_path / "pyenv" / "versions" / "3.12.9" / "bin" / "python3.12"
+    stub(found.parent, "python3.12", "exit 0\n")
+    given = tmp_path / "elsewhere" / "python3.12"
+    for env, want in (({"GPU_PYTHON": str(given)}, given), ({"GPU_PYTHON": None}, found)):
+        (tmp_path / "pip.log").unlink(missing_ok=True)
+        proc = prepare(tmp_path, **env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert [line for line in (tmp_path / "pip.log").read_text().splitlines() if "gpu_slim" in line] == [
+            f"benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc --check {want} "
+            + " ".join(f"--require {p}" for p in PINS)]
+    proc = prepare(tmp_path)  # GPU_PYTHON=
+    assert proc.returncode == 0 and "pip's install of .gpu/dvc on the machine's packages not checked" in proc.stdout
+    download = [line for line in (tmp_path / "pip.log").read_text().splitlines() if " download " in line]
+    assert any(line.endswith(" " + " ".join(PINS)) for line in download), download
+
+
+def test_prepare_refuses_requirements_without_the_dvc_pins(tmp_path):
+    assert prepare(tmp_path).returncode == 0
+    req = tmp_path / "repo" / "requirements.txt"
+    req.write_text("".join(line + "\n" for line in req.read_text().splitlines() if not line.startswith("dvclive")))
+    proc = prepare(tmp_path)
+    assert proc.returncode == 2 and "requirements.txt pins no dvc==... and dvclive==..." in proc.stderr
 
 
 def test_prepare_fails_where_gpu_slim_fails(tmp_path):

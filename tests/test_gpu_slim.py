@@ -12,13 +12,15 @@ SLIM = ROOT / "benchmarks" / "gpu_slim.py"
 
 
 def wheel(d: Path, name: str, version: str, *requires: str) -> Path:
-    """A wheel file with only its METADATA: what gpu_slim reads."""
+    """A wheel file with only its METADATA and WHEEL: what gpu_slim and pip's resolver read."""
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"  # as wheel files spell a name
     meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     meta += [f"Requires-Dist: {r}" for r in requires]
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{name.replace('-', '_')}-{version}.dist-info/METADATA", "\n".join(meta) + "\n\nRequires-Dist: not-a-header\n")
+        z.writestr(f"{name.replace('-', '_')}-{version}.dist-info/WHEEL",  # pip's resolver (--check) reads it too
+                   "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
     return path
 
 
@@ -230,3 +232,72 @@ def test_only_the_wheels_own_metadata_is_read(tmp_path):
         z.writestr("dvc-1.0.dist-info/METADATA", "Name: dvc\nVersion: 1.0\n")
     proc = slim(tmp_path, "six==1.0\n", d)
     assert proc.returncode == 0, proc.stderr
+
+
+# --check: pip itself, on this interpreter, with the machine's list installed (its wheels here are py3-none-any)
+def check(tmp_path, packages: str, d: Path, *require):
+    listing = tmp_path / "packages.txt"
+    listing.write_text(packages)
+    args = [sys.executable, str(SLIM), str(listing), str(d), "--check", sys.executable]
+    args += [a for r in require for a in ("--require", r)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def test_pip_installs_what_is_left_beside_the_machines_packages(tmp_path):
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1", "rich>=14", "tqdm>=4.63", "six")
+    wheel(d, "rich", "15.0.0")
+    wheel(d, "tqdm", "4.70.1")
+    proc = check(tmp_path, "rich==15.0.0\nsix==1.17.0\n", d, "dvc==3.67.1")
+    assert proc.returncode == 0, proc.stderr
+    assert left(d) == ["dvc", "tqdm"]  # rich left out; six was never carried
+    assert "would install dvc==3.67.1 and 1 more" in proc.stdout
+
+
+def test_pip_refuses_a_carry_the_machine_could_not_install(tmp_path):
+    """gpu_slim's reading agrees, but pip finds no wheel of six: a requirement of a wheel pulled in by name alone."""
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1", "tqdm>=4.63")
+    wheel(d, "tqdm", "4.70.1")
+    proc = check(tmp_path, "numpy==2.3.0\n", d, "dvc==3.67.1", "dvclive==3.49.1")
+    assert proc.returncode != 0
+    assert "pip would not install dvc==3.67.1 dvclive==3.49.1" in proc.stderr and "dvclive" in proc.stderr.split(":", 2)[2]
+    assert "Traceback" not in proc.stderr
+
+
+def test_pip_refuses_a_carried_wheel_in_a_version_its_requirer_refuses(tmp_path):
+    """What gpu_slim's reading does not look at (a carried wheel's own version), pip does."""
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1", "tqdm>=5")
+    wheel(d, "tqdm", "4.70.1")
+    proc = check(tmp_path, "numpy==2.3.0\n", d, "dvc==3.67.1")
+    assert proc.returncode == 1 and "tqdm>=5" in proc.stderr and "pip would not install" in proc.stderr
+
+
+def test_the_machines_version_refused_and_none_carried_is_an_error_here(tmp_path):
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1", "tqdm>=4.63")
+    wheel(d, "rich", "15.0.0", "tqdm<5")
+    proc = slim(tmp_path, "tqdm==4.0.0\nrich==15.0.0\n", d)
+    assert proc.returncode == 1 and "tqdm 4.0.0 (tqdm>=4.63; tqdm<5)" in proc.stderr
+    assert left(d) == ["dvc", "rich"]
+
+
+@pytest.mark.parametrize("extra", [["--check", sys.executable], ["--require", "dvc"],
+                                   ["--check", sys.executable, "--require", "dvc", "--dry-run"]])
+def test_check_wants_require_and_no_dry_run(tmp_path, extra):
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1")
+    (tmp_path / "packages.txt").write_text("six==1.17.0\n")
+    proc = subprocess.run([sys.executable, str(SLIM), str(tmp_path / "packages.txt"), str(d), *extra],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--check" in proc.stderr and left(d) == ["dvc"]
+
+
+def test_an_interpreter_that_does_not_run_is_named(tmp_path):
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1")
+    (tmp_path / "packages.txt").write_text("six==1.17.0\n")
+    proc = subprocess.run([sys.executable, str(SLIM), str(tmp_path / "packages.txt"), str(d), "--check",
+                           str(tmp_path / "python3.12"), "--require", "dvc"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "python3.12" in proc.stderr and "Traceback" not in proc.stderr
