@@ -133,11 +133,18 @@ import json, os, re, sys
 from pathlib import Path
 from samba.config import ConfigError, load_params
 d, plan, made, setup = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(), set(sys.argv[4:])
-refused = (d / "refused").read_text().splitlines() if (d / "refused").exists() else []
+bad = {}  # name: set_params's refusal, said in the plan's order below
+for line in (d / "refused").read_text().splitlines() if (d / "refused").exists() else []:
+    bad[line.split(": ", 1)[0]] = line
+refused = []
 names = open(d / "names", newline="").read().split("\n")[:-1]  # as bash read them: a CRLF line's name ends in \r
 for name in names:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+    if name.endswith("\r"):
+        refused.append(f"{name!r}: its name ends in a carriage return (Windows line ends? save the plan with LF)")
+    elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         refused.append(f"{name!r}: not a run name (a line without its name?)")
+    elif name in bad:
+        refused.append(bad[name])
     elif name in setup:
         refused.append(f"{name}: the set-up's run of that name would be taken for it (pick another name)")
     elif not (d / "runs" / f"{name}.bad").exists():

@@ -92,7 +92,7 @@ def test_the_set_up_trains_twin_s0_only_where_it_is_used(text, pca, trained, tmp
     # not globbed (as in the workers, under set -f): in the repository's root param[s].yaml would be params.yaml
     ("run-b $KL training.teacher=param[s].yaml", r"run-b: training.teacher param\[s\].yaml is none"),
     ("run-b $KL training.lr=[", r"run-b: set_params run-b.yaml: 'training.lr=\[': its value is not YAML"),
-    ("run-b\r $KL", r"'run-b\\r': not a run name"),  # a CRLF line: the workers would read the name with its \r
+    ("run-b\r $KL", r"'run-b\\r': its name ends in a carriage return"),  # a CRLF line: the workers would read the name with its \r
 ])
 def test_a_line_the_device_would_refuse_or_misread_is_refused(line, refusal, tmp_path):
     plan = tmp_path / "plan.txt"
@@ -114,6 +114,16 @@ def test_a_bad_line_is_refused_whatever_python_writes_to_stderr(tmp_path):
     proc = plancheck(plan, tmp_path, PYTHONVERBOSE="1")
     assert proc.returncode == 1 and "1 of its runs would fail" in proc.stdout, proc.stdout[-2000:]
     assert "run-b: unknown key(s) training.lrr" in proc.stdout
+
+
+def test_refusals_are_said_in_the_plans_order(tmp_path):
+    """Whichever check refuses a run (set_params here, loading the params there, the name), the plan's order."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text("run-c $KL training.lrr=1.0e-3\nrun-a $KL\nrun-b trainig.lr=1.0e-3\n$KL\nrun-d $KL training.epochs=six\n")
+    proc = plancheck(plan, tmp_path)
+    assert proc.returncode == 1 and "4 of its runs would fail" in proc.stdout, proc.stdout
+    said = [line.split(":")[0].strip() for line in proc.stdout.splitlines() if line.startswith("  ")]
+    assert said == ["run-c", "run-b", "'training.lr=3.0e-4'", "run-d"], proc.stdout
 
 
 @pytest.mark.parametrize("text, refusal", [
