@@ -389,6 +389,7 @@ def plot_against(series: list[dict], key: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax, gap) = plt.subplots(1, 2, figsize=(12, 5), sharex=True)
     for i, s in enumerate(series):
@@ -402,7 +403,9 @@ def plot_against(series: list[dict], key: str, path: Path) -> None:
     xs = [p["x"] for s in series for p in s["points"]]
     for axis in (ax, gap):
         if min(xs) > 0 and max(xs) / min(xs) > 3:  # a learning rate, not a fraction
-            axis.set_xscale("log")
+            axis.set_xscale("log")  # ticked at the measured values, plainly (a log axis's own labels overlap)
+            axis.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))], rotation=30, fontsize=8)
+            axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.set_xlabel(key)
         axis.grid(alpha=0.3)
     ax.set_ylabel("test ppl (mean over seeds; bars: their std)")
