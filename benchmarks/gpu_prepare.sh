@@ -19,6 +19,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 [ -d "$SHARED/wheels" ] && [ -d "$SHARED/data" ] || { echo "gpu_prepare: $SHARED/wheels and $SHARED/data needed (SHARED=...)" >&2; exit 2; }
+# A Python 3.12, like the machine's, for pip's check of the carry below: GPU_PYTHON, else the first python3.12 that
+# runs (a pyenv shim may not); GPU_PYTHON= skips the check
+is312() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; }
+if [ -z "${GPU_PYTHON+set}" ]; then
+  GPU_PYTHON= unchecked="no Python 3.12 found here (GPU_PYTHON=...)"
+  for py in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+    is312 "$py" && { GPU_PYTHON=$py; break; }
+  done
+elif [ -z "$GPU_PYTHON" ]; then
+  unchecked="skipped (GPU_PYTHON=)"
+else
+  is312 "$GPU_PYTHON" || { echo "gpu_prepare: GPU_PYTHON=$GPU_PYTHON does not run as a Python 3.12 (the GPU machine's)" >&2; exit 2; }
+fi
 mkdir -p .gpu/dvc .gpu/lmeval .gpu/data
 cp "$SHARED"/wheels/*.whl .gpu/
 
@@ -27,7 +40,7 @@ for312=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp31
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 python3 -m pip wheel -q --no-deps -w .gpu/dvc antlr4-python3-runtime==4.9.3
 dvc_pins=($(grep -oE '^dvc(live)?==[^ ]+' requirements.txt || true))  # the versions requirements.txt pins
-[ ${#dvc_pins[@]} = 2 ] || { echo "gpu_prepare: requirements.txt pins no dvc==... and dvclive==... (${dvc_pins[*]:-none})" >&2; exit 2; }
+[ ${#dvc_pins[@]} = 2 ] || { echo "gpu_prepare: requirements.txt must pin dvc==... and dvclive==..., once each; found: ${dvc_pins[*]:-none}" >&2; exit 2; }
 python3 -m pip download -q "${for312[@]}" --find-links .gpu/dvc -d .gpu/dvc "${dvc_pins[@]}"
 if [ "${LMEVAL:-1}" = 1 ]; then  # installed without its requirements: the machine has what samba.zeroshot uses
   python3 -m pip download -q "${for312[@]}" --no-deps -d .gpu/lmeval lm-eval==0.4.13
@@ -36,20 +49,14 @@ else
 fi
 # what that machine has already, in versions dvc's and dvclive's wheels accept, stays here (10 MiB of 29 in .gpu/dvc):
 # benchmarks/gpu_machine_packages.txt, a session's pip list
-# and, where this machine has a Python 3.12 (GPU_PYTHON=...; GPU_PYTHON= skips it), pip itself installs dvc and
-# dvclive from what is left beside that list (a dry run): a carry that would not install there fails here, not in a call
-if [ -z "${GPU_PYTHON+set}" ]; then  # the first that runs as a 3.12 (a pyenv shim may not)
-  GPU_PYTHON=
-  for py in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
-    "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { GPU_PYTHON=$py; break; }
-  done
-fi
+# and, on GPU_PYTHON, pip itself installs dvc and dvclive from what is left beside that list (a dry run): a carry
+# that would not install there fails here, not in a call
 if [ -n "$GPU_PYTHON" ]; then
   python3 benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc --check "$GPU_PYTHON" \
     $(printf -- '--require %s ' "${dvc_pins[@]}") | tail -2
 else
   python3 benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc | tail -1
-  echo "gpu_prepare: no Python 3.12 here (GPU_PYTHON=...): pip's install of .gpu/dvc on the machine's packages not checked"
+  echo "gpu_prepare: pip's install of .gpu/dvc on the machine's packages not checked: $unchecked"
 fi
 
 tar czf .gpu/data/wt2.tar.gz -C "$SHARED/data" wikitext-2-tokenized tokenizers/gpt-neox-20b

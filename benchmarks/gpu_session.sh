@@ -61,7 +61,9 @@ fi
 
 install_dvc() {  # once per machine: a second pip run over the same environment broke its PyYAML once
   python3 -c "import yaml, dvc, dvclive" 2>/dev/null && return 0
-  python3 -m pip install -q --no-index --find-links "$REPO/.gpu/dvc" $(grep -oE '^dvc(live)?==[^ ]+' "$REPO/requirements.txt") 2>&1 | grep -v WARNING | tail -3
+  local pins; pins=$(grep -oE '^dvc(live)?==[^ ]+' "$REPO/requirements.txt")
+  [ "$(echo "$pins" | wc -l)" = 2 ] || { echo "requirements.txt must pin dvc==... and dvclive==..., once each; found: ${pins:-none}"; exit 1; }
+  python3 -m pip install -q --no-index --find-links "$REPO/.gpu/dvc" $pins 2>&1 | grep -v WARNING | tail -3
   python3 -c "import yaml, dvc, dvclive" || { echo "dvc / dvclive / yaml do not import"; exit 1; }
 }
 set_params() {  # set_params FILE section.key=value ...: edit a params file, each value read as YAML

@@ -164,8 +164,10 @@ def main(argv=None):
             installs = install_check(args.check, have, args.dirs, args.require)
         except (OSError, ValueError) as err:
             sys.exit(f"gpu_slim: {err}")
+        asked = {canonicalize_name(Requirement(r).name) for r in args.require}
+        named = [i for i in installs if canonicalize_name(i.rsplit("-", 1)[0]) in asked]
         print(f"gpu_slim: pip on {args.check}, with the machine's packages installed, would install "
-              f"{' '.join(args.require)} and {len(installs) - len(args.require)} more from what is left")
+              f"{' '.join(named) or 'nothing asked for'} and {len(installs) - len(named)} more from what is left")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,7 @@ def test_prepare_has_pip_check_the_carry_on_a_python_3_12_with_requirements_pins
     found = tmp_path / "pyenv" / "versions" / "3.12.9" / "bin" / "python3.12"
     stub(found.parent, "python3.12", "exit 0\n")
     given = tmp_path / "elsewhere" / "python3.12"
+    stub(given.parent, "python3.12", "exit 0\n")
     for env, want in (({"GPU_PYTHON": str(given)}, given), ({"GPU_PYTHON": None}, found)):
         (tmp_path / "pip.log").unlink(missing_ok=True)
         proc = prepare(tmp_path, **env)
@@ -202,7 +203,8 @@ def test_prepare_has_pip_check_the_carry_on_a_python_3_12_with_requirements_pins
             f"benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc --check {want} "
             + " ".join(f"--require {p}" for p in PINS)]
     proc = prepare(tmp_path)  # GPU_PYTHON=
-    assert proc.returncode == 0 and "pip's install of .gpu/dvc on the machine's packages not checked" in proc.stdout
+    assert proc.returncode == 0 and ("pip's install of .gpu/dvc on the machine's packages not checked: skipped "
+                                     "(GPU_PYTHON=)") in proc.stdout
     download = [line for line in (tmp_path / "pip.log").read_text().splitlines() if " download " in line]
     assert any(line.endswith(" " + " ".join(PINS)) for line in download), download
 
@@ -212,7 +214,27 @@ def test_prepare_refuses_requirements_without_the_dvc_pins(tmp_path):
     req = tmp_path / "repo" / "requirements.txt"
     req.write_text("".join(line + "\n" for line in req.read_text().splitlines() if not line.startswith("dvclive")))
     proc = prepare(tmp_path)
-    assert proc.returncode == 2 and "requirements.txt pins no dvc==... and dvclive==..." in proc.stderr
+    assert proc.returncode == 2 and ("requirements.txt must pin dvc==... and dvclive==..., once each; found: "
+                                     "dvc==") in proc.stderr
+
+
+def test_prepare_refuses_a_gpu_python_that_is_no_python_3_12_before_any_download(tmp_path):
+    assert prepare(tmp_path).returncode == 0
+    (tmp_path / "pip.log").unlink()
+    stub(tmp_path / "py311", "python3", "exit 1\n")  # runs, but not as a 3.12
+    for given in (tmp_path / "py311" / "python3", tmp_path / "nowhere" / "python3.12"):
+        proc = prepare(tmp_path, GPU_PYTHON=str(given))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"gpu_prepare: GPU_PYTHON={given} does not run as a Python 3.12" in proc.stderr
+        assert not (tmp_path / "pip.log").exists()  # nothing downloaded, nothing slimmed
+
+
+def test_prepare_without_a_python_3_12_says_the_check_was_not_made(tmp_path):
+    stub(tmp_path / "bin", "python3.12", "exit 1\n")
+    stub(tmp_path / "bin", "pyenv", f'echo "{tmp_path / "no-pyenv"}"\n')
+    proc = prepare(tmp_path, GPU_PYTHON=None)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "not checked: no Python 3.12 found here (GPU_PYTHON=...)" in proc.stdout
 
 
 def test_prepare_fails_where_gpu_slim_fails(tmp_path):

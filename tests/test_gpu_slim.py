@@ -251,7 +251,16 @@ def test_pip_installs_what_is_left_beside_the_machines_packages(tmp_path):
     proc = check(tmp_path, "rich==15.0.0\nsix==1.17.0\n", d, "dvc==3.67.1")
     assert proc.returncode == 0, proc.stderr
     assert left(d) == ["dvc", "tqdm"]  # rich left out; six was never carried
-    assert "would install dvc==3.67.1 and 1 more" in proc.stdout
+    assert "would install dvc-3.67.1 and 1 more" in proc.stdout  # tqdm; "more" counts what was not asked for
+
+
+def test_a_requirement_the_machine_has_is_not_counted_as_installed(tmp_path):
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1", "tqdm>=4.63")
+    wheel(d, "tqdm", "4.70.1")
+    proc = check(tmp_path, "six==1.17.0\n", d, "dvc==3.67.1", "six==1.17.0")
+    assert proc.returncode == 0, proc.stderr
+    assert "would install dvc-3.67.1 and 1 more" in proc.stdout
 
 
 def test_pip_refuses_a_carry_the_machine_could_not_install(tmp_path):
