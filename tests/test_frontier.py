@@ -558,3 +558,20 @@ def test_a_bad_against_is_refused_before_anything_is_written(tmp_path, capsys):
                   "--against", key])
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["frontier.md"]  # no plot, the table as it was
         assert (tmp_path / "out" / "frontier.md").read_text() == "an earlier table"
+
+
+def test_a_learning_rate_axis_is_ticked_at_the_measured_values(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from samba.frontier import plot_against, series_against
+
+    figs, real_close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figs.append(fig), real_close(fig))[1])
+    series = series_against(write_frontier(_shown(_lr_sweep()), tmp_path), "training.lr")
+    plot_against(series, "training.lr", tmp_path / "x.png")
+    fig = figs[-1]
+    fig.canvas.draw()
+    for axis in fig.axes[:2]:
+        assert list(axis.get_xticks()) == pytest.approx([3e-4, 6e-4, 1e-3, 2e-3])
+        assert [t.get_text() for t in axis.get_xticklabels()] == ["0.0003", "0.0006", "0.001", "0.002"]
+        assert list(axis.xaxis.get_minorticklocs()) == []

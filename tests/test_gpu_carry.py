@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,81 @@ def test_prepare_fails_where_gpu_slim_fails(tmp_path):
     assert proc.returncode != 0 and "gpu_slim: required by a carried wheel" in proc.stderr
     assert "a call carries" not in proc.stdout
 
+
+
+def _pins_repo(tmp_path, text):
+    assert prepare(tmp_path).returncode == 0  # the scratch repo
+    (tmp_path / "repo" / "requirements.txt").write_text(text)
+
+
+def test_prepare_uses_requirements_pins_not_its_own(tmp_path):
+    _pins_repo(tmp_path, "# dvc==1.0.0 was too slow\ntorch\ndvc==3.70.0\ndvclive==3.50.0\n")
+    (tmp_path / "pip.log").unlink()
+    stub(tmp_path / "x", "python3.12", "exit 0\n")  # runs as a 3.12
+    proc = prepare(tmp_path, GPU_PYTHON=str(tmp_path / "x" / "python3.12"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (tmp_path / "pip.log").read_text().splitlines()
+    assert any(line.endswith(" -d .gpu/dvc dvc==3.70.0 dvclive==3.50.0") for line in log), log
+    assert [line for line in log if "gpu_slim" in line] == [
+        f"benchmarks/gpu_slim.py benchmarks/gpu_machine_packages.txt .gpu/dvc --check {tmp_path / 'x' / 'python3.12'} "
+        "--require dvc==3.70.0 --require dvclive==3.50.0"]
+
+
+def test_prepare_refuses_requirements_without_any_dvc_pin(tmp_path):
+    _pins_repo(tmp_path, "torch\n")
+    proc = prepare(tmp_path)
+    assert proc.returncode == 2 and "requirements.txt must pin dvc==... and dvclive==..., once each; found: none" in proc.stderr, proc.stderr
+
+
+def _py(path: Path, version: tuple):
+    """An interpreter named python3.12 that reports this version (a python3.11 behind a python3.12 name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!{sys.executable}\nimport sys\nsys.version_info = {version!r}\nexec(sys.argv[2])\n")
+    path.chmod(0o755)
+
+
+def _slim_line(tmp_path):
+    return [line for line in (tmp_path / "pip.log").read_text().splitlines() if "gpu_slim" in line]
+
+
+@pytest.mark.parametrize("on_path, pyenv, want", [
+    ((3, 11, 9), ["3.12.9"], "pyenv:3.12.9"),  # a python3.12 on PATH that is not a 3.12: skipped
+    ((3, 12, 1), ["3.12.9"], "python3.12"),  # the one on PATH first
+    (None, ["3.12.1", "3.12.9"], "pyenv:3.12.1"),  # the first pyenv version that runs
+])
+def test_prepare_picks_the_first_python_that_is_a_3_12(tmp_path, on_path, pyenv, want):
+    for v in pyenv:
+        _py(tmp_path / "pyenv" / "versions" / v / "bin" / "python3.12", (3, 12, int(v.split(".")[2])))
+    if on_path:
+        _py(tmp_path / "bin" / "python3.12", on_path)
+    stub(tmp_path / "bin", "pyenv", f'echo "{tmp_path / "pyenv"}"\n')
+    assert prepare(tmp_path).returncode == 0
+    (tmp_path / "pip.log").unlink()
+    proc = prepare(tmp_path, GPU_PYTHON=None)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    want = want if not want.startswith("pyenv:") else str(tmp_path / "pyenv" / "versions" / want[6:] / "bin" / "python3.12")
+    assert len(_slim_line(tmp_path)) == 1 and f" --check {want} --require" in _slim_line(tmp_path)[0], _slim_line(tmp_path)
+
+
+def test_prepare_fails_where_gpu_slims_pip_check_fails(tmp_path):
+    assert prepare(tmp_path).returncode == 0
+    stub(tmp_path / "bin", "python3", 'case "$*" in *gpu_slim*) echo "gpu_slim: pip would not install" >&2; exit 1;; esac\n')
+    stub(tmp_path / "x", "python3.12", "exit 0\n")  # runs as a 3.12
+    proc = prepare(tmp_path, GPU_PYTHON=str(tmp_path / "x" / "python3.12"))
+    assert proc.returncode != 0 and "gpu_slim: pip would not install" in proc.stderr
+    assert "a call carries" not in proc.stdout
+
+
+def test_install_dvc_installs_requirements_pins(tmp_path):
+    """gpu_session.sh's install_dvc, alone: pip install of requirements.txt's dvc and dvclive pins from .gpu/dvc."""
+    repo = tmp_path / "r"
+    repo.mkdir()
+    (repo / "requirements.txt").write_text("torch\ndvc==3.70.0\ndvclive==3.50.0\n")
+    stub(tmp_path / "bin", "python3", f'case "$1" in -c) exit 1;; esac; echo "$*" >> "{tmp_path}/pip.log"\n')
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    body = f"REPO={repo}\nsource <(sed -n '/^install_dvc() {{/,/^}}/p' {script})\ninstall_dvc"
+    proc = subprocess.run(["bash", "-c", body], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 1 and "do not import" in proc.stdout, proc.stdout + proc.stderr
+    assert (tmp_path / "pip.log").read_text().splitlines() == [
+        f"-m pip install -q --no-index --find-links {repo}/.gpu/dvc dvc==3.70.0 dvclive==3.50.0"]

@@ -264,7 +264,7 @@ def test_a_requirement_the_machine_has_is_not_counted_as_installed(tmp_path):
 
 
 def test_pip_refuses_a_carry_the_machine_could_not_install(tmp_path):
-    """gpu_slim's reading agrees, but pip finds no wheel of six: a requirement of a wheel pulled in by name alone."""
+    """A --require that no carried wheel provides (dvclive): gpu_slim's reading of the wheels cannot see it, pip can."""
     d = tmp_path / "dvc"
     wheel(d, "dvc", "3.67.1", "tqdm>=4.63")
     wheel(d, "tqdm", "4.70.1")
@@ -310,3 +310,87 @@ def test_an_interpreter_that_does_not_run_is_named(tmp_path):
     proc = subprocess.run([sys.executable, str(SLIM), str(tmp_path / "packages.txt"), str(d), "--check",
                            str(tmp_path / "python3.12"), "--require", "dvc"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "python3.12" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pip_runs_without_configuration_or_index(tmp_path):
+    """install_check's pip: no config file (PIP_CONFIG_FILE=os.devnull), --no-index, the fake site on PYTHONPATH."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_slim_under_test", SLIM)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls, real = [], subprocess.run
+    mod.subprocess.run = lambda args, **kw: (calls.append((args, kw.get("env"))), real(args, **kw))[1]
+    try:
+        d = tmp_path / "dvc"
+        wheel(d, "dvc", "3.67.1", "rich>=14")
+        have = {"rich": mod.Version("15.0.0")}
+        assert mod.install_check(sys.executable, have, [d], ["dvc==3.67.1"]) == ["dvc-3.67.1"]
+    finally:
+        mod.subprocess.run = real
+    args, env = next((a, e) for a, e in calls if "pip" in a)
+    assert "--no-index" in args and "--dry-run" in args
+    import os
+    assert env["PIP_CONFIG_FILE"] == os.devnull and "PYTHONPATH" in env
+
+
+def test_a_pip_conf_of_the_venv_is_not_read(tmp_path):
+    """A pip.conf pip would read (here the venv's own, sys.prefix/pip.conf, which pip --python runs in) that adds a
+    wheel folder with dvclive must not let a carry without dvclive pass."""
+    extra = tmp_path / "extra"
+    wheel(extra, "dvclive", "3.49.1")
+    py = tmp_path / "python3.12"  # makes its venv as python does, with a pip.conf in it
+    py.write_text(f"#!/bin/sh\n{sys.executable} \"$@\" || exit\n"
+                  f'[ "$1 $2" = "-m venv" ] && printf "[global]\\nfind-links = {extra}\\n" > "$4/pip.conf"\nexit 0\n')
+    py.chmod(0o755)
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1")
+    listing = tmp_path / "packages.txt"
+    listing.write_text("numpy==2.3.0\n")
+    proc = subprocess.run([sys.executable, str(SLIM), str(listing), str(d), "--check", str(py),
+                           "--require", "dvc==3.67.1", "--require", "dvclive==3.49.1"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "pip would not install" in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_an_interpreter_that_makes_no_venv_is_named_with_its_error(tmp_path):
+    py = tmp_path / "python3.12"
+    py.write_text("#!/bin/sh\necho 'No module named venv' >&2; exit 1\n")
+    py.chmod(0o755)
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1")
+    (tmp_path / "packages.txt").write_text("six==1.17.0\n")
+    proc = subprocess.run([sys.executable, str(SLIM), str(tmp_path / "packages.txt"), str(d), "--check", str(py),
+                           "--require", "dvc"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and f"{py}: no venv made (No module named venv)" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("extra, said", [(["--check", sys.executable], "--check and --require go together"),
+                                         (["--require", "dvc"], "--check and --require go together"),
+                                         (["--check", sys.executable, "--require", "dvc", "--dry-run"],
+                                          "--check reads the folders as left: not with --dry-run")])
+def test_check_refusals_say_why(tmp_path, extra, said):
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1")
+    (tmp_path / "packages.txt").write_text("six==1.17.0\n")
+    proc = subprocess.run([sys.executable, str(SLIM), str(tmp_path / "packages.txt"), str(d), *extra],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and said in proc.stderr.splitlines()[-1], proc.stderr
+
+
+@pytest.mark.skipif(sys.version_info[:3] == (3, 12, 3), reason="the marker below is gpu_slim's own interpreter")
+def test_pip_checks_the_folder_as_slimmed(tmp_path):
+    """rich's wheel goes (gpu_slim reads the machine as 3.12.3, where rich>=16 is not asked); pip on this interpreter
+    asks rich>=16, which only the removed wheel had: the check must see the folder after the removal."""
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1", "rich>=14", 'rich>=16; python_full_version != "3.12.3"')
+    wheel(d, "rich", "16.0.0")
+    proc = check(tmp_path, "rich==15.0.0\n", d, "dvc==3.67.1")
+    assert left(d) == ["dvc"]
+    assert proc.returncode == 1 and "pip would not install dvc==3.67.1" in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_a_prerelease_on_the_machine_is_accepted(tmp_path):
+    d = tmp_path / "dvc"
+    wheel(d, "dvc", "3.67.1", "tqdm>=4.63")
+    proc = slim(tmp_path, "tqdm==5.0.0rc1\n", d)
+    assert proc.returncode == 0, proc.stderr

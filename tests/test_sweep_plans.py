@@ -205,3 +205,11 @@ def test_one_run_is_counted_as_one(tmp_path):
     proc = plancheck(plan, tmp_path)
     assert proc.returncode == 0 and "1 run, each one's params load" in proc.stdout, proc.stdout + proc.stderr
 
+
+
+def test_a_set_up_name_with_a_bad_line_is_refused_for_its_line(tmp_path):
+    plan = tmp_path / "plan.txt"
+    plan.write_text("run-a $KL\ntwin-s0 trainig.lr=1.0e-3\n")
+    proc = plancheck(plan, tmp_path)
+    assert proc.returncode == 1 and re.search(r"twin-s0: set_params .*'trainig.lr=1.0e-3' is not section.key=value",
+                                              proc.stdout), proc.stdout
