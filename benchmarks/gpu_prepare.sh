@@ -11,6 +11,8 @@
 #   .gpu/data/wt2.tar.gz  WikiText-2 (tokenized files) and the GPT-NeoX tokenizer
 #
 #   bash benchmarks/gpu_prepare.sh        # SHARED=../shared by default
+#   GPU_PYTHON=/path/python3.12 bash benchmarks/gpu_prepare.sh   # the Python 3.12 pip checks the carry on (found by
+#                                         # itself on PATH or under pyenv; GPU_PYTHON= skips the check)
 #   LMEVAL=0 bash benchmarks/gpu_prepare.sh   # without lm-eval (9 MiB): for calls that run neither the GPU tests
 #                                         # nor zeroshot, when the repository has grown and the carry would not fit
 # A call carries the repository's files (tracked and untracked-not-ignored) and .gpu/: 64 MiB in all.

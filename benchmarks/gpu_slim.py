@@ -12,7 +12,7 @@ Only folders pip installs with their requirements: .gpu/lmeval's lm-eval goes in
 
 Requirements are read from each wheel's METADATA, those of extras and of other Pythons or platforms left aside,
 as pip on that machine (CPython 3.12, Linux x86_64) leaves them; a package a carried wheel asks for but that is neither carried nor on the machine
-is an error here, not on the GPU machine."""
+(or there in a version it refuses) is an error here, not on the GPU machine."""
 import argparse
 import os
 import subprocess
@@ -107,7 +107,7 @@ def unneeded(have: dict, dirs) -> list:
             if name in have and all(r.specifier.contains(have[name], prereleases=True) for r in wanted.get(name, []))]
 
 
-def install_check(python, have: dict, dirs, requires) -> str:
+def install_check(python, have: dict, dirs, requires) -> list:
     """pip's own resolver where unneeded() is a reading of it: a bare venv of `python` (the machine's Python version)
     whose installed packages are `have` (a dist-info each, no code), installing `requires` from dirs' wheels alone,
     no configuration (this machine's pip.conf adds wheel folders). Returns what pip would install (name-version);
