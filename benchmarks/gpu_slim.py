@@ -99,12 +99,15 @@ def unneeded(have: dict, dirs) -> list:
     missing = sorted(n for n in wanted if n not in wheels and n not in have)
     if missing:
         raise ValueError(f"required by a carried wheel, neither carried nor on the machine: {', '.join(missing)}")
-    old = sorted(f"{n} {have[n]} ({'; '.join(str(r) for r in wanted[n])})" for n in wanted if n not in wheels
-                 and not all(r.specifier.contains(have[n], prereleases=True) for r in wanted[n]))
+
+    def accepted(n):  # the machine's version of n meets every carried requirement on it (pip keeps a prerelease too)
+        return all(r.specifier.contains(have[n], prereleases=True) for r in wanted.get(n, []))
+
+    old = sorted(f"{n} {have[n]} ({'; '.join(str(r) for r in wanted[n])})" for n in wanted
+                 if n not in wheels and not accepted(n))
     if old:
         raise ValueError(f"required by a carried wheel, not carried, on the machine in a version refused: {', '.join(old)}")
-    return [w for name, w in wheels.items()
-            if name in have and all(r.specifier.contains(have[name], prereleases=True) for r in wanted.get(name, []))]
+    return [w for name, w in wheels.items() if name in have and accepted(name)]
 
 
 def install_check(python, have: dict, dirs, requires) -> list:
